@@ -1,0 +1,111 @@
+"""Multi-head Latent Attention (MLA).
+
+Training uses the expanded form: the compressed kv latent c_kv [B, S, kv_lora] is expanded per head by
+kv_b_proj into k_nope and v, the rope key k_pe [B, S, rope] is shared by all heads, and causal attention runs
+through scaled_dot_product_attention. Generation uses the absorbed form: kv_b_proj is folded into the query
+and the output, so the cache holds only c_kv and k_pe per token (kv_lora + rope values instead of
+heads x (nope + rope + v)). Both forms compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.gemm import Linear
+from model.norm import RMSNorm
+from model.rope import RotaryEmbedding, apply_rope
+
+
+@dataclass
+class LatentCache:
+    """Compressed KV cache of one layer: kv [B, max_len, kv_lora] (normed latent), pe [B, max_len, rope] (roped)."""
+
+    kv: torch.Tensor
+    pe: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> LatentCache:
+        return cls(
+            kv=torch.zeros(batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype),
+            pe=torch.zeros(batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype),
+        )
+
+
+class MLA(nn.Module):
+    """x [B, S, hidden] -> [B, S, hidden]. HF parameter names (q_a_proj, kv_a_proj_with_mqa, ...)."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rope = rope
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora = cfg.kv_lora_rank
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, q_out)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size)
+        self.softmax_scale = cfg.softmax_scale
+
+    def _query(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> q_nope [B, S, H, nope], q_pe [B, S, H, rope] (rotated)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, self.n_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        cos, sin = self.rope.cos_sin(start, s, x.device)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def _latent(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> c_kv [B, S, kv_lora] (normed), k_pe [B, S, rope] (rotated, shared by all heads)."""
+        b, s, _ = x.shape
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
+        cos, sin = self.rope.cos_sin(start, s, x.device)
+        k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim), cos, sin).view(b, s, self.rope_dim)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expanded form, causal over the whole sequence (training and scoring)."""
+        b, s, _ = x.shape
+        q_nope, q_pe = self._query(x, 0)
+        c_kv, k_pe = self._latent(x, 0)
+        kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, self.n_heads, self.rope_dim)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_dim))
+
+    def forward_cached(self, x: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
+        """Absorbed form: x holds positions [start, start + S); writes them into the cache, attends to [0, start + S)."""
+        b, s, _ = x.shape
+        end = start + s
+        q_nope, q_pe = self._query(x, start)
+        c_kv, k_pe = self._latent(x, start)
+        cache.kv[:b, start:end] = c_kv
+        cache.pe[:b, start:end] = k_pe
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # fold the key up-projection into the query
+        kv, pe = cache.kv[:b, :end], cache.pe[:b, :end]
+        scores = torch.einsum("bshc,btc->bsht", q_lat, kv) + torch.einsum("bshr,btr->bsht", q_pe, pe)
+        scores = scores.float() * self.softmax_scale
+        query_pos = torch.arange(start, end, device=x.device)[:, None]
+        key_pos = torch.arange(end, device=x.device)[None, :]
+        scores = scores.masked_fill((key_pos > query_pos)[None, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        out_lat = torch.einsum("bsht,btc->bshc", probs, kv)
+        out = torch.einsum("bshc,hdc->bshd", out_lat, w_uv)  # fold the value up-projection into the output
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.v_dim))

@@ -1,0 +1,105 @@
+"""DeepSeek-V3 router: sigmoid affinities, bias-adjusted group-limited top-k, auxiliary-loss-free balancing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """The routing decision for T tokens: experts [T, K] (long), gates [T, K] (fp32), counts [E] (long)."""
+
+    experts: torch.Tensor
+    gates: torch.Tensor
+    counts: torch.Tensor
+    balance_loss: torch.Tensor | None = None
+
+
+class Router(nn.Module):
+    """x [B, S, hidden] -> Routing. HF names: `weight`, `e_score_correction_bias`.
+
+    Selection ranks s + b (s = sigmoid affinity, b = per-expert bias, no gradient); groups are ranked by the
+    sum of their two best s + b and all but `topk_group` groups masked to -inf. Gates are the *unbiased* s of
+    the chosen experts, normalised to sum 1 and scaled by `routed_scaling_factor`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=cfg.initializer_range)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # tokens routed to each expert since the last bias update (all microbatches of the optimizer step)
+        self.register_buffer("step_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.float64), persistent=False)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid affinities in fp32, [T, E]."""
+        return F.linear(x.float(), self.weight.float()).sigmoid()
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, K] chosen on scores + bias under the group limit."""
+        cfg = self.cfg
+        biased = scores + self.e_score_correction_bias
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+            grouped = biased.view(-1, cfg.n_group, cfg.experts_per_group)
+            group_rank = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = group_rank.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.ones_like(group_rank, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        return biased.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        b, s, h = x.shape
+        scores = self.scores(x.reshape(b * s, h))
+        experts = self.select(scores.detach())
+        gates = scores.gather(1, experts)
+        if self.cfg.norm_topk_prob:
+            gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
+        gates = gates * self.cfg.routed_scaling_factor
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts)
+        balance = self.sequence_balance_loss(scores.view(b, s, -1), experts.view(b, s, -1)) if self.training else None
+        return Routing(experts=experts, gates=gates, counts=counts, balance_loss=balance)
+
+    def sequence_balance_loss(self, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
+        """alpha * sum_i f_i P_i per sequence, averaged over sequences (the report's complementary loss).
+
+        f_i = N_r / (K_r T) * (tokens of the sequence sent to i), no gradient;
+        P_i = mean over the sequence of s_i / sum_j s_j.
+        """
+        alpha = self.cfg.seq_aux_alpha
+        if alpha == 0:
+            return None
+        b, s, e = scores.shape
+        one_hot_counts = torch.zeros(b, e, device=scores.device, dtype=scores.dtype)
+        one_hot_counts.scatter_add_(1, experts.reshape(b, -1), torch.ones_like(experts.reshape(b, -1), dtype=scores.dtype))
+        f = one_hot_counts * (e / (self.top_k * s))
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor | None = None, gamma: float | None = None) -> None:
+        """b += gamma * sign(mean load - load): underloaded experts gain, overloaded lose. Resets step_counts.
+
+        Call once per optimizer step with the counts of the whole global batch (the trainer all-reduces
+        `step_counts` over data/expert-parallel ranks first).
+        """
+        counts = self.step_counts if counts is None else counts
+        gamma = self.cfg.bias_update_speed if gamma is None else gamma
+        load = counts.to(torch.float64)
+        delta = torch.sign(load.mean() - load).to(self.e_score_correction_bias.dtype)
+        self.e_score_correction_bias.add_(gamma * delta)
+        self.step_counts.zero_()
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """MaxVio = max load / mean load - 1 (0 is perfectly balanced)."""
+    load = counts.to(torch.float64)
+    mean = load.mean()
+    return float(load.max() / mean - 1) if mean > 0 else 0.0

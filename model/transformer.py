@@ -1,0 +1,251 @@
+"""The DeepSeek-V3 model, as an ordered list of pipeline pieces.
+
+    EmbeddingPiece -> DecoderBlock x num_hidden_layers -> HeadPiece (final norm, head, MTP, losses)
+
+Every piece is called as `piece(x, mb)` where `x` is the hidden state from the previous piece (None for the
+embedding) and `mb` the `MicroBatch` context: the token ids the first and last pieces need, and the place
+where pieces leave side outputs (balance losses, router counts, loss parts, logits). The monolithic forward
+runs the pieces in order, so a pipeline that cuts the list into stages runs exactly the same code.
+
+Sample layout: tokens [B, S + 1 + D] for sequence length S and MTP depth D. Inputs are tokens[:, :S], LM
+labels tokens[:, 1:S+1], and MTP module k (1-based) reads tokens[:, k:S+k] and predicts tokens[:, k+1:S+k+1].
+loss_mask (same shape as tokens) marks which tokens are valid targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import LatentCache
+from model.block import BlockAux, DecoderBlock
+from model.config import ModelConfig
+from model.gemm import GroupedLinear, Linear
+from model.mtp import MTPModule
+from model.norm import RMSNorm
+from model.rope import RotaryEmbedding
+
+
+@dataclass
+class MicroBatch:
+    """Per-microbatch context shared by the pieces: inputs, and the side outputs they record."""
+
+    tokens: torch.Tensor  # [B, S + 1 + D] for training, [B, S] for scoring
+    seq_len: int
+    loss_mask: torch.Tensor | None = None
+    compute_loss: bool = True
+    keep_logits: bool = False
+    # side outputs
+    balance_losses: list[torch.Tensor] = field(default_factory=list)
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> tokens per expert
+    lm_loss: torch.Tensor | None = None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.tokens[:, : self.seq_len]
+
+    def record(self, layer_idx: int, aux: BlockAux) -> None:
+        if aux.counts is not None:
+            self.counts[layer_idx] = aux.counts
+        if aux.balance_loss is not None:
+            self.balance_losses.append(aux.balance_loss)
+
+    @property
+    def balance_loss(self) -> torch.Tensor | None:
+        return torch.stack(self.balance_losses).sum() if self.balance_losses else None
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # lm + (lambda / D) * sum(mtp) + balance: what backward runs on
+    lm_loss: torch.Tensor | None
+    mtp_losses: list[torch.Tensor]
+    balance_loss: torch.Tensor | None
+    logits: torch.Tensor | None
+    counts: dict[int, torch.Tensor]
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 over the tokens where mask is set."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    if mask is None:
+        return losses.mean()
+    mask = mask.flatten().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class EmbeddingPiece(nn.Module):
+    """token ids -> h [B, S, hidden]. HF name: model.embed_tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor:
+        return self.embed_tokens(mb.input_ids)
+
+
+class BlockPiece(nn.Module):
+    """A decoder block as a piece: records its counts and balance loss into the microbatch."""
+
+    def __init__(self, block: DecoderBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        h, aux = self.block(x)
+        mb.record(self.block.layer_idx, aux)
+        return h
+
+
+class HeadPiece(nn.Module):
+    """h [B, S, hidden] -> total loss (scalar) or logits: final norm, head, MTP modules and all losses.
+
+    The MTP modules read the embedding table, so this piece holds a reference to the embedding module
+    (a pipeline that puts this piece on another rank than the embedding must tie the two weights).
+    """
+
+    def __init__(self, cfg: ModelConfig, embedding: EmbeddingPiece, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + k, rope) for k in range(cfg.num_nextn_predict_layers)
+        )
+        self._embedding = [embedding]  # a list, so the shared module is not registered twice
+
+    @property
+    def embedding(self) -> EmbeddingPiece:
+        return self._embedding[0]
+
+    def tie_embedding(self, embedding: EmbeddingPiece) -> None:
+        self._embedding[0] = embedding
+
+    def forward(self, h: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
+        s = mb.seq_len
+        logits = self.lm_head(self.norm(h))
+        if mb.keep_logits:
+            mb.logits = logits
+        if not mb.compute_loss:
+            return None
+        mask = mb.loss_mask
+        mb.lm_loss = masked_cross_entropy(logits, mb.tokens[:, 1 : s + 1], None if mask is None else mask[:, 1 : s + 1])
+        total = mb.lm_loss
+        h_prev = h
+        for k, module in enumerate(self.mtp, start=1):
+            emb = self.embedding.embed_tokens(mb.tokens[:, k : s + k])
+            h_prev, aux = module(h_prev, emb)
+            mb.record(module.block.layer_idx, aux)
+            mtp_logits = self.lm_head(module.shared_head.norm(h_prev))
+            if mb.keep_logits:
+                mb.mtp_logits.append(mtp_logits)
+            target_mask = None if mask is None else mask[:, k + 1 : s + k + 1]
+            mb.mtp_losses.append(masked_cross_entropy(mtp_logits, mb.tokens[:, k + 1 : s + k + 1], target_mask))
+        if mb.mtp_losses:
+            total = total + (self.cfg.mtp_loss_weight / len(self.mtp)) * torch.stack(mb.mtp_losses).sum()
+        if mb.balance_losses:
+            total = total + mb.balance_loss
+        return total
+
+
+class DeepseekV3(nn.Module):
+    """The full network. Parameter names follow HF without the `model.` prefix handling (see model/hf.py)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rope = RotaryEmbedding(cfg)
+        self.embed = EmbeddingPiece(cfg)
+        self.layers = nn.ModuleList(BlockPiece(DecoderBlock(cfg, i, self.rope)) for i in range(cfg.num_hidden_layers))
+        self.head = HeadPiece(cfg, self.embed, self.rope)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every projection, expert, router and embedding; norms to one."""
+        std = self.cfg.initializer_range
+        for m in self.modules():
+            if isinstance(m, Linear | GroupedLinear | nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for router in self.routers():
+            nn.init.normal_(router.weight, mean=0.0, std=std)
+            router.e_score_correction_bias.zero_()
+
+    # ---- pieces ------------------------------------------------------------------------------------
+    def pieces(self) -> list[nn.Module]:
+        """Embedding, every decoder block, head: the units a pipeline cuts into stages."""
+        return [self.embed, *self.layers, self.head]
+
+    def run_pieces(self, mb: MicroBatch) -> torch.Tensor | None:
+        x = None
+        for piece in self.pieces():
+            x = piece(x, mb)
+        return x
+
+    def forward(
+        self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None, return_logits: bool = False
+    ) -> ModelOutput:
+        """Training forward. tokens [B, S + 1 + D] (see module docstring)."""
+        seq_len = tokens.shape[1] - 1 - self.cfg.num_nextn_predict_layers
+        if seq_len < 1:
+            raise ValueError(
+                f"tokens has {tokens.shape[1]} positions; training needs seq_len + 1 + mtp_depth "
+                f"(mtp_depth = {self.cfg.num_nextn_predict_layers})"
+            )
+        mb = MicroBatch(tokens=tokens, seq_len=seq_len, loss_mask=loss_mask, keep_logits=return_logits)
+        loss = self.run_pieces(mb)
+        return ModelOutput(
+            loss=loss, lm_loss=mb.lm_loss, mtp_losses=mb.mtp_losses, balance_loss=mb.balance_loss,
+            logits=mb.logits, counts=mb.counts,
+        )
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Main-model logits [B, S, vocab] for input_ids [B, S] (no MTP, no loss)."""
+        mb = MicroBatch(tokens=input_ids, seq_len=input_ids.shape[1], compute_loss=False, keep_logits=True)
+        self.run_pieces(mb)
+        return mb.logits
+
+    # ---- load balancing ------------------------------------------------------------------------------
+    def routers(self) -> list[nn.Module]:
+        from model.router import Router
+
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    @torch.no_grad()
+    def update_router_biases(self, gamma: float | None = None) -> None:
+        """Apply the bias update to every MoE layer from its accumulated step_counts (then cleared)."""
+        for router in self.routers():
+            router.update_bias(gamma=gamma)
+
+    # ---- inference with the compressed cache -------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> list[LatentCache]:
+        """One latent cache per decoder block, then one per MTP module."""
+        p = self.embed.embed_tokens.weight
+        n = self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers
+        return [LatentCache.empty(self.cfg, batch, max_len, p.device, p.dtype) for _ in range(n)]
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, cache: list[LatentCache], start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [start, start + S) -> (logits [B, S, vocab], last hidden before the final norm [B, S, hidden])."""
+        h = self.embed.embed_tokens(input_ids)
+        for i, piece in enumerate(self.layers):
+            h = piece.block.forward_cached(h, cache[i], start)
+        return self.head.lm_head(self.head.norm(h)), h
+
+    def mtp_forward_cached(
+        self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: list[LatentCache], start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module k (0-based) at positions [start, start + S): (logits, hidden)."""
+        module = self.head.mtp[k]
+        emb = self.embed.embed_tokens(next_ids)
+        h = module.forward_cached(h_prev, emb, cache[self.cfg.num_hidden_layers + k], start)
+        return self.head.lm_head(module.shared_head.norm(h)), h
