@@ -38,8 +38,8 @@ class MicroBatch:
     loss_mask: torch.Tensor | None = None
     compute_loss: bool = True
     keep_logits: bool = False
-    # side outputs
-    balance_losses: list[torch.Tensor] = field(default_factory=list)
+    # side outputs (keyed by layer index, so a pipeline stage can pick out the losses of its own blocks)
+    balance_losses: dict[int, torch.Tensor] = field(default_factory=dict)
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> tokens per expert
     lm_loss: torch.Tensor | None = None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
@@ -54,11 +54,14 @@ class MicroBatch:
         if aux.counts is not None:
             self.counts[layer_idx] = aux.counts
         if aux.balance_loss is not None:
-            self.balance_losses.append(aux.balance_loss)
+            self.balance_losses[layer_idx] = aux.balance_loss
 
     @property
     def balance_loss(self) -> torch.Tensor | None:
-        return torch.stack(self.balance_losses).sum() if self.balance_losses else None
+        """Sum of the balance losses of every block run so far (in layer order)."""
+        if not self.balance_losses:
+            return None
+        return torch.stack([self.balance_losses[i] for i in sorted(self.balance_losses)]).sum()
 
 
 @dataclass
@@ -105,7 +108,10 @@ class BlockPiece(nn.Module):
 
 
 class HeadPiece(nn.Module):
-    """h [B, S, hidden] -> total loss (scalar) or logits: final norm, head, MTP modules and all losses.
+    """h [B, S, hidden] -> lm + (lambda / D) * sum(mtp) (scalar), or logits: final norm, head, MTP modules.
+
+    Balance losses are not added here: each block records its own in the MicroBatch, and whoever runs the
+    block's backward (the monolithic forward below, or a pipeline stage) adds them.
 
     The MTP modules read the embedding table, so this piece holds a reference to the embedding module
     (a pipeline that puts this piece on another rank than the embedding must tie the two weights).
@@ -150,8 +156,6 @@ class HeadPiece(nn.Module):
             mb.mtp_losses.append(masked_cross_entropy(mtp_logits, mb.tokens[:, k + 1 : s + k + 1], target_mask))
         if mb.mtp_losses:
             total = total + (self.cfg.mtp_loss_weight / len(self.mtp)) * torch.stack(mb.mtp_losses).sum()
-        if mb.balance_losses:
-            total = total + mb.balance_loss
         return total
 
 
@@ -202,6 +206,8 @@ class DeepseekV3(nn.Module):
             )
         mb = MicroBatch(tokens=tokens, seq_len=seq_len, loss_mask=loss_mask, keep_logits=return_logits)
         loss = self.run_pieces(mb)
+        if mb.balance_losses:
+            loss = loss + mb.balance_loss
         return ModelOutput(
             loss=loss, lm_loss=mb.lm_loss, mtp_losses=mb.mtp_losses, balance_loss=mb.balance_loss,
             logits=mb.logits, counts=mb.counts,

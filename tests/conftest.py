@@ -1,0 +1,35 @@
+"""Shared fixtures: deterministic CPU settings and small model configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_config(**overrides):
+    """A very small model with every feature on: MoE with groups, shared expert, MTP, q_lora."""
+    from model.config import ModelConfig
+
+    base = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, num_experts_per_tok=2,
+        n_group=4, topk_group=2, num_nextn_predict_layers=1, max_position_embeddings=128, name="test-tiny",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
