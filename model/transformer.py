@@ -136,7 +136,8 @@ class HeadPiece(nn.Module):
 
     def forward(self, h: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
         s = mb.seq_len
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)  # the MTP modules read the normed state, as transformers and vLLM feed them
+        logits = self.lm_head(h)
         if mb.keep_logits:
             mb.logits = logits
         if not mb.compute_loss:
@@ -241,11 +242,12 @@ class DeepseekV3(nn.Module):
     def forward_cached(
         self, input_ids: torch.Tensor, cache: list[LatentCache], start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [start, start + S) -> (logits [B, S, vocab], last hidden before the final norm [B, S, hidden])."""
+        """Positions [start, start + S) -> (logits [B, S, vocab], final-normed hidden state [B, S, hidden])."""
         h = self.embed.embed_tokens(input_ids)
         for i, piece in enumerate(self.layers):
             h = piece.block.forward_cached(h, cache[i], start)
-        return self.head.lm_head(self.head.norm(h)), h
+        h = self.head.norm(h)
+        return self.head.lm_head(h), h
 
     def mtp_forward_cached(
         self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: list[LatentCache], start: int

@@ -120,11 +120,11 @@ def test_model_forward_cached_equals_logits(variant: str) -> None:
 
 
 def test_model_forward_cached_hidden_feeds_head() -> None:
-    """The second output is the hidden state before the final norm: head(norm(h)) gives the logits."""
+    """The second output is the final-normed hidden state (what the MTP drafter reads): head(h) = logits."""
     model = make_model()
     ids = torch.randint(0, model.cfg.vocab_size, (1, 6))
     with torch.no_grad():
         logits, h = model.forward_cached(ids, model.new_cache(1, 6), 0)
-        again = model.head.lm_head(model.head.norm(h))
+        again = model.head.lm_head(h)
     assert h.shape == (1, 6, model.cfg.hidden_size)
     torch.testing.assert_close(again, logits, rtol=0, atol=0)
