@@ -1,0 +1,270 @@
+"""Executes one rank's instruction list (parallel/instructions.py) with real tensors.
+
+The runtime owns the mechanics the schedule leaves out: which tensor a RECV fills, when a posted receive is
+waited for (by the compute that consumes it), the local hand-off between the two chunks of a DualPipeV rank,
+the weight-gradient queue, loss scaling, and the per-rank timeline. It knows nothing of DeepSpeed: the
+engine gives it the stages and handles REDUCE_GRADS / STEP through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.transformer import MicroBatch
+from parallel.instructions import COMM, Instr, Kind, Placement
+from parallel.p2p import P2P, message_tag
+from parallel.stages import Stage
+from parallel.weight_grad import WeightGradStore
+
+
+@dataclass
+class TimelineEvent:
+    rank: int
+    start: float
+    end: float
+    label: str
+    kind: str
+    chunk: int
+
+
+@dataclass
+class StepResult:
+    """Per-microbatch losses seen on this rank (only ranks holding a last stage see LM/MTP losses)."""
+
+    loss: dict[int, float] = field(default_factory=dict)  # lm + (lambda / D) * sum(mtp)
+    lm_loss: dict[int, float] = field(default_factory=dict)
+    mtp_losses: dict[int, list[float]] = field(default_factory=dict)
+    balance_loss: dict[int, float] = field(default_factory=dict)  # this rank's blocks only
+
+
+PrecisionContext = Callable[[int, int], contextlib.AbstractContextManager]
+
+
+def _no_context(chunk: int, mb: int) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class _Pending:
+    buffer: torch.Tensor
+    slot: list
+
+    def wait(self) -> torch.Tensor:
+        self.slot[0].wait()
+        return self.buffer
+
+
+class PipelineRuntime:
+    def __init__(
+        self,
+        placement: Placement,
+        rank: int,
+        stages: dict[int, Stage],
+        p2p: P2P | None,
+        store: WeightGradStore,
+        activation_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        seq_len: int,
+        precision_context: PrecisionContext = _no_context,
+        on_reduce_grads: Callable[[], None] | None = None,
+        on_step: Callable[[], None] | None = None,
+        record_timeline: bool = False,
+    ) -> None:
+        self.placement, self.rank, self.stages, self.p2p, self.store = placement, rank, stages, p2p, store
+        self.activation_shape, self.dtype, self.device, self.seq_len = activation_shape, dtype, device, seq_len
+        self.precision_context = precision_context
+        self.on_reduce_grads, self.on_step = on_reduce_grads, on_step
+        self.record_timeline = record_timeline
+        self.timeline: list[TimelineEvent] = []
+
+    # ---- step ----------------------------------------------------------------------------------------
+    def run(self, instrs: list[Instr], batches: list[dict[str, torch.Tensor]], loss_scale: float) -> StepResult:
+        """Run one training step's instructions; `batches[mb]` holds tokens (and loss_mask) of microbatch mb."""
+        self._begin(batches, compute_loss=True)
+        self.loss_scale = loss_scale
+        for ins in instrs:
+            if ins.kind in COMM:
+                self._post(ins)
+                continue
+            self._flush()
+            if ins.kind == Kind.F:
+                self._timed(ins, lambda ins=ins: self._drain(self._forward(ins.chunk, ins.mb)))
+            elif ins.kind == Kind.B:
+                self._timed(ins, lambda ins=ins: self._drain(self._backward(ins.chunk, ins.mb, ins.defer_w)))
+            elif ins.kind == Kind.FB:
+                self._timed(ins, lambda ins=ins: self._forward_backward(ins))
+            elif ins.kind == Kind.W:
+                self._timed(ins, lambda ins=ins: self._weight(ins))
+            elif ins.kind == Kind.REDUCE_GRADS:
+                self._finish_comm()
+                if self.on_reduce_grads is not None:
+                    self.on_reduce_grads()
+            elif ins.kind == Kind.STEP:
+                if self.on_step is not None:
+                    self.on_step()
+        self._finish_comm()
+        if len(self.store):
+            raise RuntimeError(f"rank {self.rank}: {len(self.store)} weight-gradient groups were never run")
+        return self.result
+
+    def run_forward_only(self, instrs: list[Instr], batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """Evaluation: the forward and forward-communication part of a schedule, no graph kept."""
+        self._begin(batches, compute_loss=True)
+        with torch.no_grad():
+            for ins in instrs:
+                if ins.kind in (Kind.RECV_F, Kind.SEND_F):
+                    self._post(ins)
+                elif ins.kind in (Kind.F, Kind.FB):
+                    self._flush()
+                    self._drain(self._forward(ins.chunk, ins.mb))
+                    self.stages[ins.chunk].drop(ins.mb)
+        self._finish_comm()
+        return self.result
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------
+    def _begin(self, batches: list[dict[str, torch.Tensor]], compute_loss: bool) -> None:
+        self.batches = batches
+        self.mbs: dict[int, MicroBatch] = {}
+        self.inputs: dict[tuple[int, int], torch.Tensor | _Pending] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.out_grads: dict[tuple[int, int], torch.Tensor | _Pending] = {}
+        self.in_grads: dict[tuple[int, int], torch.Tensor] = {}
+        self.compute_loss = compute_loss
+        self.result = StepResult()
+
+    def _microbatch(self, mb: int) -> MicroBatch:
+        if mb not in self.mbs:
+            batch = self.batches[mb]
+            self.mbs[mb] = MicroBatch(
+                tokens=batch["tokens"].to(self.device), seq_len=self.seq_len,
+                loss_mask=None if batch.get("loss_mask") is None else batch["loss_mask"].to(self.device),
+                compute_loss=self.compute_loss,
+            )
+        return self.mbs[mb]
+
+    def _timed(self, ins: Instr, fn: Callable[[], None]) -> None:
+        if not self.record_timeline:
+            fn()
+            return
+        start = time.perf_counter()
+        fn()
+        self.timeline.append(TimelineEvent(self.rank, start, time.perf_counter(), str(ins), ins.kind.value, ins.chunk))
+
+    @staticmethod
+    def _drain(gen) -> object:
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    # ---- communication ---------------------------------------------------------------------------------
+    def _post(self, ins: Instr) -> None:
+        assert self.p2p is not None, "communication instruction on a single-rank pipeline"
+        key = (ins.chunk, ins.mb)
+        if ins.kind == Kind.RECV_F:
+            buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
+            self.inputs[key] = _Pending(buf, self.p2p.post_recv(buf, ins.peer, message_tag("F", ins.chunk, ins.mb)))
+        elif ins.kind == Kind.RECV_B:
+            buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
+            self.out_grads[key] = _Pending(buf, self.p2p.post_recv(buf, ins.peer, message_tag("B", ins.chunk, ins.mb)))
+        elif ins.kind == Kind.SEND_F:
+            _, consumer_chunk = self.placement.next_hop(self.rank, ins.chunk)
+            out = self.outputs.pop(key).detach().contiguous()
+            self.p2p.post_send(out, ins.peer, message_tag("F", consumer_chunk, ins.mb))
+        elif ins.kind == Kind.SEND_B:
+            _, producer_chunk = self.placement.prev_hop(self.rank, ins.chunk)
+            grad = self.in_grads.pop(key).contiguous()
+            self.p2p.post_send(grad, ins.peer, message_tag("B", producer_chunk, ins.mb))
+
+    def _flush(self) -> None:
+        if self.p2p is not None:
+            self.p2p.flush()
+
+    def _finish_comm(self) -> None:
+        if self.p2p is not None:
+            self.p2p.flush()
+            self.p2p.wait_sends()
+
+    # ---- compute ---------------------------------------------------------------------------------------
+    def _stage_input(self, chunk: int, mb: int) -> torch.Tensor | None:
+        prev = self.placement.prev_hop(self.rank, chunk)
+        if prev is None:
+            return None
+        if prev[0] == self.rank:  # DualPipeV turn at the last rank: chunk 0 feeds chunk 1 locally
+            return self.outputs.pop((prev[1], mb))
+        x = self.inputs.pop((chunk, mb))
+        return x.wait() if isinstance(x, _Pending) else x
+
+    def _output_grad(self, chunk: int, mb: int) -> torch.Tensor | None:
+        nxt = self.placement.next_hop(self.rank, chunk)
+        if nxt is None:
+            return None
+        if nxt[0] == self.rank:
+            return self.in_grads.pop((nxt[1], mb))
+        g = self.out_grads.pop((chunk, mb))
+        return g.wait() if isinstance(g, _Pending) else g
+
+    def _forward(self, chunk: int, mb: int):
+        """Generator: one step per piece of the stage; stores the output for a send or the loss."""
+        stage, ctx = self.stages[chunk], self._microbatch(mb)
+        x = self._stage_input(chunk, mb)
+        before = set(ctx.balance_losses)
+        steps = stage.forward_steps(x, ctx, mb)
+        while True:
+            with self.precision_context(chunk, mb):
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    out = done.value
+                    break
+            yield
+        own_balance = [ctx.balance_losses[i] for i in sorted(set(ctx.balance_losses) - before)]
+        if own_balance:
+            self.result.balance_loss[mb] = self.result.balance_loss.get(mb, 0.0) + float(sum(b.detach() for b in own_balance))
+        if stage.is_last:
+            if out is not None:
+                self.result.loss[mb] = float(out.detach())
+                self.result.lm_loss[mb] = float(ctx.lm_loss.detach())
+                self.result.mtp_losses[mb] = [float(m.detach()) for m in ctx.mtp_losses]
+        else:
+            self.outputs[(chunk, mb)] = out
+
+    def _backward(self, chunk: int, mb: int, defer_w: bool):
+        """Generator: backward of (chunk, mb) piece by piece; input-gradient kept for a send or hand-off."""
+        grad = self._output_grad(chunk, mb)
+        steps = self.stages[chunk].backward_steps(grad, mb, self.loss_scale)
+        with self.store.capture((chunk, mb)) if defer_w else contextlib.nullcontext():
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    in_grad = done.value
+                    break
+                yield
+        if in_grad is not None:
+            self.in_grads[(chunk, mb)] = in_grad
+
+    def _forward_backward(self, ins: Instr) -> None:
+        """The overlapped pair: the forward pieces of one microbatch alternate with the backward pieces of
+        another, so communication posted by one (expert all-to-all) can hide behind the other's compute."""
+        fwd = self._forward(ins.chunk, ins.mb)
+        bwd = self._backward(ins.b_chunk, ins.b_mb, ins.defer_w)
+        live = [fwd, bwd]
+        while live:
+            for gen in list(live):
+                try:
+                    next(gen)
+                except StopIteration:
+                    live.remove(gen)
+
+    def _weight(self, ins: Instr) -> None:
+        key = self.store.pop()
+        if key != (ins.chunk, ins.mb):
+            raise RuntimeError(f"rank {self.rank}: W expected {(ins.chunk, ins.mb)} but the queue held {key}")

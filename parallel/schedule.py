@@ -1,0 +1,111 @@
+"""How one training step runs: the `parallel.schedule` switch.
+
+    none       the plain DeepSpeedEngine: every rank holds the whole model; data parallel with ZeRO-1;
+               gradient accumulation over the step's microbatches.
+    1f1b       \
+    dualpipe    } pipeline schedules over pp stages (later issues plug in here)
+    dualpipev  /
+
+Every schedule is built by `build_schedule` and offers the same small interface (`StepSchedule`):
+`train_batch(batches)` runs one global step (all microbatches, backward, optimizer step) and returns this
+rank's mean losses; `eval_losses(batch)` scores one microbatch without gradients. The trainer does the rest
+(router bias update, metrics, checkpoints) identically for every schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+SCHEDULES = ("none", "1f1b", "dualpipe", "dualpipev")
+IMPLEMENTED = ("none",)
+
+
+@dataclass
+class StepLosses:
+    """This rank's losses for one step, each the mean over its microbatches (scalars on CPU)."""
+
+    loss: torch.Tensor  # what backward ran on: lm + weighted mtp + balance
+    lm_loss: torch.Tensor
+    mtp_losses: list[torch.Tensor]
+    balance_loss: torch.Tensor
+    microbatches: int
+
+
+class StepSchedule(Protocol):
+    engine: Any  # the DeepSpeed engine (save/load checkpoints, lr, grad norm, global_steps)
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses: ...
+
+
+def _mean_losses(outputs: list[Any]) -> StepLosses:
+    """Average ModelOutput losses over microbatches (detached, on CPU)."""
+    n = len(outputs)
+
+    def mean(values: list[torch.Tensor | None]) -> torch.Tensor:
+        vals = [v.detach().float().cpu() for v in values if v is not None]
+        return torch.stack(vals).sum() / n if vals else torch.zeros(())
+
+    depth = len(outputs[0].mtp_losses)
+    return StepLosses(
+        loss=mean([o.loss for o in outputs]),
+        lm_loss=mean([o.lm_loss for o in outputs]),
+        mtp_losses=[mean([o.mtp_losses[k] for o in outputs]) for k in range(depth)],
+        balance_loss=mean([o.balance_loss for o in outputs]),
+        microbatches=n,
+    )
+
+
+class DataParallelSchedule:
+    """`none`: forward/backward of each microbatch through the DeepSpeedEngine, which accumulates gradients,
+    reduces them over data-parallel ranks (ZeRO-1) and steps the optimizer at the last microbatch."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.device = next(engine.module.parameters()).device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
+        engine = self.engine
+        engine.train()
+        outputs = []
+        for _ in range(engine.gradient_accumulation_steps()):
+            mb = next(batches)
+            out = engine(mb["tokens"].to(self.device), mb["loss_mask"].to(self.device))
+            engine.backward(out.loss)
+            engine.step()  # an optimizer step only at the gradient-accumulation boundary
+            outputs.append(out)
+        return _mean_losses(outputs)
+
+
+def build_schedule(
+    name: str,
+    model: nn.Module,
+    ds_config: dict[str, Any],
+    param_groups: list[dict[str, Any]],
+    lr_lambda: Callable[[int], float],
+) -> StepSchedule:
+    """The engine and step runner for `parallel.schedule=name` (validated beforehand by the trainer)."""
+    import deepspeed
+
+    if name == "none":
+        def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
+        )
+        return DataParallelSchedule(engine)
+    if name in SCHEDULES:
+        raise NotImplementedError(f"parallel.schedule={name} is not implemented yet")
+    raise ValueError(f"unknown parallel.schedule {name!r}; one of {SCHEDULES}")

@@ -1,0 +1,139 @@
+"""Cutting the model's pieces into pipeline stages.
+
+Stage s of S holds decoder blocks [s*L/S, (s+1)*L/S); stage 0 also holds the embedding, stage S-1 the head
+(final norm, output head, MTP). A stage runs its pieces in order and keeps, per microbatch, the input and
+output of every piece with the boundaries detached: backward can then run piece by piece, which is what lets
+an overlapped F&B pair interleave one microbatch's forward pieces with another's backward pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.transformer import BlockPiece, DeepseekV3, EmbeddingPiece, HeadPiece, MicroBatch
+
+
+class StageError(ValueError):
+    """A model that cannot be cut as asked; the message names the key and the fix."""
+
+
+def check_divisible(cfg: ModelConfig, num_stages: int, key: str = "parallel.pp") -> None:
+    if cfg.num_hidden_layers % num_stages:
+        raise StageError(
+            f"{key}: {cfg.num_hidden_layers} decoder layers do not split into {num_stages} equal pipeline "
+            f"stages; choose a stage count that divides model.num_hidden_layers"
+        )
+
+
+def stage_pieces(model: DeepseekV3, stage: int, num_stages: int) -> list[nn.Module]:
+    check_divisible(model.cfg, num_stages)
+    per = model.cfg.num_hidden_layers // num_stages
+    pieces: list[nn.Module] = []
+    if stage == 0:
+        pieces.append(model.embed)
+    pieces.extend(model.layers[stage * per : (stage + 1) * per])
+    if stage == num_stages - 1:
+        pieces.append(model.head)
+    return pieces
+
+
+@dataclass
+class PieceRecord:
+    """What one piece kept of one microbatch: its (detached, grad-requiring) input and its output."""
+
+    inp: torch.Tensor | None
+    out: torch.Tensor | None
+    balance: list[torch.Tensor] = field(default_factory=list)
+
+
+class Stage(nn.Module):
+    """One pipeline stage: a contiguous run of pieces. Holds per-microbatch records between F and B."""
+
+    def __init__(self, pieces: list[nn.Module], stage: int, num_stages: int) -> None:
+        super().__init__()
+        self.pieces = nn.ModuleList(pieces)
+        self.stage, self.num_stages = stage, num_stages
+        self._records: dict[int, list[PieceRecord]] = {}
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    # ---- forward, piece by piece ---------------------------------------------------------------------
+    def forward_steps(self, x: torch.Tensor | None, mb: MicroBatch, key: int):
+        """A generator: each `next` runs one piece. The stage output is the generator's return value."""
+        records = self._records[key] = []
+        for piece in self.pieces:
+            inp = None if x is None else x.detach().requires_grad_(x.is_floating_point())
+            before = set(mb.balance_losses)
+            out = piece(inp, mb)
+            own = [mb.balance_losses[i] for i in sorted(set(mb.balance_losses) - before)]
+            records.append(PieceRecord(inp=inp, out=out, balance=own))
+            x = out
+            yield
+        return x
+
+    def forward(self, x: torch.Tensor | None, mb: MicroBatch, key: int) -> torch.Tensor | None:
+        steps = self.forward_steps(x, mb, key)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    # ---- backward, piece by piece --------------------------------------------------------------------
+    def backward_steps(self, grad_out: torch.Tensor | None, key: int, loss_scale: float):
+        """A generator running the backward of microbatch `key` piece by piece, last first. For the last
+        stage `grad_out` is None and the output (the loss) is seeded with `loss_scale`; every piece adds its
+        blocks' balance losses, also scaled. Returns the gradient w.r.t. the stage input (None on stage 0)."""
+        records = self._records.pop(key)
+        grad = grad_out
+        for rec in reversed(records):
+            outputs, grads = [], []
+            if rec.out is not None and rec.out.requires_grad:
+                outputs.append(rec.out)
+                grads.append(torch.full_like(rec.out, loss_scale) if grad is None else grad)
+            for b in rec.balance:
+                outputs.append(b)
+                grads.append(torch.full_like(b, loss_scale))
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+            grad = None if rec.inp is None else rec.inp.grad
+            yield
+        return grad
+
+    def backward(self, grad_out: torch.Tensor | None, key: int, loss_scale: float) -> torch.Tensor | None:
+        steps = self.backward_steps(grad_out, key, loss_scale)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def drop(self, key: int) -> None:
+        """Forget a microbatch's records (forward-only evaluation)."""
+        self._records.pop(key, None)
+
+
+def build_stage(model: DeepseekV3, stage: int, num_stages: int) -> Stage:
+    return Stage(stage_pieces(model, stage, num_stages), stage, num_stages)
+
+
+def is_embedding(piece: nn.Module) -> bool:
+    return isinstance(piece, EmbeddingPiece)
+
+
+def is_head(piece: nn.Module) -> bool:
+    return isinstance(piece, HeadPiece)
+
+
+def is_block(piece: nn.Module) -> bool:
+    return isinstance(piece, BlockPiece)
