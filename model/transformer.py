@@ -14,6 +14,7 @@ loss_mask (same shape as tokens) marks which tokens are valid targets.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -170,19 +171,32 @@ class DeepseekV3(nn.Module):
         self.embed = EmbeddingPiece(cfg)
         self.layers = nn.ModuleList(BlockPiece(DecoderBlock(cfg, i, self.rope)) for i in range(cfg.num_hidden_layers))
         self.head = HeadPiece(cfg, self.embed, self.rope)
-        self.reset_parameters()
+        # drawn from the global generator (on CPU even under a meta-device context), so ranks that seeded
+        # alike agree; every parameter's init then depends only on this seed and its own name
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        if self.embed.embed_tokens.weight.device.type != "meta":
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every projection, expert, router and embedding; norms to one."""
+        """Normal(0, initializer_range) for every projection, expert, router and embedding; norms to one.
+
+        Each weight draws from its own generator seeded by (init_seed, parameter name): a pipeline rank that
+        builds only its stages (on the meta device, then `to_empty`) gets exactly the single-process weights.
+        """
+        from model.router import Router
+
         std = self.cfg.initializer_range
-        for m in self.modules():
-            if isinstance(m, Linear | GroupedLinear | nn.Embedding):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
+        for name, m in self.named_modules():
+            if isinstance(m, Linear | GroupedLinear | nn.Embedding | Router):
+                gen = torch.Generator(device=m.weight.device)
+                gen.manual_seed(self.init_seed ^ zlib.crc32(f"{name}.weight".encode()))
+                with torch.no_grad():
+                    nn.init.normal_(m.weight, mean=0.0, std=std, generator=gen)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-        for router in self.routers():
-            nn.init.normal_(router.weight, mean=0.0, std=std)
-            router.e_score_correction_bias.zero_()
+            if isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+                m.step_counts.zero_()
 
     # ---- pieces ------------------------------------------------------------------------------------
     def pieces(self) -> list[nn.Module]:
