@@ -17,7 +17,8 @@ from model.config import ModelConfig, yarn_mscale
 def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [rope_dim/2] and the cos/sin magnitude factor (YaRN's attention_factor)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    # explicit CPU: the model may be built under a meta-device context (pipeline ranks)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq = 1.0 / pos_freqs
     if cfg.rope_scaling_type != "yarn":
         return inv_freq, 1.0
@@ -36,7 +37,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1.0 - ramp  # 1: high-frequency dims keep their frequency; 0: low-frequency dims are interpolated
     inv_freq = (inv_freq / factor) * (1 - keep) + inv_freq * keep
     return inv_freq, float(attention_factor)
@@ -53,7 +54,7 @@ class RotaryEmbedding:
         cached = self._tables.get(device)
         if cached is None or cached[0].shape[0] < length:
             size = max(length, 2 * cached[0].shape[0] if cached is not None else length)
-            pos = torch.arange(size, dtype=torch.float32)
+            pos = torch.arange(size, dtype=torch.float32, device="cpu")
             angles = pos[:, None] * self.inv_freq[None, :]
             cos = (angles.cos() * self.attention_factor).to(device)
             sin = (angles.sin() * self.attention_factor).to(device)

@@ -167,13 +167,13 @@ class DeepseekV3(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # drawn first from the global generator (on CPU even under a meta-device context), so ranks that
+        # seeded alike agree; every parameter's init then depends only on this seed and its own name
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         self.rope = RotaryEmbedding(cfg)
         self.embed = EmbeddingPiece(cfg)
         self.layers = nn.ModuleList(BlockPiece(DecoderBlock(cfg, i, self.rope)) for i in range(cfg.num_hidden_layers))
         self.head = HeadPiece(cfg, self.embed, self.rope)
-        # drawn from the global generator (on CPU even under a meta-device context), so ranks that seeded
-        # alike agree; every parameter's init then depends only on this seed and its own name
-        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         if self.embed.embed_tokens.weight.device.type != "meta":
             self.reset_parameters()
 

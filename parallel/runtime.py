@@ -87,6 +87,7 @@ class PipelineRuntime:
     def run(self, instrs: list[Instr], batches: list[dict[str, torch.Tensor]], loss_scale: float) -> StepResult:
         """Run one training step's instructions; `batches[mb]` holds tokens (and loss_mask) of microbatch mb."""
         self._begin(batches, compute_loss=True)
+        self.on_last_stage = None
         self.loss_scale = loss_scale
         for ins in instrs:
             if ins.kind in COMM:
@@ -113,9 +114,14 @@ class PipelineRuntime:
             raise RuntimeError(f"rank {self.rank}: {len(self.store)} weight-gradient groups were never run")
         return self.result
 
-    def run_forward_only(self, instrs: list[Instr], batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        """Evaluation: the forward and forward-communication part of a schedule, no graph kept."""
-        self._begin(batches, compute_loss=True)
+    def run_forward_only(
+        self, instrs: list[Instr], batches: list[dict[str, torch.Tensor]],
+        on_last_stage: Callable[[int, MicroBatch], None] | None = None,
+    ) -> StepResult:
+        """Evaluation: the forward and forward-communication part of a schedule, no graph kept.
+        `on_last_stage(mb, ctx)` is called with each microbatch whose loss this rank computes (logits kept)."""
+        self._begin(batches, compute_loss=True, keep_logits=on_last_stage is not None)
+        self.on_last_stage = on_last_stage
         with torch.no_grad():
             for ins in instrs:
                 if ins.kind in (Kind.RECV_F, Kind.SEND_F):
@@ -128,14 +134,14 @@ class PipelineRuntime:
         return self.result
 
     # ---- bookkeeping -----------------------------------------------------------------------------------
-    def _begin(self, batches: list[dict[str, torch.Tensor]], compute_loss: bool) -> None:
+    def _begin(self, batches: list[dict[str, torch.Tensor]], compute_loss: bool, keep_logits: bool = False) -> None:
         self.batches = batches
         self.mbs: dict[int, MicroBatch] = {}
         self.inputs: dict[tuple[int, int], torch.Tensor | _Pending] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.out_grads: dict[tuple[int, int], torch.Tensor | _Pending] = {}
         self.in_grads: dict[tuple[int, int], torch.Tensor] = {}
-        self.compute_loss = compute_loss
+        self.compute_loss, self.keep_logits = compute_loss, keep_logits
         self.result = StepResult()
 
     def _microbatch(self, mb: int) -> MicroBatch:
@@ -144,7 +150,7 @@ class PipelineRuntime:
             self.mbs[mb] = MicroBatch(
                 tokens=batch["tokens"].to(self.device), seq_len=self.seq_len,
                 loss_mask=None if batch.get("loss_mask") is None else batch["loss_mask"].to(self.device),
-                compute_loss=self.compute_loss,
+                compute_loss=self.compute_loss, keep_logits=self.keep_logits,
             )
         return self.mbs[mb]
 
@@ -233,6 +239,8 @@ class PipelineRuntime:
                 self.result.loss[mb] = float(out.detach())
                 self.result.lm_loss[mb] = float(ctx.lm_loss.detach())
                 self.result.mtp_losses[mb] = [float(m.detach()) for m in ctx.mtp_losses]
+            if self.on_last_stage is not None:
+                self.on_last_stage(mb, ctx)
         else:
             self.outputs[(chunk, mb)] = out
 

@@ -1,0 +1,103 @@
+"""Process groups for pipeline x data parallelism, and the `mpu` object DeepSpeed reads them from.
+
+Ranks follow DeepSpeed's pipe-major grid (`PipeDataParallelTopology`): global rank = pipe * dp + data, so the
+1F1B baseline (DeepSpeed's own PipelineEngine) and our schedules place ranks identically.
+
+Groups every rank belongs to:
+- pipe:    the pp ranks of one data-parallel replica (point-to-point, loss broadcast, grad-norm sum);
+- data:    the dp ranks holding the same pipeline rank (ZeRO-1, gradient reduction);
+- copies:  for DualPipe, the ranks holding a copy of the same two stages (pipe ranks p and pp-1-p, every dp
+           index): router counts are summed here;
+- mirror:  for DualPipe, the pair (p, pp-1-p) inside one replica: the two copies' gradients are summed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+
+@dataclass
+class PipelineTopology:
+    pp: int
+    dp: int
+    rank: int
+    dualpipe: bool = False
+    groups: dict[str, object] = field(default_factory=dict)
+    group_ranks: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def pipe_rank(self) -> int:
+        return self.rank // self.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp
+
+    def global_rank(self, pipe: int, data: int) -> int:
+        return pipe * self.dp + data
+
+    def pipe_ranks(self, data: int | None = None) -> list[int]:
+        d = self.dp_rank if data is None else data
+        return [self.global_rank(p, d) for p in range(self.pp)]
+
+    def build_groups(self) -> None:
+        """Create every group (all ranks call new_group for all groups, in the same order)."""
+        world = self.pp * self.dp
+        if world != dist.get_world_size():
+            raise ValueError(f"topology pp={self.pp} x dp={self.dp} != world size {dist.get_world_size()}")
+
+        def make(name: str, ranks_list: list[list[int]]) -> None:
+            for ranks in ranks_list:
+                group = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+                if self.rank in ranks:
+                    self.groups[name], self.group_ranks[name] = group, ranks
+
+        make("pipe", [[self.global_rank(p, d) for p in range(self.pp)] for d in range(self.dp)])
+        make("data", [[self.global_rank(p, d) for d in range(self.dp)] for p in range(self.pp)])
+        if self.dualpipe:
+            half = range(self.pp // 2)
+            make("copies", [sorted(self.global_rank(q, d) for q in (p, self.pp - 1 - p) for d in range(self.dp))
+                            for p in half])
+            make("mirror", [[self.global_rank(p, d), self.global_rank(self.pp - 1 - p, d)]
+                            for d in range(self.dp) for p in half])
+        else:
+            self.groups["copies"], self.group_ranks["copies"] = self.groups["data"], self.group_ranks["data"]
+
+
+class PipelineMpu:
+    """What DeepSpeed asks an `mpu` for. The pipeline counts as DeepSpeed's "model parallel" dimension, so
+    its grad-norm and checkpoint file naming (mp_rank_XX) are per pipeline rank."""
+
+    def __init__(self, topo: PipelineTopology) -> None:
+        self.topo = topo
+
+    def get_data_parallel_group(self):
+        return self.topo.groups["data"]
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topo.dp
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topo.dp_rank
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.topo.group_ranks["data"]
+
+    def get_model_parallel_group(self):
+        return self.topo.groups["pipe"]
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topo.pp
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topo.pipe_rank
+
+    # No tensor parallelism: every rank counts all its own parameters in the global grad norm (DeepSpeed
+    # counts parameters not marked model-parallel only on tensor-parallel rank 0).
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
