@@ -89,7 +89,8 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_dim))
 
     def forward_cached(self, x: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
-        """Absorbed form: x holds positions [start, start + S); writes them into the cache, attends to [0, start + S)."""
+        """Absorbed form: x holds positions [start, start + S); writes them into the cache and attends to
+        positions [0, start + S)."""
         b, s, _ = x.shape
         end = start + s
         q_nope, q_pe = self._query(x, start)

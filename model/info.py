@@ -51,7 +51,9 @@ def parameter_report(cfg: ModelConfig) -> dict:
     by_component: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
         by_component[component_of(name)] += p.numel()
-    mtp_routed = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head.mtp.") and ".mlp.experts." in n)
+    mtp_routed = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("head.mtp.") and ".mlp.experts." in n
+    )
     total = sum(v for k, v in by_component.items() if k != "mtp")
     routed = by_component.get("routed_experts", 0)
     frac = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0

@@ -43,5 +43,7 @@ class MTPModule(nn.Module):
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
         return self.block(self.merge(h_prev, emb_next))
 
-    def forward_cached(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
+    def forward_cached(
+        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cache: LatentCache, start: int
+    ) -> torch.Tensor:
         return self.block.forward_cached(self.merge(h_prev, emb_next), cache, start)

@@ -27,10 +27,10 @@ communication instructions form one batch (`batch_isend_irecv`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     F = "F"  # forward of (chunk, mb)
     B = "B"  # backward of (chunk, mb): input-gradient only when defer_w, else input- and weight-gradient
     W = "W"  # the deferred weight-gradient of (chunk, mb)

@@ -125,8 +125,9 @@ class PipelineSchedule:
         self.engine.pipeline_parallelism = True
         stages = {c: Stage(stage_pieces(model, s, self.placement.num_stages), s, self.placement.num_stages)
                   for c, s in zip(chunks, stage_ids)}
+        p2p = P2P(topo.pipe_ranks(), topo.groups["pipe"]) if topo.pp > 1 else None
         self.runtime = PipelineRuntime(
-            self.placement, topo.pipe_rank, stages, P2P(topo.pipe_ranks(), topo.groups["pipe"]) if topo.pp > 1 else None,
+            self.placement, topo.pipe_rank, stages, p2p,
             self.store, activation_shape=(micro_batch_size, seq_len, cfg.hidden_size), dtype=dtype, device=device,
             seq_len=seq_len, precision_context=precision_context, record_timeline=record_timeline,
         )

@@ -233,7 +233,8 @@ class PipelineRuntime:
             yield
         own_balance = [ctx.balance_losses[i] for i in sorted(set(ctx.balance_losses) - before)]
         if own_balance:
-            self.result.balance_loss[mb] = self.result.balance_loss.get(mb, 0.0) + float(sum(b.detach() for b in own_balance))
+            balance = float(sum(b.detach() for b in own_balance))
+            self.result.balance_loss[mb] = self.result.balance_loss.get(mb, 0.0) + balance
         if stage.is_last:
             if out is not None:
                 self.result.loss[mb] = float(out.detach())

@@ -45,7 +45,8 @@ def run_pipeline(rank: int, world: int, schedule: str, microbatches: int, cfg_ov
     placement = Placement(schedule, world)
     store = WeightGradStore()
     set_gemm_backend(model, DeferredWeightGradBackend(store))
-    stages = {c: build_stage(model, placement.stage(rank, c), placement.num_stages) for c in range(placement.chunks_per_rank)}
+    stages = {c: build_stage(model, placement.stage(rank, c), placement.num_stages)
+              for c in range(placement.chunks_per_rank)}
     batches = make_batches(cfg, microbatches)
     runtime = PipelineRuntime(
         placement, rank, stages, P2P(list(range(world))) if world > 1 else None, store,
