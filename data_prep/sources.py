@@ -1,0 +1,169 @@
+"""Token sources for the reader: one split of a prepared directory, or a Megatron .bin/.idx pair.
+
+Both present a split as a list of shards (flat token arrays) with document starts. Shards are memory-mapped
+on first use and checked against the manifest then: file sizes always, sha256 too with verify="full".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import DataError
+from data_prep.manifest import MANIFEST_FILE, Manifest, read_manifest
+from data_prep.megatron import MegatronDataset, prefix_of
+from data_prep.shards import shard_problem
+
+VERIFY_MODES = ("size", "full")
+
+
+class TokenSource:
+    """A split as shards. `bases[i]` is shard i's first token in the split's token stream."""
+
+    name: str
+    shard_tokens: np.ndarray  # int64 [num_shards]
+    bases: np.ndarray  # int64 [num_shards + 1]
+    vocab_size: int | None
+    eos_id: int | None
+    pad_id: int
+    tokenizer_sha256: str | None
+    fingerprint: str  # identifies the content, so a resumed run can tell it reads the same data
+    max_doc_tokens: int | None  # longest document (tokens), when recorded
+
+    def _set_shards(self, counts: list[int]) -> None:
+        self.shard_tokens = np.asarray(counts, dtype=np.int64)
+        self.bases = np.concatenate([[0], np.cumsum(self.shard_tokens)]).astype(np.int64)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_tokens)
+
+    def tokens(self, shard: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def doc_starts(self, shard: int) -> np.ndarray:
+        """int64 offsets, inside the shard, of the documents that start there."""
+        raise NotImplementedError
+
+    def all_doc_starts(self) -> np.ndarray:
+        """Document starts as offsets in the split's token stream."""
+        parts = [self.doc_starts(i) + self.bases[i] for i in range(self.num_shards)]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of the split's stream, across shard boundaries if need be."""
+        s = int(np.searchsorted(self.bases, start, side="right")) - 1
+        local = start - int(self.bases[s])
+        arr = self.tokens(s)
+        if local + n <= len(arr):
+            return arr[local : local + n]
+        pieces = [arr[local:]]
+        got = len(pieces[0])
+        while got < n:
+            s += 1
+            piece = self.tokens(s)[: n - got]
+            pieces.append(piece)
+            got += len(piece)
+        return np.concatenate(pieces)
+
+
+class PreparedSplit(TokenSource):
+    """A split of a directory written by data_prep (manifest.json + NAME.bin/NAME.docs shards)."""
+
+    def __init__(self, directory: str | Path, split: str, verify: str = "size") -> None:
+        self.directory = Path(directory)
+        self.manifest: Manifest = read_manifest(self.directory)
+        if split not in self.manifest.splits:
+            raise DataError(
+                f"{self.directory / MANIFEST_FILE} has no {split!r} split "
+                f"(has {sorted(self.manifest.splits)}): prepare it with data_prep"
+            )
+        self.split = split
+        self.info = self.manifest.splits[split]
+        self.full = verify == "full"
+        self.dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
+        self.name = f"{self.directory}[{split}]"
+        self._set_shards([s.num_tokens for s in self.info.shards])
+        self.vocab_size = self.manifest.vocab_size
+        self.eos_id = self.manifest.eos_id
+        self.pad_id = self.manifest.pad_id
+        self.tokenizer_sha256 = self.manifest.tokenizer_sha256
+        self.max_doc_tokens = self.info.max_doc_tokens
+        self.fingerprint = f"{self.manifest.params_hash}:{split}:{self.info.num_tokens}"
+        self._tokens: dict[int, np.ndarray] = {}
+        self._checked: set[int] = set()
+
+    def _check(self, i: int) -> None:
+        if i in self._checked:
+            return
+        problem = shard_problem(self.directory, self.info.shards[i], self.dtype.itemsize, self.full)
+        if problem:
+            raise DataError(
+                f"{problem}: rerun the same `python -m data_prep out_dir={self.directory} ...` command to rebuild it"
+            )
+        self._checked.add(i)
+
+    def tokens(self, shard: int) -> np.ndarray:
+        arr = self._tokens.get(shard)
+        if arr is None:
+            self._check(shard)
+            path = self.directory / self.info.shards[shard].bin_file
+            # a plain ndarray view of the map: slicing it skips np.memmap's per-slice Python overhead
+            arr = np.memmap(path, dtype=self.dtype, mode="r").view(np.ndarray)
+            self._tokens[shard] = arr
+        return arr
+
+    def doc_starts(self, shard: int) -> np.ndarray:
+        self._check(shard)
+        path = self.directory / self.info.shards[shard].docs_file
+        return np.fromfile(path, dtype="<u8").astype(np.int64)
+
+
+class MegatronSplit(TokenSource):
+    """A Megatron PREFIX.bin/.idx pair as a single-shard split (it has no train/val division)."""
+
+    def __init__(self, prefix: str | Path, pad_id: int = 0) -> None:
+        self.ds = MegatronDataset(prefix)
+        self.name = str(self.ds.prefix)
+        self._set_shards([len(self.ds.tokens)])
+        self.vocab_size = None
+        self.eos_id = None
+        self.pad_id = pad_id  # padding is masked out of the loss; any id in range will do
+        self.tokenizer_sha256 = None
+        starts = self.ds.document_starts()
+        self._starts = starts.astype(np.int64)
+        lengths = np.diff(np.append(self._starts, len(self.ds.tokens)))
+        self.max_doc_tokens = int(lengths.max()) if len(lengths) else 0
+        st = self.ds.bin_path.stat()
+        self.fingerprint = (
+            "megatron:" + hashlib.sha256(f"{self.ds.prefix.name}:{st.st_size}:{len(self.ds)}".encode()).hexdigest()[:16]
+        )
+
+    def tokens(self, shard: int) -> np.ndarray:
+        return self.ds.tokens
+
+    def doc_starts(self, shard: int) -> np.ndarray:
+        return self._starts
+
+
+def open_source(path: str | Path, split: str, verify: str = "size") -> TokenSource:
+    """A prepared directory (has manifest.json) or a Megatron prefix; anything else is a DataError."""
+    if verify not in VERIFY_MODES:
+        raise DataError(f"verify={verify!r} is not one of {VERIFY_MODES}")
+    p = Path(path)
+    if p.is_dir():
+        return PreparedSplit(p, split, verify)
+    prefix = prefix_of(p)
+    if prefix is not None:
+        if split != "train":
+            raise DataError(
+                f"{path} is a Megatron .bin/.idx pair, which has no {split!r} split: pass a "
+                "separate pair for it (read it with split='train')"
+            )
+        return MegatronSplit(prefix)
+    raise DataError(
+        f"data path {path} does not exist (neither a prepared directory nor a Megatron "
+        "PREFIX.bin/.idx): run `python -m data_prep` or fix the path"
+    )
