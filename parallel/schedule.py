@@ -7,9 +7,10 @@
     dualpipev  /
 
 Every schedule is built by `build_schedule` and offers the same small interface (`StepSchedule`):
-`train_batch(batches)` runs one global step (all microbatches, backward, optimizer step) and returns this
-rank's mean losses; `eval_losses(batch)` scores one microbatch without gradients. The trainer does the rest
-(router bias update, metrics, checkpoints) identically for every schedule.
+`engine` (the DeepSpeed engine: checkpoints, learning rate, grad norm), `module` (this rank's model) and
+`train_batch(batches)`, which runs one global step (all microbatches, backward, optimizer step) and returns
+this rank's mean losses. The trainer does the rest (router bias update, metrics, evaluation, checkpoints)
+identically for every schedule.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ IMPLEMENTED = ("none",)
 
 @dataclass
 class StepLosses:
-    """This rank's losses for one step, each the mean over its microbatches (scalars on CPU)."""
+    """This rank's losses for one step, each the mean over its microbatches (detached scalars, on the model's
+    device: reading them is the caller's choice of synchronisation point)."""
 
     loss: torch.Tensor  # what backward ran on: lm + weighted mtp + balance
     lm_loss: torch.Tensor
@@ -46,12 +48,13 @@ class StepSchedule(Protocol):
 
 
 def _mean_losses(outputs: list[Any]) -> StepLosses:
-    """Average ModelOutput losses over microbatches (detached, on CPU)."""
+    """Average ModelOutput losses over microbatches (detached, on the model's device)."""
     n = len(outputs)
+    device = outputs[0].loss.device
 
     def mean(values: list[torch.Tensor | None]) -> torch.Tensor:
-        vals = [v.detach().float().cpu() for v in values if v is not None]
-        return torch.stack(vals).sum() / n if vals else torch.zeros(())
+        vals = [v.detach().float() for v in values if v is not None]
+        return torch.stack(vals).sum() / n if vals else torch.zeros((), device=device)
 
     depth = len(outputs[0].mtp_losses)
     return StepLosses(

@@ -1,0 +1,189 @@
+"""train_e2e: training tokens/s of the default job vs the same model shape through transformers + DeepSpeed.
+
+Ours: the default job's configuration (conf/config.yaml: the `tiny` model, seq_len 128, micro batch 4, global
+batch 16, ZeRO-1, fp32 on CPU) stepped exactly as trainer/loop.py does (train_batch, then the router bias
+update). Peer: transformers' `DeepseekV3ForCausalLM` with the same shape (config.json from model/hf.py; its
+default grouped_mm experts and SDPA attention), trained by a plain DeepSpeedEngine with the same generated
+DeepSpeed config, on the same data stream, ranks and batch. Both run in the same 2 processes (deepspeed
+launcher, gloo on CPU), alternating step by step so machine noise hits all alike; medians are quoted.
+transformers has no MTP training, so ours does strictly more work per token (the MTP module and its head:
+about 1.6x the model FLOPs of the peer for `tiny`); the same trainer with MTP switched off
+(model.num_nextn_predict_layers=0, the peer's work exactly) is measured alongside as `ours_no_mtp`.
+
+    python -m bench train_e2e            # via the bench runner (writes bench/results/train_e2e.json)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NPROC = 2
+STEPS_PER_ROUND = 1  # contestants alternate step by step: load changes on a shared machine hit all alike
+ROUNDS_PER_REPEAT = 3
+WARMUP_STEPS = 2
+OVERRIDES = ["logging.wandb.mode=disabled", "logging.progress=false", "train.eval_batches=0"]
+
+
+def _ensure_data() -> None:
+    if (ROOT / "data" / "python_stdlib" / "manifest.json").is_file():
+        return
+    subprocess.run([sys.executable, "-m", "data_prep", "corpus=python_stdlib", "out_dir=data/python_stdlib",
+                    "tokenizer.vocab_size=4096"], cwd=ROOT, check=True)
+
+
+def run(repeats: int = 5) -> dict:
+    from bench.common import result
+
+    _ensure_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "train_e2e.json"
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        from trainer.distributed import free_port
+
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--num_gpus",
+               str(NPROC), "--master_port", str(free_port()), "--module", "bench.train_e2e", "--worker",
+               "--rounds", str(repeats * ROUNDS_PER_REPEAT), "--out", str(out)]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        measured = json.loads(out.read_text())
+    med = {k: statistics.median(measured[k]) for k in ("ours", "ours_no_mtp", "peer")}
+    per_round = {k: statistics.median(a / b for a, b in zip(measured[k], measured["peer"]))
+                 for k in ("ours", "ours_no_mtp")}
+    return result(
+        "train_e2e", ours=med["ours"], peer=med["peer"], unit="tokens/s", goal=">= 1.3", repeats=repeats,
+        ours_no_mtp=med["ours_no_mtp"], ratio_no_mtp=med["ours_no_mtp"] / med["peer"],
+        median_round_ratio=per_round["ours"], median_round_ratio_no_mtp=per_round["ours_no_mtp"],
+        model_flops_per_token={"ours": measured["flops"]["ours"], "peer": measured["flops"]["peer"]},
+        ranks=NPROC, steps_per_round=STEPS_PER_ROUND, tokens_per_step=measured["tokens_per_step"],
+        rounds={k: measured[k] for k in ("ours", "ours_no_mtp", "peer")}, peer_impl=measured["peer_impl"],
+        config="conf/config.yaml defaults (model=tiny, seq_len 128, micro 4, global 16, ZeRO-1, fp32)",
+    )
+
+
+# ---- the worker (one per rank, started by the deepspeed launcher) ---------------------------------------
+
+
+def _job_config(*extra: str):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from trainer.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=[*OVERRIDES, *extra]))
+
+
+def _peer_engine(job, layout):
+    import deepspeed
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from model.hf import hf_config_dict
+    from trainer.ds_config import build_ds_config, param_groups
+    from trainer.lr_schedule import make_lr_lambda
+
+    torch.manual_seed(job.train.seed)
+    hf_cfg = DeepseekV3Config.from_dict(hf_config_dict(job.model))
+    model = DeepseekV3ForCausalLM(hf_cfg)
+    lr_lambda = make_lr_lambda(job.optim, job.train.steps)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, job.optim.weight_decay),
+        config=build_ds_config(job, layout),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+    )
+    impl = {"attention": model.config._attn_implementation,
+            "experts": getattr(model.config, "_experts_implementation", None)}
+    return engine, impl
+
+
+def _peer_step(engine, stream, seq_len: int) -> None:
+    for _ in range(engine.gradient_accumulation_steps()):
+        tokens = next(stream)["tokens"][:, :seq_len]
+        loss = engine(input_ids=tokens, labels=tokens).loss
+        engine.backward(loss)
+        engine.step()
+
+
+def worker(rounds: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from trainer import metrics
+    from trainer.data import train_stream
+    from trainer.distributed import init_process_group, prepare_argv, prepare_env
+    from trainer.engine import build_engine
+    from trainer.load_balance import moe_routers, update_router_biases
+    from trainer.validate import validate
+
+    prepare_argv()
+    env = prepare_env()
+    torch.set_num_threads(1)
+    job, job_no_mtp = _job_config(), _job_config("model.num_nextn_predict_layers=0")
+    layout = validate(job, env.world_size, env.device)
+    init_process_group(env)
+
+    def ours_step_fn(cfg):
+        schedule, _ = build_engine(cfg, layout)
+        routers, data = moe_routers(schedule.module), train_stream(cfg, layout, env.rank)
+
+        def step() -> None:  # what trainer/loop.py runs per step
+            schedule.train_batch(data)
+            update_router_biases(routers)
+
+        return step
+
+    peer, impl = _peer_engine(job, layout)
+    peer_data = train_stream(job, layout, env.rank)
+    steps = {"ours": ours_step_fn(job), "ours_no_mtp": ours_step_fn(job_no_mtp),
+             "peer": lambda: _peer_step(peer, peer_data, job.train.seq_len)}
+
+    def timed(step, n: int) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    tokens = layout.global_batch_size * job.train.seq_len
+    for step in steps.values():
+        timed(step, WARMUP_STEPS)
+    seq = job.train.seq_len
+    res: dict = {k: [] for k in steps}
+    res.update(tokens_per_step=tokens, peer_impl=impl, flops={
+        "ours": metrics.training_flops_per_token(job.model, seq),
+        "peer": metrics.training_flops_per_token(job_no_mtp.model, seq)})
+    for _ in range(rounds):
+        for name, step in steps.items():
+            res[name].append(STEPS_PER_ROUND * tokens / timed(step, STEPS_PER_ROUND))
+        if env.rank == 0:
+            print("train_e2e: " + ", ".join(f"{k} {res[k][-1]:.0f}" for k in steps) + " tokens/s", flush=True)
+    if env.rank == 0:
+        Path(out).write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from trainer.distributed import prepare_argv
+
+    prepare_argv()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/train_e2e_raw.json")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.rounds, args.out)
+    else:
+        print(json.dumps(run(args.rounds), indent=2, default=float))

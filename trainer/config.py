@@ -1,0 +1,169 @@
+"""The training job's config schema: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+conf/config.yaml composes the groups (model/, parallel/, precision/, data/, optim/, train/, logging/,
+checkpoint/) on top of `JobConfig`, so an unknown key or a value of the wrong type fails while Hydra composes
+the config, before anything runs. Cross-field rules (world size, batch arithmetic, data) live in
+trainer/validate.py. Every key is documented in docs/trainer.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.config import ModelConfig
+
+SCHEMA_NAME = "trainer_schema"
+SCHEDULES = ("none", "1f1b", "dualpipe", "dualpipev")
+DTYPES = ("auto", "bf16", "fp32")
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+RESUME_MODES = ("auto", "never")  # or a checkpoint path
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class ParallelConfig:
+    schedule: str = "none"  # none (plain DeepSpeedEngine: data parallel) | 1f1b | dualpipe | dualpipev
+    pp: int = 1  # pipeline-parallel size
+    dp: int | None = None  # data-parallel size; null: world_size / pp
+    ep: int = 1  # expert-parallel size, inside the data-parallel group (must divide dp)
+    zero_stage: int = 1  # ZeRO stage of the optimizer states (0 or 1; pipelines need <= 1)
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
+    grad_accum_dtype: str = "fp32"  # gradient accumulation / reduction dtype under bf16
+
+
+@dataclass
+class DataConfig:
+    dirs: list[str] = field(default_factory=lambda: ["data/python_stdlib"])  # prepared data_prep directories
+    weights: list[float] | None = None  # blend weights, one per directory (null: equal)
+    mode: str = "pack"  # pack (documents concatenated) | pad (one document per sample)
+    verify: str = "size"  # shard check on open: size | full (sha256)
+    seed: int = 1234  # sample order seed
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # end of the cosine / decay phase
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases (and the router bias, a buffer)
+    grad_clip: float = 1.0  # global grad-norm clipping; 0 disables
+    schedule: str = "cosine"  # constant | cosine | wsd (warmup-stable-decay)
+    warmup_steps: int = 20  # linear warmup from 0
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying (cosine to min_lr) at the end
+    torch_adam: bool | None = None  # null: torch.optim.AdamW on CPU, DeepSpeed FusedAdam on GPU
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps (global batches) of the whole run
+    seq_len: int = 128
+    micro_batch_size: int = 4  # samples per microbatch per data-parallel rank
+    global_batch_size: int = 16  # samples per optimizer step over all data-parallel ranks
+    grad_accum: int | None = None  # null: global / (micro x dp); if set, must agree
+    seed: int = 42  # model init and RNG seed
+    eval_interval: int = 50  # evaluate every N steps (0: only at the end)
+    eval_batches: int = 16  # validation microbatches per evaluation, over all data-parallel ranks (0: none)
+    resume: str = "auto"  # auto: newest complete checkpoint in the run dir | never | a checkpoint path
+    max_seconds: float | None = None  # stop early (with a checkpoint) after this much training time
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no network, no key) | online | disabled
+    project: str = "dsv3-trainer"
+    entity: str | None = None
+    group: str | None = None  # null: the sweep name under -m, else none
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # tqdm bar on rank 0
+    peak_tflops: float | None = None  # per-device dense peak for MFU; null: look the GPU up in a table
+    deepspeed_log_level: str = "WARNING"  # DeepSpeed's own logger
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # null: <run_dir>/checkpoints
+    interval: int = 100  # save every N steps (0: only at the end)
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted)
+    save_final: bool = True
+    export_hf: bool = False  # after the final save, write a Hugging Face copy to <run_dir>/hf (rank 0)
+
+
+@dataclass
+class JobConfig:
+    name: str = "default"  # run name (wandb name, run directory runs/<name>)
+    run_dir: str | None = None  # null: Hydra's output directory (runs/<name>, multirun/<name>/<launch>/<job>)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed config
+
+
+def launch_id() -> str:
+    """One id per launch, equal on every rank of it: names the multirun sweep directory.
+
+    DSV3_LAUNCH_ID or SLURM_JOB_ID when set; with several local ranks, the start time of the launcher that
+    spawned them (their common parent); else now.
+    """
+    for var in ("DSV3_LAUNCH_ID", "SLURM_JOB_ID"):
+        if os.environ.get(var):
+            return os.environ[var]
+    start = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        try:
+            import psutil
+
+            start = psutil.Process(os.getppid()).create_time()
+        except Exception:  # no psutil / no parent: fall back to the clock
+            pass
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(start))
+
+
+def register_configs() -> None:
+    """Register the schema (idempotent) and the `launch_id` resolver used by conf/config.yaml."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=JobConfig)
+    if not OmegaConf.has_resolver("launch_id"):
+        OmegaConf.register_new_resolver("launch_id", launch_id, use_cache=True)
+
+
+# Keys that may change between a run and its resumption without changing what is trained.
+_UNHASHED = {"name", "run_dir", "logging", "checkpoint", ("train", "resume"), ("train", "max_seconds"),
+             ("train", "eval_interval"), ("train", "eval_batches")}
+
+
+def training_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that defines the training trajectory (hashed into checkpoints)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if key in _UNHASHED:
+            continue
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if (key, k) not in _UNHASHED}
+        out[key] = value
+    return out
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    blob = json.dumps(training_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,72 @@
+"""The DeepSpeed config, generated from the Hydra config (never written by hand), and the optimizer groups.
+
+ZeRO-1 (optimizer states sharded over data-parallel ranks), AdamW with the report's betas and weight decay,
+explicit gradient clipping (DeepSpeed would silently clip at 1.0 otherwise), bf16 with fp32 gradient
+accumulation on GPU and plain fp32 on CPU. The LR schedule is a torch LambdaLR handed to
+`deepspeed.initialize` (trainer/lr_schedule.py): DeepSpeed has no warmup-stable-decay schedule. The
+`deepspeed:` section of the Hydra config is merged in last, for anything not covered here.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from trainer.config import JobConfig
+from trainer.validate import Layout
+
+NEVER = 2**31 - 1  # steps_per_print: the trainer logs, not DeepSpeed
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build_ds_config(cfg: JobConfig, layout: Layout) -> dict[str, Any]:
+    o = cfg.optim
+    torch_adam = o.torch_adam if o.torch_adam is not None else layout.device == "cpu"
+    ds: dict[str, Any] = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": float(o.grad_clip),
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(o.lr),
+                "betas": [float(b) for b in o.betas],
+                "eps": float(o.eps),
+                "weight_decay": float(o.weight_decay),
+                # torch's AdamW on CPU: DeepSpeed's fused CPU Adam would need a JIT C++ build
+                "torch_adam": bool(torch_adam),
+            },
+        },
+        "bf16": {"enabled": layout.dtype == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if layout.dtype == "bf16":
+        ds["data_types"] = {"grad_accum_dtype": cfg.precision.grad_accum_dtype}
+    return deep_merge(ds, dict(cfg.deepspeed))
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights and biases (vectors) are not decayed; the router bias is a buffer, never optimized."""
+    return param.ndim < 2 or "norm" in name or name.endswith("bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,100 @@
+"""User errors: one line `error: <key>: <problem>; <fix>` on stderr and exit code 2, never a traceback.
+
+Config mistakes come from four places: the trainer's own cross-field checks (`UserError`), the model's
+`ConfigError`, data_prep's `DataError`, and Hydra/OmegaConf while composing (unknown key, wrong type, bad
+override syntax, missing group option). `user_error_line` turns each of them into the one line; anything
+else is an internal bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+EXIT_USER_ERROR = 2
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: names the config key (or path), the problem and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"{key}: {problem}; {fix}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+
+
+def _omegaconf_line(exc: BaseException) -> str:
+    """'<full_key>: <message>; <fix>' from an OmegaConf error (unknown key, wrong type, missing value)."""
+    import dataclasses
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    key = getattr(exc, "full_key", None) or "config"
+    msg = _first_line(getattr(exc, "msg", None) or str(exc))
+    if isinstance(exc, ConfigKeyError | ConfigAttributeError):
+        schema = getattr(exc, "object_type", None)
+        if dataclasses.is_dataclass(schema):
+            valid = ", ".join(f.name for f in dataclasses.fields(schema))
+            return f"{key}: unknown key; valid keys here are: {valid}"
+        return f"{key}: unknown key; check the spelling against docs/trainer.md"
+    if isinstance(exc, ValidationError):
+        return f"{key}: {msg}; give a value of the type declared in trainer/config.py"
+    if isinstance(exc, MissingMandatoryValue):
+        return f"{key}: no value given; set {key}=..."
+    return f"{key}: {msg}; fix the config"
+
+
+def user_error_line(exc: BaseException) -> str | None:
+    """The one-line message for a user error, or None if `exc` is not one."""
+    from data_prep.errors import DataError
+    from model.config import ConfigError
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, ConfigError):  # already "model.<key>: <problem and fix>"
+        return _first_line(str(exc))
+    if isinstance(exc, DataError):
+        return "data: " + _first_line(str(exc))
+    try:
+        from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return None
+    if isinstance(exc, OmegaConfBaseException):
+        return _omegaconf_line(exc)
+    if isinstance(exc, MissingConfigException):
+        options = getattr(exc, "options", None)
+        hint = f"choose one of {sorted(options)}" if options else "check the group and option names under conf/"
+        return f"config: {_first_line(str(exc))}; {hint}"
+    if isinstance(exc, OverrideParseException):
+        return f"override: {_first_line(str(exc))}; write overrides as key=value (see docs/trainer.md)"
+    if isinstance(exc, ConfigCompositionException):
+        cause = exc.__cause__
+        if isinstance(cause, OmegaConfBaseException):
+            return _omegaconf_line(cause)
+        line = _first_line(str(exc))
+        if "+" in str(exc) and "append" in str(exc):
+            return f"config: {line}; the key does not exist in the schema (trainer/config.py)"
+        return f"config: {line}; fix the override or the config file"
+    return None
+
+
+def fail(line: str) -> NoReturn:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run_reporting_user_errors(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call fn; a user error becomes one line on stderr and exit code 2 (others propagate)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        line = user_error_line(exc)
+        if line is None:
+            raise
+        fail(line)

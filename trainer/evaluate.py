@@ -1,0 +1,63 @@
+"""Validation: LM loss and perplexity, MTP loss, and the MTP acceptance rate, summed over data-parallel ranks.
+
+MTP acceptance (teacher-forced): at position i, MTP module 1 drafts token i+2 (argmax of its logits); the
+draft is accepted when it equals the main model's own greedy choice at position i+1, the prediction the
+speculative decoder verifies it against. The rate is accepted drafts over positions with a valid target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from model.transformer import MicroBatch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], group: Any = None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()  # also keeps the routers from counting these tokens
+    device = next(model.parameters()).device
+    depth = model.cfg.num_nextn_predict_layers
+    # lm loss sum, lm tokens, mtp loss sum, mtp tokens, accepted drafts, draft positions
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # on the model's device: nccl needs GPU tensors
+    for batch in batches:
+        tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device).float()
+        seq = tokens.shape[1] - 1 - depth
+        mb = MicroBatch(tokens=tokens, seq_len=seq, loss_mask=mask, keep_logits=True)
+        model.run_pieces(mb)
+        lm_mask = mask[:, 1 : seq + 1]
+        lm = F.cross_entropy(mb.logits.float().flatten(0, 1), tokens[:, 1 : seq + 1].flatten(), reduction="none")
+        sums[0] += (lm * lm_mask.flatten()).sum()
+        sums[1] += lm_mask.sum()
+        if depth and mb.mtp_logits:
+            mtp_mask = mask[:, 2 : seq + 2]
+            mtp = F.cross_entropy(mb.mtp_logits[0].float().flatten(0, 1), tokens[:, 2 : seq + 2].flatten(),
+                                  reduction="none")
+            sums[2] += (mtp * mtp_mask.flatten()).sum()
+            sums[3] += mtp_mask.sum()
+            draft = mb.mtp_logits[0][:, :-1].argmax(-1)  # drafts of tokens 2..seq
+            greedy = mb.logits[:, 1:].argmax(-1)  # the main model's choices for the same tokens
+            valid = mtp_mask[:, :-1] * lm_mask[:, 1:]
+            sums[4] += ((draft == greedy).double() * valid.double()).sum()
+            sums[5] += valid.sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+    sums = sums.cpu()
+    model.train(was_training)
+    out: dict[str, float] = {}
+    if sums[1] > 0:
+        out["lm_loss"] = float(sums[0] / sums[1])
+        out["ppl"] = math.exp(min(out["lm_loss"], 50.0))
+        out["tokens"] = float(sums[1])
+    if sums[3] > 0:
+        out["mtp_loss"] = float(sums[2] / sums[3])
+    if sums[5] > 0:
+        out["mtp_acceptance"] = float(sums[4] / sums[5])
+    return out

@@ -1,0 +1,206 @@
+"""One training job from a composed config: validate, start the process group, build, resume, train, report.
+
+The order is the contract of docs/trainer.md: nothing distributed happens (and nothing is written) until the
+config has passed validation, so a mistake costs one line and exit code 2, never a hung rendezvous.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import JobConfig, config_hash, training_identity
+from trainer.distributed import DistEnv, dp_rank, init_process_group, prepare_env
+from trainer.errors import UserError
+from trainer.validate import Layout, validate
+
+
+@dataclass
+class RunPaths:
+    run_dir: Path
+    ckpt_dir: Path
+    run_name: str
+    group: str | None
+
+
+def _hydra_paths(cfg: DictConfig) -> tuple[str | None, str | None, str | None]:
+    """(output dir, sweep group, job name suffix) from Hydra's runtime config, when running under Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None, None, None
+    if hc.mode == RunMode.MULTIRUN:
+        return hc.runtime.output_dir, str(hc.sweep.dir), str(hc.job.num)
+    return hc.runtime.output_dir, None, None
+
+
+def resolve_paths(cfg: DictConfig) -> RunPaths:
+    output_dir, sweep_dir, job_num = _hydra_paths(cfg)
+    run_dir = cfg.run_dir or output_dir or f"runs/{cfg.name}"
+    group = cfg.logging.wandb.group
+    if group is None and sweep_dir is not None:
+        group = sweep_dir.removeprefix("multirun/").replace("/", "-")
+    name = cfg.name if job_num is None else f"{cfg.name}-{job_num}"
+    ckpt_dir = cfg.checkpoint.dir or str(Path(run_dir) / "checkpoints")
+    return RunPaths(Path(run_dir), Path(ckpt_dir), name, group)
+
+
+def _set_threads(env: DistEnv) -> None:
+    """On CPU, split the cores between the local ranks unless OMP_NUM_THREADS says otherwise."""
+    if env.device != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or env.world_size)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv, RunPaths]:
+    """Everything that can fail on a user mistake, before any process group: raises UserError & co."""
+    env = prepare_env()
+    paths = resolve_paths(cfg)
+    cfg.run_dir = str(paths.run_dir)
+    cfg.checkpoint.dir = str(paths.ckpt_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    job: JobConfig = OmegaConf.to_object(cfg)  # builds ModelConfig, which validates itself
+    layout = validate(job, env.world_size, env.device)
+    return job, resolved, layout, env, paths
+
+
+def find_resume_point(cfg: JobConfig, ckpt_dir: Path) -> Path | None:
+    from trainer.checkpoint import find_latest, resolve_checkpoint
+
+    mode = cfg.train.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return find_latest(ckpt_dir)
+    try:
+        return resolve_checkpoint(mode)
+    except FileNotFoundError as e:
+        raise UserError("train.resume", str(e), "pass a checkpoint directory, or train.resume=auto") from None
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix + k)
+    return keys
+
+
+def _warn_config_change(meta: dict[str, Any], resolved: dict[str, Any], log: Any) -> None:
+    if meta.get("config_hash") == config_hash(resolved):
+        return
+    changed = changed_keys(meta.get("identity", {}), training_identity(resolved))
+    log(f"warning: resuming with a config that differs from the checkpoint's in: {', '.join(changed) or '?'}")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job to the end; returns the summary (also written to <run_dir>/summary.json on rank 0)."""
+    job, resolved, layout, env, paths = prepare(cfg)
+    _set_threads(env)
+    init_process_group(env)
+
+    import numpy as np
+
+    from trainer.checkpoint import Checkpointer, read_meta
+    from trainer.data import eval_batches, train_stream, unigram_entropy
+    from trainer.engine import build_engine
+    from trainer.evaluate import evaluate
+    from trainer.loop import LoopHooks, LoopState, run_loop
+    from trainer.run_logger import RunLogger
+
+    random.seed(job.train.seed + env.rank)
+    np.random.seed(job.train.seed + env.rank)
+    my_dp_rank = dp_rank(env, layout.pp)
+    resume_path = find_resume_point(job, paths.ckpt_dir)  # torn saves (.tmp-*) are never candidates
+    meta = read_meta(resume_path) if resume_path is not None else {}
+    if meta and meta.get("dp", layout.dp) != layout.dp:
+        raise UserError("train.resume", f"{resume_path} was saved with dp={meta['dp']} data-parallel ranks, this run "
+                        f"has dp={layout.dp} (ZeRO-1 optimizer shards are per rank)",
+                        f"launch {meta['dp'] * layout.pp} ranks, or start over with train.resume=never")
+    if env.is_main:
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    checkpointer = Checkpointer(paths.ckpt_dir, env.rank, my_dp_rank, job.checkpoint.keep_last)
+    checkpointer.clean_partial()
+
+    logger = RunLogger(
+        paths.run_dir, resolved, env.rank, wandb_mode=job.logging.wandb.mode, project=job.logging.wandb.project,
+        entity=job.logging.wandb.entity, run_name=paths.run_name, group=paths.group,
+        resume_id=meta.get("wandb_run_id"), total_steps=job.train.steps, show_progress=job.logging.progress,
+        resume_step=(meta["step"] + 1) if meta else None,
+    )
+    schedule, ds_config = build_engine(job, layout)
+    if env.is_main:
+        (paths.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
+    stream = train_stream(job, layout, my_dp_rank)
+    state = LoopState()
+    if resume_path is not None:
+        point = checkpointer.load(schedule.engine, resume_path)
+        stream.load_state_dict(meta["data"])
+        state.step, state.tokens_seen = point.step, int(meta.get("tokens_seen", 0))
+        logger.write(f"resumed from {resume_path} at step {point.step}")
+        _warn_config_change(meta, resolved, logger.write)
+    entropy = unigram_entropy(list(job.data.dirs), vocab_size=job.model.vocab_size) if env.is_main else math.nan
+
+    def save(s: LoopState) -> None:
+        if checkpointer.last_saved_step == s.step:
+            return
+        meta_out = {"tokens_seen": s.tokens_seen, "data": stream.state_dict(), "config_hash": config_hash(resolved),
+                    "identity": training_identity(resolved), "wandb_run_id": logger.wandb_run_id,
+                    "world_size": env.world_size, "dp": layout.dp, "run_dir": str(paths.run_dir)}
+        extra = {"model_config.json": json.dumps(job.model.to_dict(), indent=1) + "\n",
+                 "config.yaml": OmegaConf.to_yaml(resolved)}
+        checkpointer.save(schedule.engine, s.step, meta_out, extra)
+
+    hooks = LoopHooks(
+        stream=stream,
+        log=lambda step, row, kind: logger.log(step, row, kind=kind),
+        progress=logger.progress,
+        evaluate=lambda: evaluate(schedule.module, eval_batches(job, layout, my_dp_rank)),
+        save=save,
+    )
+    if env.is_main and not meta:
+        logger.log(0, {"unigram_entropy": entropy, "params": sum(p.numel() for p in schedule.module.parameters())},
+                   kind="data")
+    state = run_loop(schedule, job, layout, state, hooks)
+    summary = {
+        "step": state.step, "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
+        "train_lm_loss": state.last_train.get("lm_loss"), "val_lm_loss": state.last_eval.get("lm_loss"),
+        "val_ppl": state.last_eval.get("ppl"), "val_mtp_acceptance": state.last_eval.get("mtp_acceptance"),
+        "unigram_entropy": entropy, "tokens_per_s": state.last_train.get("tokens_per_s"),
+        "checkpoint": str(paths.ckpt_dir / "latest"), "run_dir": str(paths.run_dir),
+    }
+    if job.checkpoint.export_hf and env.is_main and checkpointer.last_saved_step is not None:
+        from trainer.export_hf import export
+
+        summary["hf_dir"] = str(export(paths.ckpt_dir, paths.run_dir / "hf"))
+    logger.finish(dict(state.expert_load) if state.expert_load else None)
+    if env.is_main:
+        (paths.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+        print(_summary_line(summary), flush=True)
+    return summary
+
+
+def _summary_line(s: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    return (f"done: step {s['step']}, train LM loss {f(s['train_lm_loss'])}, val LM loss {f(s['val_lm_loss'])} "
+            f"(ppl {f(s['val_ppl'])}), unigram entropy of the data {f(s['unigram_entropy'])} nats/token; "
+            f"run directory {s['run_dir']}")

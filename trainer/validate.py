@@ -1,0 +1,203 @@
+"""Cross-field checks of a composed config, run before any process group exists.
+
+Hydra and the schema already rejected unknown keys and wrong types; here the values are checked against
+each other, against the launch (world size, device) and against the data on disk. The first problem found
+raises `UserError` (one line: key, problem, fix); `validate` returns the derived `Layout` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import DTYPES, LR_SCHEDULES, RESUME_MODES, SCHEDULES, WANDB_MODES, JobConfig
+from trainer.errors import UserError
+
+IMPLEMENTED_SCHEDULES = ("none",)
+PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+DUALPIPE_SCHEDULES = ("dualpipe", "dualpipev")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the config and the launch imply: parallel sizes, batch arithmetic, compute dtype, data facts."""
+
+    world_size: int
+    pp: int
+    dp: int
+    ep: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    dtype: str  # "bf16" | "fp32" (auto resolved)
+    device: str  # "cpu" | "cuda"
+    data_vocab_size: int
+
+
+def _need(cond: bool, key: str, problem: str, fix: str) -> None:
+    if not cond:
+        raise UserError(key, problem, fix)
+
+
+def _check_scalars(cfg: JobConfig) -> None:
+    t, o, c = cfg.train, cfg.optim, cfg.checkpoint
+    _need(cfg.parallel.schedule in SCHEDULES, "parallel.schedule", f"unknown schedule {cfg.parallel.schedule!r}",
+          f"choose one of {', '.join(SCHEDULES)}")
+    _need(cfg.parallel.pp >= 1, "parallel.pp", f"must be >= 1, got {cfg.parallel.pp}", "set parallel.pp=1")
+    _need(cfg.parallel.ep >= 1, "parallel.ep", f"must be >= 1, got {cfg.parallel.ep}", "set parallel.ep=1")
+    _need(cfg.parallel.zero_stage in (0, 1), "parallel.zero_stage",
+          f"ZeRO stage {cfg.parallel.zero_stage} is not supported here",
+          "use 0 or 1 (stages 2/3 shard gradients/weights, which the pipeline schedules cannot use)")
+    _need(cfg.precision.dtype in DTYPES, "precision.dtype", f"unknown dtype {cfg.precision.dtype!r}",
+          f"choose one of {', '.join(DTYPES)} (or precision=bf16 / precision=fp32)")
+    _need(cfg.precision.grad_accum_dtype in ("fp32", "bf16"), "precision.grad_accum_dtype",
+          f"unknown dtype {cfg.precision.grad_accum_dtype!r}", "use fp32 (recommended) or bf16")
+    _need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}", "set train.steps to the number of steps")
+    _need(t.seq_len >= 1, "train.seq_len", f"must be >= 1, got {t.seq_len}", "set e.g. train.seq_len=128")
+    _need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}",
+          "set e.g. train.micro_batch_size=4")
+    _need(t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {t.global_batch_size}",
+          "set e.g. train.global_batch_size=16")
+    _need(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {t.eval_interval}",
+          "use 0 to evaluate only at the end")
+    _need(t.eval_batches >= 0, "train.eval_batches", f"must be >= 0, got {t.eval_batches}",
+          "use 0 to skip evaluation")
+    _need(t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"must be > 0, got {t.max_seconds}",
+          "use null for no time limit")
+    _need(t.resume in RESUME_MODES or Path(t.resume).exists(), "train.resume",
+          f"{t.resume!r} is neither auto, never nor an existing checkpoint path",
+          "use train.resume=auto, train.resume=never or the path of a checkpoint directory")
+    _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}", "set e.g. optim.lr=3e-3")
+    _need(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be within [0, optim.lr={o.lr}], got {o.min_lr}",
+          "set optim.min_lr to about optim.lr / 10")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+          f"must be two numbers in [0, 1), got {list(o.betas)}", "use optim.betas=[0.9,0.95]")
+    _need(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}", "use optim.eps=1e-8")
+    _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}", "use 0.1 (or 0)")
+    _need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}", "use 1.0, or 0 to disable")
+    _need(o.schedule in LR_SCHEDULES, "optim.schedule", f"unknown schedule {o.schedule!r}",
+          f"choose one of {', '.join(LR_SCHEDULES)}")
+    _need(0 <= o.warmup_steps <= t.steps, "optim.warmup_steps",
+          f"must be within [0, train.steps={t.steps}], got {o.warmup_steps}", "lower optim.warmup_steps")
+    _need(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}",
+          "use e.g. optim.decay_fraction=0.2")
+    _need(c.interval >= 0, "checkpoint.interval", f"must be >= 0, got {c.interval}",
+          "use 0 to save only at the end")
+    _need(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}",
+          "keep at least the newest checkpoint")
+    _need(cfg.logging.wandb.mode in WANDB_MODES, "logging.wandb.mode", f"unknown mode {cfg.logging.wandb.mode!r}",
+          f"choose one of {', '.join(WANDB_MODES)}")
+    _need(cfg.logging.peak_tflops is None or cfg.logging.peak_tflops > 0, "logging.peak_tflops",
+          f"must be > 0, got {cfg.logging.peak_tflops}", "use null to look the GPU up")
+    for key in ("scheduler", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        own = {"scheduler": "optim.schedule", "train_batch_size": "train.global_batch_size",
+               "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+               "gradient_accumulation_steps": "train.grad_accum"}[key]
+        _need(key not in cfg.deepspeed, f"deepspeed.{key}", "is generated from the Hydra config",
+              f"set {own} instead")
+
+
+def _parallel_sizes(cfg: JobConfig, world_size: int) -> tuple[int, int, int]:
+    p = cfg.parallel
+    _need(world_size % p.pp == 0, "parallel.pp",
+          f"world size {world_size} is not a multiple of pp={p.pp}", "launch pp x dp ranks or change parallel.pp")
+    dp = p.dp if p.dp is not None else world_size // p.pp
+    _need(dp >= 1, "parallel.dp", f"must be >= 1, got {dp}", "set parallel.dp=null to derive it")
+    _need(p.pp * dp == world_size, "parallel.dp",
+          f"pp x dp = {p.pp} x {dp} = {p.pp * dp} but {world_size} ranks were launched",
+          f"launch {p.pp * dp} ranks, or set parallel.dp={world_size // p.pp} (or null)")
+    _need(dp % p.ep == 0, "parallel.ep", f"ep={p.ep} does not divide dp={dp}",
+          "choose an expert-parallel size that divides the data-parallel size")
+    _need(p.ep <= 1 or cfg.model.n_routed_experts % p.ep == 0, "parallel.ep",
+          f"{cfg.model.n_routed_experts} routed experts do not split over ep={p.ep} ranks",
+          "choose ep dividing model.n_routed_experts")
+    return p.pp, dp, p.ep
+
+
+def _batch_sizes(cfg: JobConfig, dp: int, pp: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    nearest = per_step * max(1, t.global_batch_size // per_step)
+    _need(t.global_batch_size % per_step == 0, "train.global_batch_size",
+          f"{t.global_batch_size} is not a multiple of micro_batch_size x dp = {t.micro_batch_size} x {dp}",
+          f"use a multiple of {per_step}, e.g. train.global_batch_size={nearest}")
+    accum = t.global_batch_size // per_step
+    if t.grad_accum is not None:
+        _need(t.grad_accum == accum, "train.grad_accum",
+              f"global batch {t.global_batch_size} != micro {t.micro_batch_size} x accumulation {t.grad_accum} "
+              f"x dp {dp}", f"set train.grad_accum={accum} or null (derived)")
+    if cfg.parallel.schedule in DUALPIPE_SCHEDULES:
+        _need(accum >= 2 * pp, "train.global_batch_size",
+              f"DualPipe needs >= 2 x pp = {2 * pp} microbatches per step, got {accum}",
+              f"raise train.global_batch_size to >= {2 * pp * per_step}")
+    return accum
+
+
+def _check_model_fit(cfg: JobConfig) -> None:
+    m, t = cfg.model, cfg.train
+    _need(t.seq_len <= m.max_position_embeddings, "train.seq_len",
+          f"{t.seq_len} exceeds the model's max_position_embeddings={m.max_position_embeddings}",
+          f"lower train.seq_len or raise model.max_position_embeddings to >= {t.seq_len}")
+
+
+def _check_data(cfg: JobConfig) -> int:
+    """Every data dir prepared, one tokenizer, and a vocabulary the model's embedding can hold."""
+    from data_prep.errors import DataError
+    from data_prep.manifest import read_manifest
+
+    d = cfg.data
+    _need(len(d.dirs) >= 1, "data.dirs", "no data directory given", "set data.dirs=[data/python_stdlib]")
+    _need(d.weights is None or len(d.weights) == len(d.dirs), "data.weights",
+          f"{0 if d.weights is None else len(d.weights)} weights for {len(d.dirs)} directories",
+          "give one weight per directory, or null")
+    _need(d.weights is None or all(w > 0 for w in d.weights), "data.weights", "weights must be positive",
+          "use positive blend weights")
+    _need(d.mode in ("pack", "pad"), "data.mode", f"unknown mode {d.mode!r}", "use pack or pad")
+    _need(d.verify in ("size", "full"), "data.verify", f"unknown mode {d.verify!r}", "use size or full")
+    vocab = 0
+    for directory in d.dirs:
+        path = Path(directory)
+        if path.is_dir():
+            try:
+                manifest = read_manifest(path)
+            except DataError as e:
+                raise UserError("data.dirs", f"{directory} is not a prepared data directory ({e})",
+                                f"run `python -m data_prep out_dir={directory}` first") from None
+            vocab = max(vocab, manifest.vocab_size)
+        else:
+            # A Megatron PREFIX.bin/.idx pair has no manifest; the reader checks it when it opens it.
+            megatron = Path(str(path) + ".bin").exists() or path.suffix == ".bin" and path.exists()
+            _need(megatron, "data.dirs", f"{directory} does not exist",
+                  f"prepare it with `python -m data_prep out_dir={directory}` (scripts/train.sh does this "
+                  "for the default corpus)")
+    _need(vocab <= cfg.model.vocab_size, "model.vocab_size",
+          f"the tokenizer has {vocab} tokens but the model's embedding holds {cfg.model.vocab_size}",
+          f"set model.vocab_size>={vocab} or prepare the data with tokenizer.vocab_size<={cfg.model.vocab_size}")
+    return vocab
+
+
+def resolve_dtype(cfg: JobConfig, device: str) -> str:
+    if cfg.precision.dtype == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return cfg.precision.dtype
+
+
+def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = True) -> Layout:
+    """All cross-field rules; raises UserError on the first violation, else returns the Layout."""
+    _check_scalars(cfg)
+    pp, dp, ep = _parallel_sizes(cfg, world_size)
+    accum = _batch_sizes(cfg, dp, pp)
+    _check_model_fit(cfg)
+    vocab = _check_data(cfg) if check_data else 0
+    # Last, so every arithmetic rule above is reported for these schedules too.
+    schedule = cfg.parallel.schedule
+    _need(schedule in IMPLEMENTED_SCHEDULES, "parallel.schedule", f"{schedule!r} is not implemented yet",
+          "use parallel.schedule=none (data parallel) until the pipeline schedules land")
+    _need(pp == 1, "parallel.pp", f"pp={pp} needs a pipeline schedule, but parallel.schedule=none",
+          "set parallel.pp=1")
+    _need(ep == 1, "parallel.ep", f"expert parallelism (ep={ep}) is not implemented yet", "set parallel.ep=1")
+    return Layout(
+        world_size=world_size, pp=pp, dp=dp, ep=ep, micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=accum, global_batch_size=cfg.train.global_batch_size, dtype=resolve_dtype(cfg, device),
+        device=device, data_vocab_size=vocab,
+    )
