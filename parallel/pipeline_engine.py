@@ -16,7 +16,6 @@ of the pipeline are marked `ds_pipe_replicated`, so DeepSpeed's global grad norm
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from parallel.p2p import P2P
 from parallel.runtime import PipelineRuntime, PrecisionContext, StepResult, _no_context
 from parallel.schedules import build_schedule as build_instructions
 from parallel.stages import Stage, check_divisible, stage_pieces
+from parallel.step_schedule import StepLosses
 from parallel.topology import PipelineMpu, PipelineTopology
 from parallel.weight_grad import DeferredWeightGradBackend, WeightGradStore
 
@@ -63,13 +63,7 @@ def build_stage_model(cfg: ModelConfig, stage_ids: list[int], num_stages: int, d
     return model
 
 
-@dataclass
-class PipelineLosses:
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    mtp_losses: list[torch.Tensor]
-    balance_loss: torch.Tensor
-    microbatches: int
+PipelineLosses = StepLosses  # TODO(lead): drop once deepspeed_1f1b.py imports StepLosses
 
 
 class PipelineSchedule:
@@ -139,11 +133,15 @@ class PipelineSchedule:
         return self.engine.module
 
     @property
+    def pipe_group(self):
+        return self.topo.groups["pipe"] if self.topo.pp > 1 else None
+
+    @property
     def counts_group(self):
         """Ranks holding the same routers: their step counts are summed before the bias update."""
         return self.topo.groups["copies"]
 
-    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> PipelineLosses:
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
         self.engine.train()
         data = [next(batches) for _ in range(self.microbatches)]
         result = self.runtime.run(self.instructions, data, loss_scale=1.0 / self.microbatches)
@@ -177,7 +175,7 @@ class PipelineSchedule:
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
 
-    def _reduce_losses(self, result: StepResult) -> PipelineLosses:
+    def _reduce_losses(self, result: StepResult) -> StepLosses:
         """Sum each microbatch's losses over the pipeline ranks (each lands on exactly one of them)."""
         depth = self.cfg.num_nextn_predict_layers
         vec = torch.zeros(3 + depth, dtype=torch.float64)
@@ -190,7 +188,7 @@ class PipelineSchedule:
         if self.topo.pp > 1:
             dist.all_reduce(vec, group=self.topo.groups["pipe"])
         vec /= self.microbatches
-        return PipelineLosses(
+        return StepLosses(
             loss=(vec[0] + vec[2]).float(), lm_loss=vec[1].float(), mtp_losses=[v.float() for v in vec[3:]],
             balance_loss=vec[2].float(), microbatches=self.microbatches,
         )
@@ -208,6 +206,14 @@ class PipelineSchedule:
         finally:
             self.module.train(was_training)
 
-    def timeline(self):
-        return self.runtime.timeline
+    def record_next_step(self) -> None:
+        """Time every compute instruction of the next `train_batch` (see `take_timeline`)."""
+        self.runtime.timeline.clear()
+        self.runtime.record_timeline = True
+
+    def take_timeline(self) -> list:
+        """The recorded events of this rank (TimelineEvent), and recording off again."""
+        self.runtime.record_timeline = False
+        events, self.runtime.timeline = self.runtime.timeline, []
+        return events
 

@@ -215,7 +215,7 @@ class Checkpointer:
 
     def _fsync_own_files(self, tmp: Path) -> None:
         mine = [tmp / "rng" / f"rank{self.rank}.pt", *tmp.glob(f"zero_pp_rank_{self.dp_rank}_*")]
-        if self.rank == 0:
+        if self.dp_rank == 0:  # data-parallel rank 0 of each pipeline rank writes that rank's weights
             mine += list(tmp.glob("mp_rank_*_model_states.pt"))
         for path in mine:
             if path.is_file():
@@ -252,6 +252,10 @@ def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
-    state = torch.load(files[0], map_location="cpu", weights_only=True)
+    # one file per pipeline rank, each with the single-process names of the stages it holds; DualPipe's
+    # two copies of a stage are identical, so the union is the whole model
+    module: dict[str, torch.Tensor] = {}
+    for f in files:
+        module.update(torch.load(f, map_location="cpu", weights_only=True)["module"])
     model_cfg = json.loads((ckpt / "model_config.json").read_text())
-    return state["module"], model_cfg
+    return module, model_cfg

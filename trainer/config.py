@@ -32,6 +32,8 @@ class ParallelConfig:
     dp: int | None = None  # data-parallel size; null: world_size / pp
     ep: int = 1  # expert-parallel size, inside the data-parallel group (must divide dp)
     zero_stage: int = 1  # ZeRO stage of the optimizer states (0 or 1; pipelines need <= 1)
+    defer_w: bool = True  # dualpipe/dualpipev: split backward, weight-gradients deferred to fill bubbles
+    timeline_step: int = 0  # pipelines: record this step's per-rank timeline (Chrome trace + PNG); 0: off
 
 
 @dataclass

@@ -121,6 +121,6 @@ def init_process_group(env: DistEnv) -> None:
 
 
 def dp_rank(env: DistEnv, pp: int) -> int:
-    """This rank's data-parallel index. Plain data parallel (pp=1): the global rank."""
-    # The pipeline issues replace this with the topology's coordinate.
-    return env.rank // pp
+    """This rank's data-parallel index. Ranks are pipe-major (rank = pipe * dp + data, DeepSpeed's grid), so
+    every pipeline rank of one replica reads the same data; plain data parallel (pp=1): the global rank."""
+    return env.rank % (env.world_size // pp)

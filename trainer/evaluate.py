@@ -19,38 +19,78 @@ from torch import nn
 from model.transformer import MicroBatch
 
 
+def microbatch_sums(mb: MicroBatch, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[lm loss sum, lm tokens, mtp loss sum, mtp tokens, accepted drafts, draft positions] of one scored
+    microbatch (its logits kept in `mb`)."""
+    sums = torch.zeros(6, dtype=torch.float64)
+    seq = mb.seq_len
+    lm_mask = mask[:, 1 : seq + 1]
+    lm = F.cross_entropy(mb.logits.float().flatten(0, 1), tokens[:, 1 : seq + 1].flatten(), reduction="none")
+    sums[0] += float((lm * lm_mask.flatten()).sum())
+    sums[1] += float(lm_mask.sum())
+    if mb.mtp_logits:
+        mtp_mask = mask[:, 2 : seq + 2]
+        mtp = F.cross_entropy(mb.mtp_logits[0].float().flatten(0, 1), tokens[:, 2 : seq + 2].flatten(),
+                              reduction="none")
+        sums[2] += float((mtp * mtp_mask.flatten()).sum())
+        sums[3] += float(mtp_mask.sum())
+        draft = mb.mtp_logits[0][:, :-1].argmax(-1)  # drafts of tokens 2..seq
+        greedy = mb.logits[:, 1:].argmax(-1)  # the main model's choices for the same tokens
+        valid = mtp_mask[:, :-1] * lm_mask[:, 1:]
+        sums[4] += float(((draft == greedy).double() * valid.double()).sum())
+        sums[5] += float(valid.sum())
+    return sums
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], group: Any = None) -> dict[str, float]:
+    """The whole model on this rank (data parallel)."""
     was_training = model.training
     model.eval()  # also keeps the routers from counting these tokens
     device = next(model.parameters()).device
     depth = model.cfg.num_nextn_predict_layers
-    # lm loss sum, lm tokens, mtp loss sum, mtp tokens, accepted drafts, draft positions
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # on the model's device: nccl needs GPU tensors
+    sums = torch.zeros(6, dtype=torch.float64)
     for batch in batches:
         tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device).float()
-        seq = tokens.shape[1] - 1 - depth
-        mb = MicroBatch(tokens=tokens, seq_len=seq, loss_mask=mask, keep_logits=True)
+        mb = MicroBatch(tokens=tokens, seq_len=tokens.shape[1] - 1 - depth, loss_mask=mask, keep_logits=True)
         model.run_pieces(mb)
-        lm_mask = mask[:, 1 : seq + 1]
-        lm = F.cross_entropy(mb.logits.float().flatten(0, 1), tokens[:, 1 : seq + 1].flatten(), reduction="none")
-        sums[0] += (lm * lm_mask.flatten()).sum()
-        sums[1] += lm_mask.sum()
-        if depth and mb.mtp_logits:
-            mtp_mask = mask[:, 2 : seq + 2]
-            mtp = F.cross_entropy(mb.mtp_logits[0].float().flatten(0, 1), tokens[:, 2 : seq + 2].flatten(),
-                                  reduction="none")
-            sums[2] += (mtp * mtp_mask.flatten()).sum()
-            sums[3] += mtp_mask.sum()
-            draft = mb.mtp_logits[0][:, :-1].argmax(-1)  # drafts of tokens 2..seq
-            greedy = mb.logits[:, 1:].argmax(-1)  # the main model's choices for the same tokens
-            valid = mtp_mask[:, :-1] * lm_mask[:, 1:]
-            sums[4] += ((draft == greedy).double() * valid.double()).sum()
-            sums[5] += valid.sum()
+        sums += microbatch_sums(mb, tokens, mask)
+    model.train(was_training)
+    return summarize(sums, group)
+
+
+@torch.no_grad()
+def evaluate_pipeline(schedule: Any, batches: Iterable[dict[str, torch.Tensor]], group: Any = None) -> dict[str, float]:
+    """Through a pipeline's forward-only schedule: each microbatch is scored on the rank holding its last
+    stage. The list is padded with fully masked copies up to a count the schedule accepts."""
+    real = list(batches)
+    sums = torch.zeros(6, dtype=torch.float64)
+    if real:
+        pp = schedule.topo.pp
+        count = max(len(real), 2 * pp)
+        count += count % 2  # dualpipe splits the microbatches between its two directions
+        padded = real + [{"tokens": real[0]["tokens"], "loss_mask": torch.zeros_like(real[0]["loss_mask"])}
+                         for _ in range(count - len(real))]
+
+        def score(index: int, mb: MicroBatch) -> None:
+            if index < len(real):
+                sums.add_(microbatch_sums(mb, mb.tokens, mb.loss_mask.float()))
+
+        schedule.forward_only(padded, on_last_stage=score)
+    return summarize(sums, group)
+
+
+def evaluate_schedule(schedule: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Whichever way the schedule holds the model: a pipeline scores through its forward-only schedule."""
+    if hasattr(schedule, "forward_only"):
+        return evaluate_pipeline(schedule, batches)
+    return evaluate(schedule.module, batches)
+
+
+def summarize(sums: torch.Tensor, group: Any = None) -> dict[str, float]:
+    """Sum over ranks, then the loss, perplexity and acceptance rate."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(sums, group=group)
-    sums = sums.cpu()
-    model.train(was_training)
     out: dict[str, float] = {}
     if sums[1] > 0:
         out["lm_loss"] = float(sums[0] / sums[1])

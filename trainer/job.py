@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from trainer.checkpoint import Checkpointer, read_meta
     from trainer.data import eval_batches, train_stream, unigram_entropy
     from trainer.engine import build_engine
-    from trainer.evaluate import evaluate
+    from trainer.evaluate import evaluate_schedule
     from trainer.loop import LoopHooks, LoopState, run_loop
     from trainer.run_logger import RunLogger
 
@@ -168,12 +168,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  "config.yaml": OmegaConf.to_yaml(resolved)}
         checkpointer.save(schedule.engine, s.step, meta_out, extra)
 
+    def write_timeline(events: list) -> None:
+        from parallel.trace import draw_measured_timeline, gather_timeline, write_chrome_trace
+
+        everyone = gather_timeline(events)
+        if env.is_main:
+            step = job.parallel.timeline_step
+            write_chrome_trace(everyone, paths.run_dir / "timeline.json")
+            draw_measured_timeline(everyone, paths.run_dir / "timeline.png",
+                                   f"{job.parallel.schedule} pp={layout.pp}: measured step {step}")
+            logger.write(f"timeline of step {step}: {paths.run_dir / 'timeline.json'} (open in Perfetto)")
+
     hooks = LoopHooks(
         stream=stream,
         log=lambda step, row, kind: logger.log(step, row, kind=kind),
         progress=logger.progress,
-        evaluate=lambda: evaluate(schedule.module, eval_batches(job, layout, my_dp_rank)),
+        evaluate=lambda: evaluate_schedule(schedule, eval_batches(job, layout, my_dp_rank)),
         save=save,
+        timeline=write_timeline,
     )
     if env.is_main and not meta:
         logger.log(0, {"unigram_entropy": entropy, "params": sum(p.numel() for p in schedule.module.parameters())},

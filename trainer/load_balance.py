@@ -34,3 +34,15 @@ def update_router_biases(routers: dict[int, Any], group: Any = None) -> dict[int
     for row, i in zip(counts, layers):
         routers[i].update_bias(counts=row)
     return {i: row.cpu() for row, i in zip(counts, layers)}
+
+
+def gather_layer_counts(counts: dict[int, torch.Tensor], group: Any = None) -> dict[int, torch.Tensor]:
+    """Every layer's global counts on every rank of `group` (a pipeline: each rank holds some layers)."""
+    if group is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return counts
+    parts: list[dict[int, torch.Tensor] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, counts, group=group)
+    merged: dict[int, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part or {})
+    return dict(sorted(merged.items()))

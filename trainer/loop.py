@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from parallel.schedule import StepLosses, StepSchedule
+from parallel.step_schedule import StepLosses, StepSchedule
 from trainer import metrics as M
-from trainer.load_balance import moe_routers, update_router_biases
+from trainer.load_balance import gather_layer_counts, moe_routers, update_router_biases
 
 
 @dataclass
@@ -41,10 +41,14 @@ class LoopHooks:
     progress: Callable[[int, dict[str, Any]], None]
     evaluate: Callable[[], dict[str, float]]
     save: Callable[[LoopState], None]
+    timeline: Callable[[list], None] | None = None  # receives this rank's recorded pipeline timeline events
 
 
 def _dp_mean(losses: StepLosses, stop: bool, dp_size: int, group: Any = None) -> tuple[dict[str, float], bool]:
-    """This step's losses averaged over data-parallel ranks, and whether any rank asked to stop."""
+    """This step's losses averaged over data-parallel ranks, and whether any rank asked to stop.
+
+    Reduced over every rank: the pipeline ranks of one replica report identical losses, so the world
+    average (`dp_size` = world size) is the data-parallel average."""
     parts = [losses.loss, losses.lm_loss, losses.balance_loss, *losses.mtp_losses]
     flag = torch.tensor(float(stop), dtype=torch.float64, device=losses.loss.device)
     vec = torch.stack([p.double() for p in parts] + [flag])  # on the model's device: nccl needs GPU tensors
@@ -74,17 +78,23 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
     throughput = M.Throughput(window=20)
     eval_every, ckpt_every = t.eval_interval, cfg.checkpoint.interval
 
+    timeline_step = getattr(cfg.parallel, "timeline_step", 0) if hasattr(schedule, "record_next_step") else 0
     while state.step < t.steps:
         lr = float(engine.get_lr()[0])
+        if state.step + 1 == timeline_step:
+            schedule.record_next_step()
         start = time.perf_counter()
         losses = schedule.train_batch(hooks.stream)
-        counts = update_router_biases(routers)
+        if state.step + 1 == timeline_step and hooks.timeline is not None:
+            hooks.timeline(schedule.take_timeline())
+        counts = gather_layer_counts(update_router_biases(routers, group=getattr(schedule, "counts_group", None)),
+                                     getattr(schedule, "pipe_group", None))
         step_seconds = time.perf_counter() - start
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.train_seconds += step_seconds
         over_time = t.max_seconds is not None and state.train_seconds >= t.max_seconds
-        row, stop = _dp_mean(losses, over_time, layout.dp)
+        row, stop = _dp_mean(losses, over_time, layout.world_size)
         throughput.update(tokens_per_step, step_seconds)
         tok_s = throughput.tokens_per_s
         per_device = tok_s * flops_per_token / layout.world_size

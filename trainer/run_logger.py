@@ -262,6 +262,9 @@ class RunLogger:
                 self._run.log({k: wandb.Image(str(p)) for k, p in images.items()})
             self._run.finish()
             self._run = None
+            # finish() can return before wandb's service process has written everything; teardown waits
+            # for it, so the offline run directory is complete when the trainer exits (or a test reads it)
+            wandb.teardown()
 
     def __enter__(self) -> RunLogger:
         return self

@@ -13,7 +13,6 @@ from pathlib import Path
 from trainer.config import DTYPES, LR_SCHEDULES, RESUME_MODES, SCHEDULES, WANDB_MODES, JobConfig
 from trainer.errors import UserError
 
-IMPLEMENTED_SCHEDULES = ("none",)
 PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 DUALPIPE_SCHEDULES = ("dualpipe", "dualpipev")
 
@@ -176,6 +175,30 @@ def _check_data(cfg: JobConfig) -> int:
     return vocab
 
 
+def _check_pipeline(cfg: JobConfig, pp: int, microbatches: int) -> None:
+    """Stage placement and schedule shape: even pp for DualPipe, layers split evenly over the stages."""
+    schedule = cfg.parallel.schedule
+    _need(cfg.parallel.timeline_step >= 0, "parallel.timeline_step", f"must be >= 0, got {cfg.parallel.timeline_step}",
+          "use 0 to record no timeline")
+    if schedule not in PIPELINE_SCHEDULES:
+        _need(pp == 1, "parallel.pp", f"pp={pp} needs a pipeline schedule, but parallel.schedule={schedule}",
+              "set parallel.pp=1, or parallel.schedule=dualpipe|dualpipev|1f1b")
+        return
+    from parallel.schedules import ScheduleError, check_args
+
+    try:
+        check_args("1f1b" if schedule == "1f1b" else schedule, pp, microbatches)
+    except ScheduleError as e:
+        raise UserError("parallel.pp", str(e), "see docs/pipeline.md for each schedule's needs") from None
+    stages = 2 * pp if schedule == "dualpipev" else pp
+    layers = cfg.model.num_hidden_layers
+    _need(layers % stages == 0, "parallel.pp",
+          f"{layers} decoder layers do not split into the {stages} stages of {schedule} at pp={pp}",
+          "choose pp so the stage count divides model.num_hidden_layers")
+    _need(cfg.parallel.zero_stage <= 1, "parallel.zero_stage", "pipelines need ZeRO stage 0 or 1",
+          "set parallel.zero_stage=1")
+
+
 def resolve_dtype(cfg: JobConfig, device: str) -> str:
     if cfg.precision.dtype == "auto":
         return "bf16" if device == "cuda" else "fp32"
@@ -189,12 +212,7 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     accum = _batch_sizes(cfg, dp, pp)
     _check_model_fit(cfg)
     vocab = _check_data(cfg) if check_data else 0
-    # Last, so every arithmetic rule above is reported for these schedules too.
-    schedule = cfg.parallel.schedule
-    _need(schedule in IMPLEMENTED_SCHEDULES, "parallel.schedule", f"{schedule!r} is not implemented yet",
-          "use parallel.schedule=none (data parallel) until the pipeline schedules land")
-    _need(pp == 1, "parallel.pp", f"pp={pp} needs a pipeline schedule, but parallel.schedule=none",
-          "set parallel.pp=1")
+    _check_pipeline(cfg, pp, accum)
     _need(ep == 1, "parallel.ep", f"expert parallelism (ep={ep}) is not implemented yet", "set parallel.ep=1")
     return Layout(
         world_size=world_size, pp=pp, dp=dp, ep=ep, micro_batch_size=cfg.train.micro_batch_size,

@@ -37,33 +37,38 @@ def check(data: Path, world_size: int, *overrides: str) -> str:
 
 
 def test_default_config_composes_and_validates(tiny_data):
+    # the default job: DualPipe over its 2 ranks
     layout = validate(job(tiny_data), world_size=2, device="cpu")
-    assert (layout.dp, layout.pp, layout.ep, layout.grad_accum, layout.dtype) == (2, 1, 1, 2, "fp32")
+    assert (layout.dp, layout.pp, layout.ep, layout.grad_accum, layout.dtype) == (1, 2, 1, 4, "fp32")
     assert layout.data_vocab_size == 512
-    assert validate(job(tiny_data, "train.grad_accum=4"), world_size=1, device="cpu").grad_accum == 4
+    dp = validate(job(tiny_data, "parallel=dp"), world_size=2, device="cpu")
+    assert (dp.dp, dp.pp, dp.grad_accum) == (2, 1, 2)
+    assert validate(job(tiny_data, "parallel=dp", "train.grad_accum=4"), world_size=1, device="cpu").grad_accum == 4
 
 
 @pytest.mark.parametrize(
     "world, overrides, key, words",
     [
-        (4, ["parallel.dp=3"], "parallel.dp:", "pp x dp"),
+        (4, ["parallel=dp", "parallel.dp=3"], "parallel.dp:", "pp x dp"),
         (3, ["parallel.pp=2"], "parallel.pp:", "not a multiple of pp=2"),
-        (4, ["parallel.ep=3"], "parallel.ep:", "does not divide dp=4"),
-        (1, ["train.global_batch_size=9"], "train.global_batch_size:", "micro_batch_size x dp"),
-        (2, ["train.grad_accum=3"], "train.grad_accum:", "accumulation"),
+        (4, ["parallel=dp", "parallel.ep=3"], "parallel.ep:", "does not divide dp=4"),
+        (1, ["parallel=dp", "train.global_batch_size=9"], "train.global_batch_size:", "micro_batch_size x dp"),
+        (2, ["parallel=dp", "train.grad_accum=3"], "train.grad_accum:", "accumulation"),
         (8, ["parallel.schedule=dualpipe", "parallel.pp=4", "train.micro_batch_size=1",
              "train.global_batch_size=8"], "train.global_batch_size:", "DualPipe needs >= 2 x pp = 8"),
-        (1, ["train.seq_len=65"], "train.seq_len:", "max_position_embeddings=64"),
-        (1, ["model.vocab_size=300"], "model.vocab_size:", "tokenizer has 512 tokens"),
-        (1, ["data.dirs=[/nonexistent/data]"], "data.dirs:", "does not exist"),
-        (2, ["parallel.schedule=1f1b", "parallel.pp=2", "train.global_batch_size=4"], "parallel.schedule:",
-         "not implemented yet"),
-        (2, ["parallel.ep=2"], "parallel.ep:", "not implemented yet"),
-        (1, ["optim.warmup_steps=1000"], "optim.warmup_steps:", "train.steps"),
-        (1, ["optim.schedule=linear"], "optim.schedule:", "unknown schedule"),
-        (1, ["precision.dtype=fp8"], "precision.dtype:", "unknown dtype"),
-        (1, ["+deepspeed.scheduler={type: WarmupLR}"], "deepspeed.scheduler:", "optim.schedule"),
-        (1, ["model.n_group=3"], "model.n_routed_experts:", "n_group=3"),
+        (1, ["parallel=dp", "train.seq_len=65"], "train.seq_len:", "max_position_embeddings=64"),
+        (1, ["parallel=dp", "model.vocab_size=300"], "model.vocab_size:", "tokenizer has 512 tokens"),
+        (1, ["parallel=dp", "data.dirs=[/nonexistent/data]"], "data.dirs:", "does not exist"),
+        (3, ["parallel.pp=3", "train.global_batch_size=12"], "parallel.pp:", "even pp"),
+        (2, ["model.num_hidden_layers=3"], "parallel.pp:", "do not split"),
+        (2, ["parallel=dualpipev", "model.num_hidden_layers=2"], "parallel.pp:", "do not split"),
+        (2, ["parallel=dp", "parallel.pp=2"], "parallel.pp:", "needs a pipeline schedule"),
+        (2, ["parallel=dp", "parallel.ep=2"], "parallel.ep:", "not implemented yet"),
+        (1, ["parallel=dp", "optim.warmup_steps=1000"], "optim.warmup_steps:", "train.steps"),
+        (1, ["parallel=dp", "optim.schedule=linear"], "optim.schedule:", "unknown schedule"),
+        (1, ["parallel=dp", "precision.dtype=fp8"], "precision.dtype:", "unknown dtype"),
+        (1, ["parallel=dp", "+deepspeed.scheduler={type: WarmupLR}"], "deepspeed.scheduler:", "optim.schedule"),
+        (1, ["parallel=dp", "model.n_group=3"], "model.n_routed_experts:", "n_group=3"),
     ],
 )
 def test_validation_rules(tiny_data, world, overrides, key, words):
@@ -73,10 +78,14 @@ def test_validation_rules(tiny_data, world, overrides, key, words):
     assert ";" in line  # problem; fix
 
 
-def test_dualpipe_microbatch_rule_passes_arithmetic_then_reports_not_implemented(tiny_data):
-    line = check(tiny_data, 4, "parallel.schedule=dualpipe", "parallel.pp=2", "train.micro_batch_size=1",
-                 "train.global_batch_size=8")
-    assert line.startswith("parallel.schedule:") and "not implemented yet" in line
+def test_pipeline_layouts_validate(tiny_data):
+    layout = validate(job(tiny_data, "parallel.schedule=dualpipe", "parallel.pp=2", "train.micro_batch_size=1",
+                          "train.global_batch_size=8"), world_size=4, device="cpu")
+    assert (layout.pp, layout.dp, layout.grad_accum) == (2, 2, 4)
+    v = validate(job(tiny_data, "parallel=dualpipev", "model.num_hidden_layers=4"), world_size=2, device="cpu")
+    assert (v.pp, v.dp) == (2, 1)
+    one = validate(job(tiny_data, "parallel=1f1b"), world_size=2, device="cpu")
+    assert (one.pp, one.dp) == (2, 1)
 
 
 @pytest.mark.parametrize(

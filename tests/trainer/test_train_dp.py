@@ -19,7 +19,7 @@ from tests.trainer.conftest import base_overrides, launch, losses, rows
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
-STEPS = ["train.steps=8", "train.eval_interval=4", "checkpoint.interval=4"]
+STEPS = ["parallel=dp", "train.steps=8", "train.eval_interval=4", "checkpoint.interval=4"]
 # DP=2 vs DP=1: the same samples per step, gradients summed in another order (fp32): observed differences are
 # ~1e-6 after 8 steps; 1e-4 leaves room for other CPUs' summation orders.
 DP_TOLERANCE = 1e-4

@@ -1,12 +1,13 @@
 """How one training step runs: the `parallel.schedule` switch.
 
     none       the plain DeepSpeedEngine: every rank holds the whole model; data parallel with ZeRO-1;
-               gradient accumulation over the step's microbatches.
-    1f1b       \
-    dualpipe    } pipeline schedules over pp stages (later issues plug in here)
-    dualpipev  /
+               gradient accumulation over the step's microbatches (`build_schedule`).
+    1f1b       DeepSpeed's own PipelineEngine, one stage per pipe rank (parallel/deepspeed_1f1b.py)
+    dualpipe   bidirectional DualPipe: two stage copies per rank (parallel/pipeline_engine.py)
+    dualpipev  DualPipeV: stages r and 2pp-1-r on rank r (parallel/pipeline_engine.py)
 
-Every schedule is built by `build_schedule` and offers the same small interface (`StepSchedule`):
+The pipeline schedules are built by `build_pipeline_schedule`. Every schedule offers the same small
+interface (`StepSchedule`):
 `engine` (the DeepSpeed engine: checkpoints, learning rate, grad norm), `module` (this rank's model) and
 `train_batch(batches)`, which runs one global step (all microbatches, backward, optimizer step) and returns
 this rank's mean losses. The trainer does the rest (router bias update, metrics, evaluation, checkpoints)
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 SCHEDULES = ("none", "1f1b", "dualpipe", "dualpipev")
-IMPLEMENTED = ("none",)
+PIPELINES = ("1f1b", "dualpipe", "dualpipev")
 
 
 @dataclass
@@ -109,6 +110,36 @@ def build_schedule(
             model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
         )
         return DataParallelSchedule(engine)
-    if name in SCHEDULES:
-        raise NotImplementedError(f"parallel.schedule={name} is not implemented yet")
+    if name in PIPELINES:
+        raise ValueError(f"parallel.schedule={name} is a pipeline: build it with build_pipeline_schedule")
     raise ValueError(f"unknown parallel.schedule {name!r}; one of {SCHEDULES}")
+
+
+def build_pipeline_schedule(
+    name: str,
+    model_cfg: Any,
+    topo: Any,
+    microbatches: int,
+    micro_batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ds_config: dict[str, Any],
+    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
+    lr_lambda: Callable[[int], float],
+    record_timeline: bool = False,
+    defer_w: bool = True,
+) -> StepSchedule:
+    """The engine and step runner of a pipeline schedule; `topo` is a built `PipelineTopology`. The rank builds
+    only its own stages (per-parameter seeding gives the single-process weights)."""
+    args = (model_cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config, param_groups_fn,
+            lr_lambda)
+    if name == "1f1b":
+        from parallel.deepspeed_1f1b import build_1f1b_schedule
+
+        return build_1f1b_schedule(*args, record_timeline=record_timeline)
+    if name in ("dualpipe", "dualpipev"):
+        from parallel.pipeline_engine import PipelineSchedule
+
+        return PipelineSchedule(name, *args, record_timeline=record_timeline, defer_w=defer_w)
+    raise ValueError(f"parallel.schedule={name} is not a pipeline schedule; one of {PIPELINES}")

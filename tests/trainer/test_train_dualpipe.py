@@ -1,0 +1,70 @@
+"""The default job's parallelism end to end: DualPipe over 2 ranks through the deepspeed launcher (CPU, gloo).
+
+One DualPipe run (8 steps, checkpoints at 4 and 8) is compared with the single-process model trained by the
+plain data-parallel schedule on 1 rank with the same global batch; then a DualPipe run killed inside its
+step-8 save resumes from step 4 and reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import base_overrides, launch, losses, rows
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+STEPS = ["parallel=dualpipe", "train.steps=8", "train.eval_interval=4", "checkpoint.interval=4",
+         "parallel.timeline_step=2"]
+# DualPipe vs one process: the same samples and weights; gradients are summed in another order (microbatches
+# interleave, W runs late, the two stage copies add up), so fp32 losses drift apart by ~1e-6 over 8 steps.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def dualpipe_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dualpipe") / "run"
+    launch(base_overrides(tiny_data, run_dir, *STEPS, "checkpoint.export_hf=true"), nproc=2)
+    return run_dir
+
+
+def test_dualpipe_matches_the_single_process_model(dualpipe_run: Path, tiny_data: Path, tmp_path: Path):
+    single = tmp_path / "single"
+    launch(base_overrides(tiny_data, single, *STEPS, "parallel=dp", "checkpoint.save_final=false",
+                          "checkpoint.interval=0"), nproc=1)
+    one, pipe = losses(single), losses(dualpipe_run)
+    assert sorted(pipe) == list(range(1, 9)) and sorted(one) == sorted(pipe)
+    for step in one:
+        assert pipe[step] == pytest.approx(one[step], abs=TOLERANCE), (step, pipe[step], one[step])
+    assert pipe[8] < pipe[1] - 0.5
+    for a, b in zip(rows(single, "eval"), rows(dualpipe_run, "eval"), strict=True):
+        assert b["eval/lm_loss"] == pytest.approx(a["eval/lm_loss"], abs=TOLERANCE)
+        assert b["eval/mtp_acceptance"] == pytest.approx(a["eval/mtp_acceptance"], abs=0.02)
+    # MTP and balance losses come back from the pipeline too; per-layer loads of every stage are logged
+    last = rows(dualpipe_run)[-1]
+    assert last["train/mtp_loss"] > 0 and last["train/balance_loss"] > 0
+    assert "train/maxvio/layer_1" in last and "train/maxvio/layer_2" in last  # layer 2: the MTP block
+
+
+def test_dualpipe_checkpoint_exports_and_records_a_timeline(dualpipe_run: Path):
+    ckpt = dualpipe_run / "checkpoints" / "step00000008"
+    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert (dualpipe_run / "hf" / "config.json").is_file()  # both pipeline ranks' weights merged
+    trace = json.loads((dualpipe_run / "timeline.json").read_text())
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in events} == {0, 1} and all(e["dur"] > 0 for e in events)
+    assert {e["cat"] for e in events} >= {"F", "B", "W"}
+    assert (dualpipe_run / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dualpipe_killed_during_save_resumes_exactly(dualpipe_run: Path, tiny_data: Path, tmp_path: Path):
+    run_dir = tmp_path / "crash"
+    args = base_overrides(tiny_data, run_dir, *STEPS)
+    crashed = launch(args, nproc=2, env={"DSV3_FAULT_INJECT": "checkpoint_save:8"}, check=False)
+    assert crashed.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
+    resumed = launch([*args, "train.resume=auto"], nproc=2)
+    assert "resumed from" in resumed.stdout
+    assert losses(run_dir) == losses(dualpipe_run)
