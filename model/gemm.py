@@ -1,13 +1,16 @@
 """The GEMMs of the network behind one small interface.
 
 `Linear` (a bias-free projection) and `GroupedLinear` (one weight per routed expert, applied to contiguous
-row slices) route their matrix products through a `GemmBackend`. The default backend is plain fp32/bf16
-torch; an FP8 backend (emulated or Transformer Engine) or a backend that defers weight gradients for the
-zero-bubble pipeline swaps in with `set_gemm_backend(model, backend)` without touching the layers.
+row slices) route their matrix products through a `GemmBackend`, which owns two independent choices:
+- the numerics of the three GEMMs of a linear layer (plain torch, or FP8: `set_gemm_backend`);
+- when the weight-gradient GEMM runs (in backward, or deferred by the zero-bubble pipeline into a store that
+  a later W step drains: `defer_weight_grads`).
+So FP8 and the zero-bubble split compose without either knowing the other, and without touching the layers.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -72,36 +75,115 @@ def grouped_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.
     return out
 
 
-class _GroupedLinearFn(torch.autograd.Function):
-    """y = grouped x @ W^T with W [E, N, K]; backward gives dX by a grouped GEMM with W, dW by grouped x^T dY."""
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad (the deferred weight-gradient path writes gradients itself)."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T through a backend's three GEMMs. The weight is held by reference, not saved: under activation
+    checkpointing a saved tensor comes back as a new alias, and a deferred gradient must land on the parameter."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, offsets)
-        return grouped_mm(x, weight.transpose(1, 2), offsets)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: GemmBackend) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2d)
+        ctx.weight, ctx.backend, ctx.x_shape = weight, backend, x.shape
+        return backend.fprop(x2d, weight).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, offsets = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grouped_mm(grad_out, weight, offsets)
+        (x2d,) = ctx.saved_tensors
+        backend, weight = ctx.backend, ctx.weight
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = backend.dgrad(g2d, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_weight_grad(grad_out, x, offsets, weight.shape[0])
+            if backend.wgrad_store is None:
+                grad_w = backend.wgrad(g2d, x2d)
+            else:
+                backend.wgrad_store.defer_or_run(lambda: accumulate_grad(weight, backend.wgrad(g2d, x2d)))
         return grad_x, grad_w, None
 
 
+class _GroupedLinearFn(torch.autograd.Function):
+    """Grouped y = x W[e]^T with W [E, N, K] over contiguous row groups, through a backend's grouped GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, backend: GemmBackend):
+        ctx.save_for_backward(x, offsets)
+        ctx.weight, ctx.backend = weight, backend
+        return backend.grouped_fprop(x, weight, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, offsets = ctx.saved_tensors
+        backend, weight = ctx.backend, ctx.weight
+        grad_out = grad_out.contiguous()
+        grad_x = backend.grouped_dgrad(grad_out, weight, offsets) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            def wgrad() -> torch.Tensor:
+                return backend.grouped_wgrad(grad_out, x, offsets, weight.shape[0])
+
+            if backend.wgrad_store is None:
+                grad_w = wgrad()
+            else:
+                backend.wgrad_store.defer_or_run(lambda: accumulate_grad(weight, wgrad()))
+        return grad_x, grad_w, None, None
+
+
 class GemmBackend:
-    """Plain torch GEMMs. Subclasses override `linear` / `grouped_linear` (FP8, deferred weight-grad)."""
+    """How a linear layer's three GEMMs compute: forward y = x W^T, input-gradient dX = dY W, weight-gradient
+    dW = dY^T X (and their grouped forms for experts). Plain torch here; an FP8 backend overrides the
+    primitives. `wgrad_store` (anything with `defer_or_run(fn)`, e.g. the zero-bubble pipeline's
+    WeightGradStore) makes the weight-gradient GEMM run later; None runs it in backward, through autograd.
+    """
 
     name = "torch"
+    wgrad_store = None
+
+    # ---- numerics: 2-D operands, contraction over the last dim of both ------------------------------
+    def fprop(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w.t()
+
+    def dgrad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return g @ w
+
+    def wgrad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return g.t() @ x
+
+    def grouped_fprop(self, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(x, w.transpose(1, 2), offsets)
+
+    def grouped_dgrad(self, g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(g, w, offsets)
+
+    def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+        return grouped_weight_grad(g, x, offsets, n)
+
+    # ---- what the layers call ---------------------------------------------------------------------------
+    @property
+    def is_plain(self) -> bool:
+        """Plain torch numerics, weight-gradients in backward: layers may take fused fast paths."""
+        return type(self).fprop is GemmBackend.fprop and self.wgrad_store is None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+        if self.is_plain:
+            return F.linear(x, weight)
+        return _LinearFn.apply(x, weight, self)
 
     def grouped_linear(self, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return _GroupedLinearFn.apply(x, weight, offsets)
+        return _GroupedLinearFn.apply(x, weight, offsets, self)
+
+    def with_wgrad_store(self, store: object | None) -> GemmBackend:
+        """A copy of this backend whose weight-gradients go through `store`."""
+        clone = copy.copy(self)
+        clone.wgrad_store = store
+        return clone
 
 
 DEFAULT_BACKEND = GemmBackend()
@@ -146,3 +228,11 @@ def set_gemm_backend(module: nn.Module, backend: GemmBackend) -> None:
     for m in module.modules():
         if isinstance(m, Linear | GroupedLinear):
             m.backend = backend
+
+
+def defer_weight_grads(module: nn.Module, store: object | None) -> None:
+    """Keep every layer's GEMM numerics, but send its weight-gradients through `store` (None: back to
+    computing them in backward)."""
+    for m in module.modules():
+        if isinstance(m, Linear | GroupedLinear):
+            m.backend = m.backend.with_wgrad_store(store)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
-from model.gemm import set_gemm_backend
+from model.gemm import defer_weight_grads
 from model.transformer import DeepseekV3
 from parallel.instructions import Placement
 from parallel.p2p import P2P
@@ -32,7 +32,7 @@ from parallel.schedules import build_schedule as build_instructions
 from parallel.stages import Stage, check_divisible, stage_pieces
 from parallel.step_schedule import StepLosses
 from parallel.topology import PipelineMpu, PipelineTopology
-from parallel.weight_grad import DeferredWeightGradBackend, WeightGradStore
+from parallel.weight_grad import WeightGradStore
 
 
 class _Absent(nn.Module):
@@ -98,7 +98,7 @@ class PipelineSchedule:
             router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
             router.step_counts.data = router.step_counts.data.double()
         self.store = WeightGradStore()
-        set_gemm_backend(model, DeferredWeightGradBackend(self.store))
+        defer_weight_grads(model, self.store)
         if name == "dualpipe" and topo.pipe_rank >= topo.pp // 2:
             for p in model.parameters():
                 p.ds_pipe_replicated = True  # the mirror rank's copy is the one counted in the grad norm

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.gemm import set_gemm_backend
+from model.gemm import defer_weight_grads
 from model.transformer import DeepseekV3
 from parallel.instructions import Placement
 from parallel.p2p import P2P
 from parallel.runtime import PipelineRuntime
 from parallel.schedules import build_schedule
 from parallel.stages import build_stage
-from parallel.weight_grad import DeferredWeightGradBackend, WeightGradStore
+from parallel.weight_grad import WeightGradStore
 from tests.conftest import tiny_config
 
 SEQ, MICRO = 8, 2
@@ -44,7 +44,7 @@ def run_pipeline(rank: int, world: int, schedule: str, microbatches: int, cfg_ov
     model = DeepseekV3(cfg).train()
     placement = Placement(schedule, world)
     store = WeightGradStore()
-    set_gemm_backend(model, DeferredWeightGradBackend(store))
+    defer_weight_grads(model, store)
     stages = {c: build_stage(model, placement.stage(rank, c), placement.num_stages)
               for c in range(placement.chunks_per_rank)}
     batches = make_batches(cfg, microbatches)
