@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import BlockPiece, DeepseekV3, EmbeddingPiece, HeadPiece, MicroBatch
+from model.transformer import DeepseekV3, MicroBatch
 
 
 class StageError(ValueError):
@@ -126,14 +126,3 @@ class Stage(nn.Module):
 def build_stage(model: DeepseekV3, stage: int, num_stages: int) -> Stage:
     return Stage(stage_pieces(model, stage, num_stages), stage, num_stages)
 
-
-def is_embedding(piece: nn.Module) -> bool:
-    return isinstance(piece, EmbeddingPiece)
-
-
-def is_head(piece: nn.Module) -> bool:
-    return isinstance(piece, HeadPiece)
-
-
-def is_block(piece: nn.Module) -> bool:
-    return isinstance(piece, BlockPiece)
