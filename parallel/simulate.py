@@ -169,7 +169,7 @@ def draw_timeline(records: Timeline | Iterable[tuple], out_png: str, title: str 
     t0 = min((r.start for r in recs), default=0.0)
     t1 = max((r.end for r in recs), default=1.0)
     span = max(t1 - t0, 1e-9)
-    width_in = min(48.0, 3.0 + 0.18 * len(recs) / ranks)
+    width_in = min(48.0, max(8.0, 3.0 + 0.18 * len(recs) / ranks))  # room for the legend on small runs
     fig, ax = plt.subplots(figsize=(width_in, 0.45 * ranks + 1.6))
     # one vectorised barh call per colour keeps 10k boxes fast
     bars: dict[str, tuple[list[float], list[float], list[float], list[float]]] = {}  # left, width, y, h
@@ -191,8 +191,8 @@ def draw_timeline(records: Timeline | Iterable[tuple], out_png: str, title: str 
     ax.set_title(title)
     legend = [Patch(facecolor=c, edgecolor="black", label=f"{k} chunk {ch}")
               for (k, ch), c in _COLORS.items() if (k, ch) in used]
-    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / ranks), ncol=6,
-              fontsize=7, frameon=False)
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / ranks),
+              ncol=min(6, max(1, len(legend))), fontsize=7, frameon=False)
     fig.tight_layout()
     # label a box when its text fits (in points: a digit is ~0.55 em)
     fontsize = 7.0
@@ -200,7 +200,7 @@ def draw_timeline(records: Timeline | Iterable[tuple], out_png: str, title: str 
     for r in recs:
         if (r.end - r.start) * pt_per_unit >= 0.55 * fontsize * len(r.label) + 0.5:
             ax.text((r.start + r.end) / 2, r.rank, r.label, ha="center", va="center", fontsize=fontsize)
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")  # keeps the legend below the axes in the image
     plt.close(fig)
 
 
