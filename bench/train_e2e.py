@@ -1,11 +1,12 @@
 """train_e2e: training tokens/s of the default job vs the same model shape through transformers + DeepSpeed.
 
-Ours: the default job's configuration (conf/config.yaml: the `tiny` model, seq_len 128, micro batch 4, global
-batch 16, ZeRO-1, fp32 on CPU) stepped exactly as trainer/loop.py does (train_batch, then the router bias
+Ours: the default job's configuration (conf/config.yaml: the `tiny` model, DualPipe over the 2 ranks, seq_len 128,
+micro batch 4, global batch 16, ZeRO-1, fp32 on CPU) stepped as trainer/loop.py does (train_batch, then the bias
 update). Peer: transformers' `DeepseekV3ForCausalLM` with the same shape (config.json from model/hf.py; its
 default grouped_mm experts and SDPA attention), trained by a plain DeepSpeedEngine with the same generated
-DeepSpeed config, on the same data stream, ranks and batch. Both run in the same 2 processes (deepspeed
-launcher, gloo on CPU), alternating step by step so machine noise hits all alike; medians are quoted.
+DeepSpeed config (data parallel over the 2 ranks), on the same data stream, ranks and batch. Both run in the
+same 2 processes (deepspeed launcher, gloo on CPU), alternating step by step so machine noise hits all alike;
+medians are quoted.
 transformers has no MTP training, so ours does strictly more work per token (the MTP module and its head:
 about 1.6x the model FLOPs of the peer for `tiny`); the same trainer with MTP switched off
 (model.num_nextn_predict_layers=0, the peer's work exactly) is measured alongside as `ours_no_mtp`.
@@ -120,7 +121,7 @@ def worker(rounds: int, out: str) -> None:
 
     from trainer import metrics
     from trainer.data import train_stream
-    from trainer.distributed import init_process_group, prepare_argv, prepare_env
+    from trainer.distributed import dp_rank, init_process_group, prepare_argv, prepare_env
     from trainer.engine import build_engine
     from trainer.load_balance import moe_routers, update_router_biases
     from trainer.validate import validate
@@ -128,22 +129,27 @@ def worker(rounds: int, out: str) -> None:
     prepare_argv()
     env = prepare_env()
     torch.set_num_threads(1)
+    # ours: the default job's configuration (DualPipe over the 2 ranks); the peer: plain DeepSpeed data
+    # parallelism over the same 2 ranks with the same global batch
     job, job_no_mtp = _job_config(), _job_config("model.num_nextn_predict_layers=0")
+    peer_job = _job_config("parallel=dp")
     layout = validate(job, env.world_size, env.device)
+    peer_layout = validate(peer_job, env.world_size, env.device)
     init_process_group(env)
 
     def ours_step_fn(cfg):
         schedule, _ = build_engine(cfg, layout)
-        routers, data = moe_routers(schedule.module), train_stream(cfg, layout, env.rank)
+        routers = moe_routers(schedule.module)
+        data = train_stream(cfg, layout, dp_rank(env, layout.pp))
 
         def step() -> None:  # what trainer/loop.py runs per step
             schedule.train_batch(data)
-            update_router_biases(routers)
+            update_router_biases(routers, group=getattr(schedule, "counts_group", None))
 
         return step
 
-    peer, impl = _peer_engine(job, layout)
-    peer_data = train_stream(job, layout, env.rank)
+    peer, impl = _peer_engine(peer_job, peer_layout)
+    peer_data = train_stream(peer_job, peer_layout, env.rank)
     steps = {"ours": ours_step_fn(job), "ours_no_mtp": ours_step_fn(job_no_mtp),
              "peer": lambda: _peer_step(peer, peer_data, job.train.seq_len)}
 

@@ -18,7 +18,7 @@ import torch
 from model.transformer import MicroBatch
 from parallel.instructions import COMM, Instr, Kind, Placement
 from parallel.p2p import P2P, message_tag
-from parallel.stages import Stage
+from parallel.stages import Stage, run_to_end
 from parallel.weight_grad import WeightGradStore
 
 
@@ -95,9 +95,9 @@ class PipelineRuntime:
                 continue
             self._flush()
             if ins.kind == Kind.F:
-                self._timed(ins, lambda ins=ins: self._drain(self._forward(ins.chunk, ins.mb)))
+                self._timed(ins, lambda ins=ins: run_to_end(self._forward(ins.chunk, ins.mb)))
             elif ins.kind == Kind.B:
-                self._timed(ins, lambda ins=ins: self._drain(self._backward(ins.chunk, ins.mb, ins.defer_w)))
+                self._timed(ins, lambda ins=ins: run_to_end(self._backward(ins.chunk, ins.mb, ins.defer_w)))
             elif ins.kind == Kind.FB:
                 self._timed(ins, lambda ins=ins: self._forward_backward(ins))
             elif ins.kind == Kind.W:
@@ -128,7 +128,7 @@ class PipelineRuntime:
                     self._post(ins)
                 elif ins.kind in (Kind.F, Kind.FB):
                     self._flush()
-                    self._drain(self._forward(ins.chunk, ins.mb))
+                    run_to_end(self._forward(ins.chunk, ins.mb))
                     self.stages[ins.chunk].drop(ins.mb)
         self._finish_comm()
         return self.result
@@ -161,14 +161,6 @@ class PipelineRuntime:
         start = time.perf_counter()
         fn()
         self.timeline.append(TimelineEvent(self.rank, start, time.perf_counter(), str(ins), ins.kind.value, ins.chunk))
-
-    @staticmethod
-    def _drain(gen) -> object:
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                return done.value
 
     # ---- communication ---------------------------------------------------------------------------------
     def _post(self, ins: Instr) -> None:

@@ -8,6 +8,7 @@ an overlapped F&B pair interleave one microbatch's forward pieces with another's
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,15 @@ def stage_pieces(model: DeepseekV3, stage: int, num_stages: int) -> list[nn.Modu
     if stage == num_stages - 1:
         pieces.append(model.head)
     return pieces
+
+
+def run_to_end(steps: Generator) -> object:
+    """Run a piece-by-piece generator to completion; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -82,12 +92,7 @@ class Stage(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor | None, mb: MicroBatch, key: int) -> torch.Tensor | None:
-        steps = self.forward_steps(x, mb, key)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.forward_steps(x, mb, key))
 
     # ---- backward, piece by piece --------------------------------------------------------------------
     def backward_steps(self, grad_out: torch.Tensor | None, key: int, loss_scale: float):
@@ -111,12 +116,7 @@ class Stage(nn.Module):
         return grad
 
     def backward(self, grad_out: torch.Tensor | None, key: int, loss_scale: float) -> torch.Tensor | None:
-        steps = self.backward_steps(grad_out, key, loss_scale)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(self.backward_steps(grad_out, key, loss_scale))
 
     def drop(self, key: int) -> None:
         """Forget a microbatch's records (forward-only evaluation)."""
