@@ -1,0 +1,284 @@
+"""Expert parallelism: each of `ep` ranks holds E/ep routed experts; tokens travel to them by all-to-all.
+
+- `shard_experts(model, ep_rank, ep_size, group)` keeps this rank's contiguous slice of every MoE layer's
+  experts (same weights, same parameter names) and installs an `AllToAllDispatcher`.
+- `AllToAllDispatcher` implements the `LocalDispatcher` protocol (`dispatch` -> `Dispatched`, `combine`) and an
+  overlap-ready split of each all-to-all into post and wait (`dispatch_async` / `combine_async`).
+- `gather_expert_state` / `slice_expert_state`: the same sharding on plain state dicts (checkpoint resharding).
+- `node_limited_groups`: checks that the router's groups map onto nodes (node-limited routing).
+
+Layout (see docs/expert_parallel.md): a rank sorts its T*K choices by global expert id (so rows for rank 0's
+experts come first), exchanges the [ep, E/ep] count matrix, sends rows with uneven splits, and reorders what
+it receives from (source rank, local expert) order to expert-major order for the grouped GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.moe import Dispatched, LocalDispatcher, MoE, RoutedExperts
+from model.router import Routing
+
+EXPERT_SUFFIXES = ("experts.gate_up_proj.weight", "experts.down_proj.weight")
+
+
+def is_expert_key(name: str) -> bool:
+    """A routed-expert weight (stacked over experts on dim 0); `shared_experts.*` is not one."""
+    return any(name == s or name.endswith("." + s) for s in EXPERT_SUFFIXES)
+
+
+def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
+    """[first, last) global expert ids held by `ep_rank`: contiguous, E/ep each."""
+    if ep_size < 1 or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank {ep_rank} out of range for ep_size {ep_size}")
+    if n_experts % ep_size:
+        raise ValueError(f"n_routed_experts={n_experts} is not divisible by ep={ep_size}")
+    per = n_experts // ep_size
+    return ep_rank * per, (ep_rank + 1) * per
+
+
+# ---- autograd pieces -------------------------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """Rows out of an all_to_all_single with uneven splits; backward is the transposed all-to-all (splits
+    swapped). With `pending` (a list) the forward only posts the collective: the returned buffer is filled once
+    the handle appended to `pending` is waited on. Backward is always synchronous."""
+
+    @staticmethod
+    def forward(ctx, x, recv_splits: list[int], send_splits: list[int], group, pending: list | None):
+        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
+        send = x.contiguous()
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        work = dist.all_to_all_single(out, send, recv_splits, send_splits, group=group, async_op=pending is not None)
+        if pending is not None:
+            pending.append((work, send))  # the send buffer must outlive the posted collective
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_in = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
+        dist.all_to_all_single(grad_in, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return grad_in, None, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation; backward gathers with the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def expert_major_permutation(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """recv_counts [ep, E/ep] (rows from source s for local expert j). Received rows lie in (source, expert)
+    order; returns perm with received[perm] in (expert, source) order, and its inverse."""
+    lens_sm = recv_counts.reshape(-1)
+    starts_sm = torch.cumsum(lens_sm, 0) - lens_sm  # start of block (s, j) in the received buffer
+    lens_em = recv_counts.t().reshape(-1)  # the same blocks, expert-major
+    starts_em = torch.cumsum(lens_em, 0) - lens_em
+    total = int(lens_sm.sum())
+    # row i of expert-major block b comes from row i - starts_em[b] + starts_sm[b] of the received buffer
+    block_shift = starts_sm.view_as(recv_counts).t().reshape(-1) - starts_em
+    perm = torch.arange(total, device=recv_counts.device) + torch.repeat_interleave(block_shift, lens_em)
+    inverse = torch.empty_like(perm).index_copy_(0, perm, torch.arange(total, device=perm.device))
+    return perm, inverse
+
+
+# ---- the dispatcher --------------------------------------------------------------------------------------
+@dataclass
+class EPDispatched(Dispatched):
+    """`x`/`rows`: the rows this rank's experts compute, expert-major, rows per LOCAL expert. `order`/`gates`
+    describe this rank's own tokens (as in `local`, the pre-exchange sort); combine needs the rest."""
+
+    local: Dispatched | None = None
+    send_splits: list[int] = field(default_factory=list)  # rows sent to each rank
+    recv_splits: list[int] = field(default_factory=list)  # rows received from each rank
+    perm: torch.Tensor | None = None  # received (source-major) -> expert-major
+    inverse: torch.Tensor | None = None
+
+
+class _Pending:
+    def __init__(self, works: list) -> None:
+        self._works: list | None = works
+
+    def _wait_all(self) -> None:
+        if self._works is None:
+            raise RuntimeError("wait() called twice on the same pending all-to-all")
+        for work, _ in self._works:
+            work.wait()
+        self._works = None
+
+
+class PendingDispatch(_Pending):
+    """A posted dispatch all-to-all. `wait()` -> `Dispatched` (expert-major rows for the local experts)."""
+
+    def __init__(self, works: list, recv: torch.Tensor, d: EPDispatched) -> None:
+        super().__init__(works)
+        self._recv, self._d = recv, d
+
+    def wait(self) -> EPDispatched:
+        self._wait_all()
+        d = self._d
+        d.x = _PermuteRows.apply(self._recv, d.perm, d.inverse)
+        return d
+
+
+class PendingCombine(_Pending):
+    """A posted combine all-to-all. `wait()` -> [T, hidden], the gate-weighted sum over the K choices."""
+
+    def __init__(self, works: list, back: torch.Tensor, local: Dispatched, dispatcher: LocalDispatcher) -> None:
+        super().__init__(works)
+        self._back, self._local, self._dispatcher = back, local, dispatcher
+
+    def wait(self) -> torch.Tensor:
+        self._wait_all()
+        return self._dispatcher.combine(self._back, self._local)
+
+
+class AllToAllDispatcher:
+    """The `LocalDispatcher` protocol across `ep_size` ranks of `group`; this rank holds experts
+    [ep_rank*E/ep, (ep_rank+1)*E/ep). No token dropping: every choice is sent, empty experts/ranks are fine.
+
+    `dispatch_async`/`combine_async` post the row all-to-all and return a handle whose `wait()` finishes the
+    sub-step; compute placed between them (the shared experts, another microbatch's attention) overlaps the
+    communication. `dispatch`/`combine` are post + wait back to back. Backward is synchronous for both paths.
+    """
+
+    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int) -> None:
+        self.group, self.ep_size, self.ep_rank, self.n_experts = group, ep_size, ep_rank, n_experts
+        self.first, self.last = expert_range(n_experts, ep_rank, ep_size)
+        self.local_experts = self.last - self.first
+        self._local = LocalDispatcher()
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing, n_experts: int) -> PendingDispatch:
+        if n_experts != self.n_experts:
+            raise ValueError(f"dispatcher built for {self.n_experts} experts, routing has {n_experts}")
+        # stable sort by global expert id: rank-major, so each destination's rows are one contiguous block
+        local = self._local.dispatch(x, routing, n_experts)
+        with torch.no_grad():
+            counts = routing.counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
+            recv_counts = torch.empty_like(counts)
+            # count matrix: row d goes to rank d; received row s = rows from rank s for each local expert
+            dist.all_to_all_single(recv_counts, counts, group=self.group)
+            send_splits = counts.sum(1).tolist()
+            recv_splits = recv_counts.sum(1).tolist()
+            perm, inverse = expert_major_permutation(recv_counts)
+        works: list = []
+        recv = _AllToAll.apply(local.x, recv_splits, send_splits, self.group, works)
+        d = EPDispatched(
+            x=recv, rows=recv_counts.sum(0), order=local.order, gates=local.gates, local=local,
+            send_splits=send_splits, recv_splits=recv_splits, perm=perm, inverse=inverse,
+        )
+        return PendingDispatch(works, recv, d)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing, n_experts: int) -> Dispatched:
+        return self.dispatch_async(x, routing, n_experts).wait()
+
+    def combine_async(self, y: torch.Tensor, d: Dispatched) -> PendingCombine:
+        if not isinstance(d, EPDispatched) or d.local is None:
+            raise TypeError("AllToAllDispatcher.combine needs the EPDispatched its dispatch returned")
+        source_major = _PermuteRows.apply(y, d.inverse, d.perm)
+        works: list = []
+        back = _AllToAll.apply(source_major, d.send_splits, d.recv_splits, self.group, works)
+        return PendingCombine(works, back, d.local, self._local)
+
+    def combine(self, y: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        return self.combine_async(y, d).wait()
+
+
+def overlapped_moe_forward(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    """`MoE.forward` with the shared experts computed while the dispatch all-to-all is in flight (the
+    schedule=none overlap). Same sub-steps and the same arithmetic: bitwise equal to `moe(x)`."""
+    if not isinstance(moe.dispatcher, AllToAllDispatcher):
+        return moe(x)
+    routing = moe.route(x)
+    pending = moe.dispatcher.dispatch_async(x.reshape(-1, x.shape[-1]), routing, moe.cfg.n_routed_experts)
+    shared = moe.shared_experts(x) if moe.shared_experts is not None else None
+    d = pending.wait()
+    y = moe.compute_experts(d)
+    out = moe.dispatcher.combine_async(y, d).wait().view_as(x)
+    return (out + shared if shared is not None else out), routing
+
+
+# ---- sharding the model and its state --------------------------------------------------------------------
+def _shard_routed(experts: RoutedExperts, lo: int, hi: int) -> RoutedExperts:
+    """RoutedExperts for experts [lo, hi) holding the same weights (parameters sliced and copied)."""
+    hidden, inter = experts.down_proj.weight.shape[1], experts.intermediate
+    with torch.device("meta"):  # no throw-away init of the new weights
+        shard = RoutedExperts(hi - lo, hidden, inter, first_expert=experts.first_expert + lo)
+    for name in ("gate_up_proj", "down_proj"):
+        old, new = getattr(experts, name), getattr(shard, name)
+        new.weight = nn.Parameter(old.weight.detach()[lo:hi].clone(), requires_grad=old.weight.requires_grad)
+        new.backend = old.backend  # keep FP8 / deferred weight-gradient settings
+    return shard
+
+
+def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None) -> nn.Module:
+    """In place: every MoE layer keeps experts [ep_rank*E/ep, (ep_rank+1)*E/ep) and gets an AllToAllDispatcher
+    over `group` (None: the default group). Parameter names are unchanged; they now hold the local experts."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            n = module.cfg.n_routed_experts
+            if module.experts.n_experts != n or module.experts.first_expert != 0:
+                raise ValueError("shard_experts expects an unsharded model")
+            lo, hi = expert_range(n, ep_rank, ep_size)
+            module.experts = _shard_routed(module.experts, lo, hi)
+            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n)
+    return model
+
+
+def slice_expert_state(full_state: dict[str, torch.Tensor], ep_rank: int, ep_size: int) -> dict[str, torch.Tensor]:
+    """The state dict of `ep_rank`'s shard: expert weights sliced (copied, so saving one does not write the
+    whole stack), every other entry as is."""
+    out = {}
+    for name, value in full_state.items():
+        if is_expert_key(name):
+            lo, hi = expert_range(value.shape[0], ep_rank, ep_size)
+            out[name] = value[lo:hi].clone()
+        else:
+            out[name] = value
+    return out
+
+
+def gather_expert_state(state_dicts_by_ep_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The full state dict from every EP rank's shard (in ep-rank order): expert weights concatenated on the
+    expert dim; everything else (replicated over EP) taken from ep rank 0."""
+    if not state_dicts_by_ep_rank:
+        raise ValueError("no state dicts to gather")
+    first = state_dicts_by_ep_rank[0]
+    for r, sd in enumerate(state_dicts_by_ep_rank[1:], 1):
+        if sd.keys() != first.keys():
+            raise ValueError(f"ep rank {r}'s state dict has different keys from ep rank 0's")
+    return {name: torch.cat([sd[name] for sd in state_dicts_by_ep_rank]) if is_expert_key(name) else value
+            for name, value in first.items()}
+
+
+# ---- node-limited routing --------------------------------------------------------------------------------
+def node_limited_groups(ep_size: int, ep_ranks_per_node: int, n_group: int, topk_group: int) -> tuple[int, int]:
+    """DeepSeek-V3's node-limited routing is group-limited routing where every router group lives on one node.
+
+    With experts sharded contiguously over ep ranks and ranks contiguous per node, node k holds groups
+    [k*G/N, (k+1)*G/N). Returns (nodes, max nodes a token's experts can span = min(topk_group, nodes)).
+    Raises ValueError when a router group would straddle two nodes.
+    """
+    if ep_ranks_per_node < 1 or ep_size % ep_ranks_per_node:
+        raise ValueError(f"ep={ep_size} is not a whole number of nodes of {ep_ranks_per_node} ep ranks")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be within [1, n_group={n_group}]")
+    nodes = ep_size // ep_ranks_per_node
+    if n_group % nodes:
+        raise ValueError(
+            f"node-limited routing needs each router group on one node: n_group={n_group} is not a multiple of "
+            f"the {nodes} nodes of the ep group (ep={ep_size} / {ep_ranks_per_node} per node); set n_group to a "
+            f"multiple of {nodes}"
+        )
+    return nodes, min(topk_group, nodes)
