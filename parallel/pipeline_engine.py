@@ -63,9 +63,6 @@ def build_stage_model(cfg: ModelConfig, stage_ids: list[int], num_stages: int, d
     return model
 
 
-PipelineLosses = StepLosses  # TODO(lead): drop once deepspeed_1f1b.py imports StepLosses
-
-
 class PipelineSchedule:
     """The `StepSchedule` of `dualpipe` / `dualpipev` (see parallel/schedule.py for the interface)."""
 
@@ -85,6 +82,8 @@ class PipelineSchedule:
         defer_w: bool = True,
         precision_context: PrecisionContext = _no_context,
         record_timeline: bool = False,
+        gemm_backend_fn: Callable[[nn.Module], object] | None = None,
+        optimizer: Any = None,
     ) -> None:
         import deepspeed
 
@@ -97,6 +96,8 @@ class PipelineSchedule:
         for router in model.routers():  # the bias must absorb 0.001 steps: keep it fp32 under bf16
             router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
             router.step_counts.data = router.step_counts.data.double()
+        if gemm_backend_fn is not None:  # e.g. FP8: set each layer's numerics before the W split copies them
+            gemm_backend_fn(model)
         self.store = WeightGradStore()
         defer_weight_grads(model, self.store)
         if name == "dualpipe" and topo.pipe_rank >= topo.pp // 2:
@@ -113,7 +114,7 @@ class PipelineSchedule:
                 return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups_fn(model), config=ds_config, mpu=PipelineMpu(topo),
-            lr_scheduler=scheduler,
+            lr_scheduler=scheduler, optimizer=optimizer,
         )
         # the gradients are produced outside engine.backward: let ZeRO build its reduction buffers itself
         self.engine.pipeline_parallelism = True

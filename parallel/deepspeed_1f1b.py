@@ -1,0 +1,487 @@
+"""The `1f1b` schedule: the same model through DeepSpeed's own `PipelineModule` / `PipelineEngine`.
+
+This is the baseline users know, kept as close to DeepSpeed's idiom as the model allows; it also builds the
+model for DeepSpeed's `DualPipeVModule` / `DualPipeVEngine` (a peer in bench/pipeline.py).
+
+How the model becomes a list of `LayerSpec`s:
+- [embedding, block 0 .. block L-1, (embedding again, when MTP is on), head]. Stages are cut with
+  `partition_method="type:BlockLayer"`: DeepSpeed balances the number of decoder blocks per stage, so every
+  stage holds L/S blocks, the embedding goes with stage 0 and the head with the last stage. (`uniform` would
+  count the embedding and head as layers; `parameters` would build every layer on every rank to count them.)
+- The activation tuple is (hidden, tokens[, loss_mask]): the token ids ride along as an integer tensor, so the
+  last stage has the LM labels and the MTP future tokens. DeepSpeed sends every tensor of the tuple and sends
+  gradients back only for the floating-point ones.
+- The MTP modules on the last stage read the embedding table that lives on stage 0: both places use a
+  `TiedLayerSpec("embed", ...)`, so DeepSpeed builds a copy on the last stage, broadcasts stage 0's weights to
+  it, and all-reduces the two copies' gradients before the step (`ReduceTiedGrads`); the second copy is marked
+  `ds_pipe_replicated`, so the grad norm counts it once. On the last stage the tied layer's forward is the
+  identity; the head reaches the table through `HeadPiece.embedding` (the same module object).
+- Balance losses: DeepSpeed backpropagates only a stage's outputs (and the loss on the last stage). A block on
+  another stage passes its hidden state through `SeedBalanceGrad`, whose backward also seeds the block's
+  balance loss with the gradient DeepSpeed gives the loss (1 / gradient_accumulation_steps). Blocks of the
+  last stage add their balance losses to the engine's loss, which is LM + (lambda / D) * sum(MTP) + those.
+- Losses for the trainer: one all-reduce (sum) over the pipe group of [loss, LM, balance, MTP...], where only
+  the loss stage holds LM/MTP (so they reach every rank as from a broadcast) and every stage adds its blocks'
+  balance losses: each rank returns the same `StepLosses` as `PipelineSchedule` does.
+- Timeline: DeepSpeed's ForwardPass / BackwardPass instructions are timed (`record_next_step`).
+
+Weights: the rank builds `DeepseekV3` on the meta device, keeps only the pieces of its stages, then
+materialises and initialises them; per-parameter seeding gives exactly the single-process weights, and
+`schedule.model` keeps the single-process parameter names (the layers hold the same parameter objects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.config import ModelConfig
+from model.transformer import BlockPiece, DeepseekV3, EmbeddingPiece, HeadPiece, MicroBatch
+from parallel.runtime import StepResult, TimelineEvent
+from parallel.stages import check_divisible
+from parallel.step_schedule import StepLosses
+from parallel.topology import PipelineTopology
+
+PARTITION_METHOD = "type:BlockLayer"
+
+
+class _Absent(nn.Module):
+    """Stands in for a piece another pipeline rank holds."""
+
+
+class RankState:
+    """What the layers of one rank share: the last stage's balance losses waiting for the head, the gradient
+    seed for balance losses, and the detached per-microbatch losses for reporting."""
+
+    def __init__(self) -> None:
+        self.pending_balance: list[torch.Tensor] = []
+        self.grad_scale: Callable[[], float] = lambda: 1.0
+        self.on_last_stage: Callable[[int, MicroBatch], None] | None = None  # forward_only's callback
+        self.reset()
+
+    def reset(self) -> None:
+        # detached tensors (no device sync per microbatch): lm + (lambda / D) * sum(mtp) per microbatch on the
+        # loss stage, its parts, and the balance losses of this rank's blocks
+        self.loss: list[torch.Tensor] = []
+        self.lm: list[torch.Tensor] = []
+        self.mtp: list[list[torch.Tensor]] = []
+        self.balance: list[torch.Tensor] = []
+
+
+class SeedBalanceGrad(torch.autograd.Function):
+    """Identity on the hidden state; its backward also returns a gradient for the balance loss, so a block's
+    balance loss is backpropagated with the hidden state although DeepSpeed never sees it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, balance: torch.Tensor, state: RankState) -> torch.Tensor:
+        ctx.state = state
+        ctx.balance_like = (balance.dtype, balance.device)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        dtype, device = ctx.balance_like
+        return grad_h, torch.full((), ctx.state.grad_scale(), dtype=dtype, device=device), None
+
+
+def _unpack(inputs: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(hidden, tokens, loss_mask) from a pipeline tuple; the first stage gets (tokens[, loss_mask])."""
+    if torch.is_tensor(inputs):
+        return None, inputs, None
+    inputs = tuple(inputs)
+    if inputs[0].is_floating_point():
+        return inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None
+    return None, inputs[0], inputs[1] if len(inputs) > 1 else None
+
+
+def _pack(h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return (h, tokens) if mask is None else (h, tokens, mask)
+
+
+class EmbedLayer(nn.Module):
+    """The tied embedding (one per rank that needs the table)."""
+
+    def __init__(self, piece: EmbeddingPiece, seq_len: int) -> None:
+        super().__init__()
+        self.piece, self.seq_len = piece, seq_len
+
+
+def _embed_forward(layer: EmbedLayer, inputs: Any) -> tuple[torch.Tensor, ...]:
+    _, tokens, mask = _unpack(inputs)
+    h = layer.piece(None, MicroBatch(tokens=tokens, seq_len=layer.seq_len))
+    return _pack(h, tokens, mask)
+
+
+def _tied_copy_forward(layer: EmbedLayer, inputs: Any) -> Any:
+    """The last stage's copy of the table only exists for the MTP modules (they read it via the head)."""
+    return inputs
+
+
+class BlockLayer(nn.Module):
+    """A decoder block on the pipeline tuple. `on_loss_stage`: its balance loss goes into the engine's loss
+    (through the head); otherwise it is seeded by `SeedBalanceGrad`."""
+
+    def __init__(self, piece: BlockPiece, seq_len: int, state: RankState, on_loss_stage: bool) -> None:
+        super().__init__()
+        self.piece, self.seq_len, self.state, self.on_loss_stage = piece, seq_len, state, on_loss_stage
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        h, tokens, mask = _unpack(inputs)
+        mb = MicroBatch(tokens=tokens, seq_len=self.seq_len, loss_mask=mask)
+        h = self.piece(h, mb)
+        balance = mb.balance_losses.get(self.piece.block.layer_idx)
+        if balance is not None and torch.is_grad_enabled():
+            self.state.balance.append(balance.detach())
+            if self.on_loss_stage:
+                self.state.pending_balance.append(balance)
+            else:
+                h = SeedBalanceGrad.apply(h, balance, self.state)
+        return _pack(h, tokens, mask)
+
+
+class HeadLayer(nn.Module):
+    """Final norm, head and MTP (`HeadPiece`) -> the engine's loss for this microbatch."""
+
+    def __init__(self, piece: HeadPiece, seq_len: int, state: RankState) -> None:
+        super().__init__()
+        self.piece, self.seq_len, self.state = piece, seq_len, state
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        h, tokens, mask = _unpack(inputs)
+        state = self.state
+        mb = MicroBatch(tokens=tokens, seq_len=self.seq_len, loss_mask=mask,
+                        keep_logits=state.on_last_stage is not None)
+        loss = self.piece(h, mb)
+        state.loss.append(loss.detach())
+        state.lm.append(mb.lm_loss.detach())
+        state.mtp.append([m.detach() for m in mb.mtp_losses])
+        if state.on_last_stage is not None:  # microbatches reach the loss stage in order
+            state.on_last_stage(len(state.loss) - 1, mb)
+        # the MTP blocks' balance losses (recorded by the head) and the loss stage's own blocks'
+        balance = [*state.pending_balance, *(mb.balance_losses[i] for i in sorted(mb.balance_losses))]
+        state.pending_balance = []
+        if torch.is_grad_enabled():
+            state.balance.extend(mb.balance_losses[i].detach() for i in sorted(mb.balance_losses))
+        if balance:
+            loss = loss + torch.stack(balance).sum()
+        return loss
+
+
+def build_rank_model(cfg: ModelConfig, held_stages: list[int], num_stages: int, device: torch.device,
+                     dtype: torch.dtype) -> DeepseekV3:
+    """`DeepseekV3` with only the pieces of `held_stages` materialised (single-process weights and names).
+    The last stage also keeps the embedding when MTP is on (the tied copy)."""
+    check_divisible(cfg, num_stages)
+    with torch.device("meta"):
+        model = DeepseekV3(cfg)
+    per = cfg.num_hidden_layers // num_stages
+    held = {i for s in held_stages for i in range(s * per, (s + 1) * per)}
+    for i in range(cfg.num_hidden_layers):
+        if i not in held:
+            model.layers[i] = _Absent()
+    last = num_stages - 1 in held_stages
+    if 0 not in held_stages and not (last and cfg.num_nextn_predict_layers):
+        model.embed = _Absent()
+    if not last:
+        model.head = _Absent()
+    model.to_empty(device=torch.device("cpu"))
+    model.reset_parameters()
+    model = model.to(device=device, dtype=dtype)
+    for router in model.routers():  # the bias must absorb 0.001 steps: keep it fp32 under bf16
+        router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
+        router.step_counts.data = router.step_counts.data.double()
+    return model
+
+
+def layer_specs(model: DeepseekV3, held_stages: list[int], num_stages: int, seq_len: int,
+                state: RankState) -> list:
+    """The LayerSpecs of the whole model; only the held stages' specs are ever built (by DeepSpeed)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    cfg = model.cfg
+    per = cfg.num_hidden_layers // num_stages
+    last = num_stages - 1
+    embed = model.embed if isinstance(model.embed, EmbeddingPiece) else None
+    specs: list = [TiedLayerSpec("embed", EmbedLayer, embed, seq_len, forward_fn=_embed_forward,
+                                 tied_weight_attr=["piece.embed_tokens.weight"])]
+    for i in range(cfg.num_hidden_layers):
+        piece = model.layers[i] if isinstance(model.layers[i], BlockPiece) else None
+        specs.append(LayerSpec(BlockLayer, piece, seq_len, state, i // per == last))
+    if cfg.num_nextn_predict_layers:
+        specs.append(TiedLayerSpec("embed", EmbedLayer, embed, seq_len, forward_fn=_tied_copy_forward,
+                                   tied_weight_attr=["piece.embed_tokens.weight"]))
+    head = model.head if isinstance(model.head, HeadPiece) else None
+    specs.append(LayerSpec(HeadLayer, head, seq_len, state))
+    return specs
+
+
+def _to_engine_batch(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """{"tokens", "loss_mask"} -> DeepSpeed's (inputs, labels); the mask travels as integers (DeepSpeed would
+    send a gradient back for a floating-point tensor)."""
+    tokens = batch["tokens"]
+    mask = batch.get("loss_mask")
+    inputs = (tokens,) if mask is None else (tokens, mask.to(tokens.dtype))
+    return inputs, tokens  # labels: unused (the head computes the loss) but the last stage loads them
+
+
+class DeepSpeedPipeSchedule:
+    """DeepSpeed's PipelineEngine (or DualPipeVEngine) behind the interface of PipelineSchedule: `train_batch`,
+    `forward_only`, `engine`, `module`, `topo`, `pipe_group`, `counts_group`, `record_next_step` /
+    `take_timeline`; `model` is this rank's `DeepseekV3` (single-process parameter names)."""
+
+    kind = "1f1b"
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        topo: PipelineTopology | tuple[int, int],
+        microbatches: int,
+        micro_batch_size: int,
+        seq_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        ds_config: dict[str, Any],
+        param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
+        lr_lambda: Callable[[int], float] | None = None,
+        record_timeline: bool = False,
+    ) -> None:
+        import deepspeed
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+        # PipelineModule talks to deepspeed.comm before deepspeed.initialize would set it up; with torch's
+        # process group already running this only wraps it
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        if not isinstance(topo, PipelineTopology):  # (pp, dp): DeepSpeed builds the groups it needs itself
+            topo = PipelineTopology(pp=topo[0], dp=topo[1], rank=dist.get_rank())
+        pp, dp = topo.pp, topo.dp
+        if pp * dp != dist.get_world_size():
+            raise ValueError(f"parallel.pp={pp} x dp={dp} != world size {dist.get_world_size()}")
+        self.topo = topo
+        self.cfg, self.microbatches, self.pp, self.dp = cfg, microbatches, pp, dp
+        pipe_rank = dist.get_rank() // dp  # pipe-major, like PipeDataParallelTopology and PipelineTopology
+        num_stages = self._num_stages(pp)
+        self.held_stages = self._held_stages(pipe_rank, pp)
+        self.state = RankState()
+        self.model = build_rank_model(cfg, self.held_stages, num_stages, device, dtype)
+        specs = layer_specs(self.model, self.held_stages, num_stages, seq_len, self.state)
+        # no_grad: DeepSpeed broadcasts the tied weights in place while building; recorded by autograd, that
+        # broadcast would become part of the embedding's backward graph (torch warns on every step).
+        # stdout: DeepSpeed prints the layer partition; it is fixed here (L/S blocks per stage, checked below)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            module = self._module_cls()(specs, topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp),
+                                        partition_method=PARTITION_METHOD)
+        per = cfg.num_hidden_layers // num_stages
+        want = [0, *(1 + per * s for s in range(1, num_stages)), len(specs)]  # spec 0 is the embedding
+        if [int(p) for p in module.parts] != want:  # the pruning above assumed this cut
+            raise RuntimeError(f"DeepSpeed partitioned the layers as {module.parts}, expected {want}")
+
+        ds_config = dict(ds_config)
+        ds_config.update(train_batch_size=micro_batch_size * microbatches * dp,
+                         train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=microbatches)
+        scheduler = None
+        if lr_lambda is not None:
+            def scheduler(optimizer):
+                return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=param_groups_fn(module), config=ds_config, lr_scheduler=scheduler,
+        )
+        # what DeepSpeed seeds the last stage's loss with: loss / gradient_accumulation_steps
+        self.state.grad_scale = lambda: 1.0 / self.engine.gradient_accumulation_steps()
+        self.pipe_rank, self.device = pipe_rank, device
+        self.timeline_events: list[TimelineEvent] = []
+        self.recording = record_timeline
+        self._time_instructions()
+
+    # ---- what differs between DeepSpeed's two pipeline engines ----------------------------------------
+    @staticmethod
+    def _num_stages(pp: int) -> int:
+        return pp
+
+    @staticmethod
+    def _held_stages(pipe_rank: int, pp: int) -> list[int]:
+        return [pipe_rank]
+
+    @staticmethod
+    def _module_cls():
+        from deepspeed.pipe import PipelineModule
+
+        return PipelineModule
+
+    # ---- the StepSchedule interface ----------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def pipe_group(self):
+        return self.engine.grid.get_pipe_parallel_group() if self.pp > 1 else None
+
+    @property
+    def counts_group(self):
+        """The data-parallel group of this pipe rank: it holds the same routers."""
+        return self.engine.grid.get_data_parallel_group()
+
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
+        # every rank takes its microbatches (as PipelineSchedule does); DeepSpeed reads them on the first and
+        # last stage only
+        data = [_to_engine_batch(next(batches)) for _ in range(self.microbatches)]
+        self.state.reset()
+        self.engine.train_batch(iter(data))
+        return self._reduce_losses()
+
+    def _reduce_losses(self) -> StepLosses:
+        """LM/MTP losses from the loss stage (zeros elsewhere) and balance losses from every stage, summed over
+        the pipeline group: every rank gets the step's mean losses."""
+        depth = self.cfg.num_nextn_predict_layers
+        vec = torch.zeros(3 + depth, dtype=torch.float64, device=self.device)
+        s = self.state
+
+        def total(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(values).double().sum() if values else vec.new_zeros(())
+
+        vec[0], vec[1], vec[2] = total(s.loss), total(s.lm), total(s.balance)
+        for k in range(depth):
+            vec[3 + k] = total([row[k] for row in s.mtp])
+        if self.pp > 1:
+            dist.all_reduce(vec, group=self.engine.grid.get_pipe_parallel_group())
+        vec /= self.microbatches
+        return StepLosses(
+            loss=(vec[0] + vec[2]).float(), lm_loss=vec[1].float(), mtp_losses=[v.float() for v in vec[3:]],
+            balance_loss=vec[2].float(), microbatches=self.microbatches,
+        )
+
+    @torch.no_grad()
+    def forward_only(self, batches: list[dict[str, torch.Tensor]], on_last_stage=None) -> StepResult:
+        """Evaluation through DeepSpeed's inference schedule. `on_last_stage(mb, MicroBatch)` sees each
+        microbatch's logits on the loss stage; the result holds the losses the loss stage computed."""
+        state, recording = self.state, self.recording
+        state.reset()
+        state.on_last_stage, self.recording = on_last_stage, False  # the timeline is of training steps
+        try:
+            self.engine.eval_batch(iter([_to_engine_batch(b) for b in batches]), num_micro_batches=len(batches),
+                                   bcast_loss=False)
+        finally:
+            state.on_last_stage, self.recording = None, recording
+        result = StepResult()
+        for mb, (loss, lm, mtp) in enumerate(zip(state.loss, state.lm, state.mtp)):
+            result.loss[mb], result.lm_loss[mb] = float(loss), float(lm)
+            result.mtp_losses[mb] = [float(m) for m in mtp]
+        return result
+
+    # ---- timeline --------------------------------------------------------------------------------------
+    def record_next_step(self) -> None:
+        """Time every compute instruction of the next `train_batch` (see `take_timeline`)."""
+        self.timeline_events = []
+        self.recording = True
+
+    def take_timeline(self) -> list[TimelineEvent]:
+        """The recorded events of this rank (TimelineEvent), and recording off again."""
+        self.recording = False
+        events, self.timeline_events = self.timeline_events, []
+        return events
+
+    def _time_instructions(self) -> None:
+        """Time DeepSpeed's ForwardPass / BackwardPass instructions while `recording` (pure compute: its
+        receives are separate instructions). The engine looks instructions up in `self._INSTRUCTION_MAP`, so an
+        instance attribute overrides the class's map for this engine only."""
+        from deepspeed.runtime.pipe import schedule as ds_schedule
+
+        engine, rank, m = self.engine, self.pipe_rank, self.microbatches
+        counters: dict[tuple[str, int], int] = {}
+        table = dict(type(engine)._INSTRUCTION_MAP)
+
+        def timed(kind: str, fn):
+            def run(eng, buffer_id: int, **kwargs):
+                chunk = kwargs.get("phase", 0) or 0
+                if self.kind == "dualpipev":
+                    mb = buffer_id % m  # DualPipeV's buffer = phase * M + microbatch
+                else:  # 1F1B runs each kind's microbatches in order (its buffers are cyclic)
+                    mb = counters.get((kind, chunk), 0)
+                    counters[(kind, chunk)] = mb + 1
+                if not self.recording:
+                    fn(eng, buffer_id=buffer_id, **kwargs)
+                    return
+                start = time.perf_counter()
+                fn(eng, buffer_id=buffer_id, **kwargs)
+                label = f"{kind}{chunk}.{mb}"
+                self.timeline_events.append(TimelineEvent(rank, start, time.perf_counter(), label, kind, chunk))
+            return run
+
+        table[ds_schedule.ForwardPass] = timed("F", table[ds_schedule.ForwardPass])
+        table[ds_schedule.BackwardPass] = timed("B", table[ds_schedule.BackwardPass])
+        original_train_batch = engine.train_batch
+
+        def train_batch(*args, **kwargs):
+            counters.clear()
+            return original_train_batch(*args, **kwargs)
+
+        engine._INSTRUCTION_MAP = table
+        engine.train_batch = train_batch
+
+
+class OneFOneBSchedule(DeepSpeedPipeSchedule):
+    """`parallel.schedule=1f1b`: DeepSpeed's PipelineEngine (TrainSchedule), one stage per pipe rank."""
+
+
+class DeepSpeedDualPipeVSchedule(DeepSpeedPipeSchedule):
+    """DeepSpeed's own DualPipeVEngine on the same layers (a peer in bench/pipeline.py): rank r holds stages r
+    and 2pp-1-r; rank 0 has embedding and head, so the tied embedding needs no traffic."""
+
+    kind = "dualpipev"
+
+    @staticmethod
+    def _num_stages(pp: int) -> int:
+        return 2 * pp
+
+    @staticmethod
+    def _held_stages(pipe_rank: int, pp: int) -> list[int]:
+        return [pipe_rank, 2 * pp - 1 - pipe_rank]
+
+    @staticmethod
+    def _module_cls():
+        from deepspeed.pipe import DualPipeVModule
+
+        return DualPipeVModule
+
+
+def build_1f1b_schedule(
+    cfg: ModelConfig,
+    topo: PipelineTopology | tuple[int, int],
+    microbatches: int,
+    micro_batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ds_config: dict[str, Any],
+    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
+    lr_lambda: Callable[[int], float] | None = None,
+    record_timeline: bool = False,
+) -> OneFOneBSchedule:
+    """`parallel.schedule=1f1b`. `topo`: a PipelineTopology or (pp, dp); ranks are pipe-major."""
+    return OneFOneBSchedule(cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config,
+                            param_groups_fn, lr_lambda, record_timeline)
+
+
+def build_deepspeed_dualpipev_schedule(
+    cfg: ModelConfig,
+    topo: PipelineTopology | tuple[int, int],
+    microbatches: int,
+    micro_batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ds_config: dict[str, Any],
+    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
+    lr_lambda: Callable[[int], float] | None = None,
+    record_timeline: bool = False,
+) -> DeepSpeedDualPipeVSchedule:
+    """DeepSpeed's DualPipeVEngine on our model (microbatches >= 2 * pp)."""
+    return DeepSpeedDualPipeVSchedule(cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config,
+                                      param_groups_fn, lr_lambda, record_timeline)

@@ -1,0 +1,96 @@
+"""`1f1b` (DeepSpeed's PipelineModule / PipelineEngine on our model) equals single-process training."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from tests.distributed_harness import run_ranks
+from tests.parallel.engine_workers import ds_config, param_groups, reference_steps
+from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
+
+
+def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip: float, layers: int) -> dict:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+    from model.transformer import DeepseekV3
+    from parallel.deepspeed_1f1b import build_1f1b_schedule
+    from parallel.topology import PipelineTopology
+    from trainer.load_balance import moe_routers, update_router_biases
+
+    cfg = tiny_config(num_hidden_layers=layers)
+    dp = world // pp
+    topo = PipelineTopology(pp=pp, dp=dp, rank=rank)
+    topo.build_groups()
+    torch.manual_seed(0)
+    sched = build_1f1b_schedule(cfg, topo, microbatches, MICRO, SEQ, torch.device("cpu"), torch.float32,
+                                ds_config(clip), param_groups)
+    all_batches = make_batches(cfg, steps * microbatches * dp)
+    per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
+    dp_rank = rank % dp
+    routers = moe_routers(sched.module)
+    losses, lm = [], []
+    for s in range(steps):
+        if s == steps - 1:
+            sched.record_next_step()
+        out = sched.train_batch(iter(per_step[s][dp_rank * microbatches:(dp_rank + 1) * microbatches]))
+        update_router_biases(routers, group=sched.counts_group)
+        losses.append(float(out.loss))
+        lm.append(float(out.lm_loss))
+    timeline = sorted(e.label for e in sched.take_timeline())
+    ref_losses, ref_state = reference_steps(cfg, per_step, clip)
+    state = sched.model.state_dict()  # single-process names of this rank's pieces (tied copy included)
+    diffs = torch.cat([(t - ref_state[n]).abs().flatten().double() for n, t in state.items()])
+
+    # evaluation through the pipeline: the trained weights' losses (and logits) against the reference model's
+    logits = {}
+    evaluated = sched.forward_only(per_step[0][:microbatches], lambda mb, ctx: logits.update({mb: ctx.logits.shape}))
+    ref = DeepseekV3(cfg)
+    ref.load_state_dict(ref_state)
+    ref.eval()
+    eval_pairs = {}
+    with torch.no_grad():
+        for mb, loss in evaluated.loss.items():
+            out = ref(per_step[0][mb]["tokens"])
+            eval_pairs[mb] = (loss, float(out.loss - (out.balance_loss if out.balance_loss is not None else 0)))
+    return {"losses": losses, "lm": lm, "ref_losses": ref_losses, "max_param_diff": float(diffs.max()),
+            "mean_param_diff": float(diffs.mean()), "names": sorted(state), "eval": eval_pairs,
+            "logits": {mb: tuple(s) for mb, s in logits.items()}, "timeline": timeline}
+
+
+@pytest.mark.multiprocess
+def test_1f1b_steps_equal_single_process():
+    """pp=2, MoE (grouped routing, shared expert) and MTP: stage 0 holds a MoE block whose balance loss only
+    reaches backward through the seed, stage 1 the head whose MTP reads the tied embedding. Tolerances as in
+    test_pipeline_engine.py (clipping on, so the grad norm must count the tied copy once)."""
+    reports = run_ranks(2, run_1f1b, 2, 4, 2, 1.0, 4)
+    for rep in reports:
+        (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
+        assert abs(got1 - want1) <= 1e-6 * abs(want1), (rep["losses"], rep["ref_losses"])
+        assert abs(got2 - want2) <= 1e-5 * abs(want2), (rep["losses"], rep["ref_losses"])
+        assert rep["mean_param_diff"] <= 1e-6, rep["mean_param_diff"]
+        assert rep["max_param_diff"] <= 1e-3, rep["max_param_diff"]
+    assert reports[0]["lm"] == reports[1]["lm"]  # the loss stage's LM loss reaches every rank
+    for rep in reports:  # the recorded step: one F and one B per microbatch on each stage
+        assert rep["timeline"] == sorted(f"{k}0.{mb}" for k in "FB" for mb in range(4)), rep["timeline"]
+    first, last = (set(r["names"]) for r in reports)
+    assert "embed.embed_tokens.weight" in first and "embed.embed_tokens.weight" in last  # the tied copy
+    assert not any(n.startswith("head.") for n in first) and any(n.startswith("head.mtp.") for n in last)
+    # forward_only: the loss stage sees every microbatch, with logits, equal to the trained reference model
+    assert not reports[0]["eval"] and sorted(reports[1]["eval"]) == [0, 1, 2, 3]
+    for loss, ref in reports[1]["eval"].values():
+        assert abs(loss - ref) <= 1e-5 * abs(ref), (loss, ref)
+    assert set(reports[1]["logits"].values()) == {(MICRO, SEQ, 256)}
+
+
+def test_1f1b_needs_layers_divisible_by_pp():
+    from parallel.deepspeed_1f1b import build_rank_model
+    from parallel.stages import StageError
+
+    with pytest.raises(StageError, match=r"^parallel\.pp: 3 decoder layers do not split into 2"):
+        build_rank_model(tiny_config(num_hidden_layers=3), [0], 2, torch.device("cpu"), torch.float32)
