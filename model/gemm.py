@@ -168,8 +168,10 @@ class GemmBackend:
     # ---- what the layers call ---------------------------------------------------------------------------
     @property
     def is_plain(self) -> bool:
-        """Plain torch numerics, weight-gradients in backward: layers may take fused fast paths."""
-        return type(self).fprop is GemmBackend.fprop and self.wgrad_store is None
+        """Plain torch numerics, weight-gradients in backward: layers may take fused fast paths. A store that
+        says it is not `active` (no deferral expected for this forward) counts as none."""
+        store = self.wgrad_store
+        return type(self).fprop is GemmBackend.fprop and (store is None or not getattr(store, "active", True))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.is_plain:

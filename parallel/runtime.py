@@ -30,6 +30,7 @@ class TimelineEvent:
     label: str
     kind: str
     chunk: int
+    waited: float = 0.0  # seconds of this op spent blocked on incoming point-to-point data
 
 
 @dataclass
@@ -88,6 +89,8 @@ class PipelineRuntime:
         """Run one training step's instructions; `batches[mb]` holds tokens (and loss_mask) of microbatch mb."""
         self._begin(batches, compute_loss=True)
         self.on_last_stage = None
+        self.deferred = {(i.b_chunk, i.b_mb) if i.kind == Kind.FB else (i.chunk, i.mb)
+                         for i in instrs if i.kind in (Kind.B, Kind.FB) and i.defer_w}
         self.loss_scale = loss_scale
         for ins in instrs:
             if ins.kind in COMM:
@@ -142,6 +145,8 @@ class PipelineRuntime:
         self.out_grads: dict[tuple[int, int], torch.Tensor | _Pending] = {}
         self.in_grads: dict[tuple[int, int], torch.Tensor] = {}
         self.compute_loss, self.keep_logits = compute_loss, keep_logits
+        self.deferred: set[tuple[int, int]] = set()
+        self._waited = 0.0
         self.result = StepResult()
 
     def _microbatch(self, mb: int) -> MicroBatch:
@@ -158,9 +163,19 @@ class PipelineRuntime:
         if not self.record_timeline:
             fn()
             return
+        self._waited = 0.0
         start = time.perf_counter()
         fn()
-        self.timeline.append(TimelineEvent(self.rank, start, time.perf_counter(), str(ins), ins.kind.value, ins.chunk))
+        self.timeline.append(TimelineEvent(self.rank, start, time.perf_counter(), str(ins), ins.kind.value,
+                                           ins.chunk, self._waited))
+
+    def _wait(self, pending: _Pending) -> torch.Tensor:
+        if not self.record_timeline:
+            return pending.wait()
+        start = time.perf_counter()
+        out = pending.wait()
+        self._waited += time.perf_counter() - start
+        return out
 
     # ---- communication ---------------------------------------------------------------------------------
     def _post(self, ins: Instr) -> None:
@@ -198,7 +213,7 @@ class PipelineRuntime:
         if prev[0] == self.rank:  # DualPipeV turn at the last rank: chunk 0 feeds chunk 1 locally
             return self.outputs.pop((prev[1], mb))
         x = self.inputs.pop((chunk, mb))
-        return x.wait() if isinstance(x, _Pending) else x
+        return self._wait(x) if isinstance(x, _Pending) else x
 
     def _output_grad(self, chunk: int, mb: int) -> torch.Tensor | None:
         nxt = self.placement.next_hop(self.rank, chunk)
@@ -207,7 +222,7 @@ class PipelineRuntime:
         if nxt[0] == self.rank:
             return self.in_grads.pop((nxt[1], mb))
         g = self.out_grads.pop((chunk, mb))
-        return g.wait() if isinstance(g, _Pending) else g
+        return self._wait(g) if isinstance(g, _Pending) else g
 
     def _forward(self, chunk: int, mb: int):
         """Generator: one step per piece of the stage; stores the output for a send or the loss."""
@@ -215,13 +230,17 @@ class PipelineRuntime:
         x = self._stage_input(chunk, mb)
         before = set(ctx.balance_losses)
         steps = stage.forward_steps(x, ctx, mb)
+        may_defer = (chunk, mb) in self.deferred
         while True:
             with self.precision_context(chunk, mb):
+                self.store.forward_may_defer = may_defer
                 try:
                     next(steps)
                 except StopIteration as done:
                     out = done.value
                     break
+                finally:
+                    self.store.forward_may_defer = False
             yield
         own_balance = [ctx.balance_losses[i] for i in sorted(set(ctx.balance_losses) - before)]
         if own_balance:

@@ -22,6 +22,9 @@ class WeightGradStore:
 
     def __init__(self) -> None:
         self.capturing = False
+        # set by the runtime while it runs the forward of a microbatch whose backward will defer W: only those
+        # forwards need the GEMMs that can defer; the others take the plain (faster) autograd path
+        self.forward_may_defer = False
         self._pending: list[Callable[[], None]] = []
         self._queue: deque[tuple[object, list[Callable[[], None]]]] = deque()
 
@@ -35,6 +38,10 @@ class WeightGradStore:
             self.capturing = False
             self._queue.append((key, self._pending))
             self._pending = []
+
+    @property
+    def active(self) -> bool:
+        return self.capturing or self.forward_may_defer
 
     def defer_or_run(self, fn: Callable[[], None]) -> None:
         if self.capturing:
