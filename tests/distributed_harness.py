@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -24,7 +25,9 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle: a multiprocessing queue would share tensors through file descriptors that vanish
+        # when this process exits before the parent has read them
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -45,7 +48,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0) -> list:
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -103,4 +103,4 @@ def test_sequence_balance_loss_formula():
         f = counts * 8 / (2 * 5)
         p = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
         total += float((f * p).sum().detach())
-    assert abs(float(r.balance_loss) - 0.1 * total / 2) < 1e-6
+    assert abs(float(r.balance_loss.detach()) - 0.1 * total / 2) < 1e-6
