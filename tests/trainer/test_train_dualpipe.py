@@ -68,3 +68,19 @@ def test_dualpipe_killed_during_save_resumes_exactly(dualpipe_run: Path, tiny_da
     resumed = launch([*args, "train.resume=auto"], nproc=2)
     assert "resumed from" in resumed.stdout
     assert losses(run_dir) == losses(dualpipe_run)
+
+
+def test_dualpipev_stop_and_resume_equals_uninterrupted(tiny_data: Path, tmp_path: Path):
+    """DualPipeV (4 stages on 2 ranks: rank 0 holds embedding, head and MTP): a run killed inside its step-6
+    save resumes from step 3 and reproduces the uninterrupted run exactly."""
+    args = ["parallel=dualpipev", "model.num_hidden_layers=4", "train.eval_interval=0", "train.eval_batches=0",
+            "checkpoint.interval=3", "train.steps=6"]
+    full = tmp_path / "full"
+    launch(base_overrides(tiny_data, full, *args), nproc=2)
+    split = tmp_path / "split"
+    crashed = launch(base_overrides(tiny_data, split, *args), nproc=2, env={"DSV3_FAULT_INJECT": "checkpoint_save:6"},
+                     check=False)
+    assert crashed.returncode != 0 and (split / "checkpoints" / "latest").read_text() == "step00000003"
+    launch(base_overrides(tiny_data, split, *args, "train.resume=auto"), nproc=2)
+    assert sorted(losses(full)) == list(range(1, 7))
+    assert losses(split) == losses(full)
