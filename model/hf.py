@@ -246,21 +246,60 @@ def _item(
     return _Item(name, make, src.numel() * dtype.itemsize)
 
 
-def _hf_items(model: DeepseekV3, dtype: torch.dtype = torch.float32) -> list[_Item]:
+FP8_BLOCK = (128, 128)
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": list(FP8_BLOCK)}
+
+
+def _fp8_items(name: str, src: torch.Tensor) -> list[_Item]:
+    """A weight in DeepSeek's release format: float8_e4m3fn values and `<name>_scale_inv`, one fp32
+    dequantization multiplier per 128 x 128 block (edge blocks partial)."""
+    from model.fp8 import quantize
+
+    rows, cols = src.shape
+
+    def part(which: str) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            q = quantize(src.detach().float(), FP8_BLOCK)
+            return getattr(q, which).to(device="cpu", copy=True).contiguous()
+
+        return make
+
+    grid = math.ceil(rows / FP8_BLOCK[0]) * math.ceil(cols / FP8_BLOCK[1])
+    return [_Item(name, part("values"), rows * cols), _Item(name + "_scale_inv", part("scale"), grid * 4)]
+
+
+def _fp8_keys(model: DeepseekV3) -> set[str]:
+    """state_dict keys of the weights the FP8 release format quantizes: the FP8 layers of training
+    (attention, dense MLPs, shared and routed experts, the MTP block); not the embedding, head, norms,
+    router or the MTP projection."""
+    from model.fp8 import fp8_layers
+
+    return {f"{name}.weight" for name in fp8_layers(model)}
+
+
+def _hf_items(model: DeepseekV3, dtype: torch.dtype = torch.float32, fp8: bool = False) -> list[_Item]:
     """Every tensor of the HF checkpoint, in write order, materialised lazily (one shard at a time)."""
     cfg = model.cfg
+    quantized = _fp8_keys(model) if fp8 else set()
     items: list[_Item] = []
+
+    def weight(name: str, src: torch.Tensor, key: str) -> list[_Item]:
+        return _fp8_items(name, src) if key in quantized else [_item(name, src, dtype)]
+
     for key, t in model.state_dict().items():
         name = hf_name(key, cfg)
         if name.endswith(_GATE_UP):
             base, inter = name[: -len(_GATE_UP)] + "mlp.experts.", t.shape[1] // 2
             for e in range(t.shape[0]):
-                items.append(_item(f"{base}{e}.gate_proj.weight", t[e, :inter], dtype))
-                items.append(_item(f"{base}{e}.up_proj.weight", t[e, inter:], dtype))
+                items += weight(f"{base}{e}.gate_proj.weight", t[e, :inter], key)
+                items += weight(f"{base}{e}.up_proj.weight", t[e, inter:], key)
         elif name.endswith(_DOWN):
             base = name[: -len(_DOWN)] + "mlp.experts."
             for e in range(t.shape[0]):
-                items.append(_item(f"{base}{e}.down_proj.weight", t[e], dtype))
+                items += weight(f"{base}{e}.down_proj.weight", t[e], key)
+        elif key in quantized:
+            items += _fp8_items(name, t)
         elif name.endswith("mlp.gate.e_score_correction_bias"):
             # Only bias differences matter to routing, and a non-negative bias keeps every s + b > 0, which
             # transformers 4.x (and older vLLM) need: they mask dropped groups with 0 instead of -inf.
@@ -294,20 +333,34 @@ def export_hf(
     out_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fp8: bool = False,
 ) -> Path:
     """Write `model` as a Hugging Face deepseek_v3 checkpoint into out_dir (created); returns out_dir.
 
     One `model.safetensors` when everything fits in max_shard_bytes, else `model-0000i-of-0000n.safetensors`
     plus `model.safetensors.index.json`. Previous checkpoint files of either form in out_dir are removed.
     Router weights and biases stay fp32 whatever `dtype` is. Call on one rank with the full model.
+
+    fp8: DeepSeek-V3's release format: the GEMM weights trained in FP8 as float8_e4m3fn with a
+    `weight_scale_inv` per 128 x 128 block, everything else (embedding, head, norms, router, MTP projection)
+    in `dtype` (bf16 there), and `quantization_config` in config.json. transformers loads it (dequantized to
+    bf16 without an SM89+ GPU); its CPU dequantizer infers the block size from the scale grid, so a weight
+    dimension above 128 must be a multiple of 128 there (a warning names the others).
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"export dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if fp8:
+        odd = sorted(k for k in _fp8_keys(model)
+                     if any(n > FP8_BLOCK[0] and n % FP8_BLOCK[0] for n in model.state_dict()[k].shape[-2:]))
+        if odd:
+            warnings.warn(f"FP8 export: {odd[:3]} have a dimension above 128 that is not a multiple of 128; "
+                          "transformers' CPU dequantizer misreads such blocks (vLLM and our import do not)",
+                          stacklevel=2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / SAFE_NAME, out / INDEX_NAME, *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    items = _hf_items(model, dtype)
+    items = _hf_items(model, dtype, fp8)
     shards = _plan_shards(items, max_shard_bytes)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
@@ -319,7 +372,10 @@ def export_hf(
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(it.nbytes for it in items)}, "weight_map": weight_map}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, dtype), indent=2) + "\n")
+    config = hf_config_dict(model.cfg, dtype)
+    if fp8:
+        config["quantization_config"] = dict(FP8_QUANT_CONFIG)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

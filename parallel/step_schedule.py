@@ -98,17 +98,27 @@ def build_schedule(
     ds_config: dict[str, Any],
     param_groups: list[dict[str, Any]],
     lr_lambda: Callable[[int], float],
+    optimizer: Any = None,
 ) -> StepSchedule:
-    """The engine and step runner for `parallel.schedule=name` (validated beforehand by the trainer)."""
+    """The engine and step runner for `parallel.schedule=name` (validated beforehand by the trainer).
+    `optimizer`: a client optimizer (or a callable of the parameter groups) instead of the config's."""
     import deepspeed
 
     if name == "none":
         def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
-        )
+        from parallel.ep import deepspeed_moe_support, finish_deepspeed_moe
+
+        # expert parallelism (a model sharded by parallel.ep.shard_experts, expert params marked): the ZeRO
+        # optimizer gets DeepSpeed's expert groups; a full model initializes exactly as before
+        with deepspeed_moe_support(model):
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler,
+                optimizer=optimizer,
+            )
+        if getattr(engine, "has_moe_layers", False):
+            finish_deepspeed_moe(engine)
         return DataParallelSchedule(engine)
     if name in PIPELINES:
         raise ValueError(f"parallel.schedule={name} is a pipeline: build it with build_pipeline_schedule")
@@ -129,17 +139,27 @@ def build_pipeline_schedule(
     lr_lambda: Callable[[int], float],
     record_timeline: bool = False,
     defer_w: bool = True,
+    gemm_backend_fn: Callable[[nn.Module], object] | None = None,
+    precision_context: Callable[[int, int], Any] | None = None,
+    optimizer: Any = None,
 ) -> StepSchedule:
     """The engine and step runner of a pipeline schedule; `topo` is a built `PipelineTopology`. The rank builds
-    only its own stages (per-parameter seeding gives the single-process weights)."""
+    only its own stages (per-parameter seeding gives the single-process weights). `gemm_backend_fn(model)`
+    sets the GEMM numerics of the stage model (FP8), `precision_context(chunk, mb)` wraps every forward
+    piece (FP8 autocast), `optimizer` replaces the config's (dualpipe / dualpipev only)."""
     args = (model_cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config, param_groups_fn,
             lr_lambda)
     if name == "1f1b":
         from parallel.deepspeed_1f1b import build_1f1b_schedule
 
+        if gemm_backend_fn is not None or precision_context is not None or optimizer is not None:
+            raise ValueError("parallel.schedule=1f1b takes no GEMM backend, precision context or client optimizer")
         return build_1f1b_schedule(*args, record_timeline=record_timeline)
     if name in ("dualpipe", "dualpipev"):
         from parallel.pipeline_engine import PipelineSchedule
+        from parallel.runtime import _no_context
 
-        return PipelineSchedule(name, *args, record_timeline=record_timeline, defer_w=defer_w)
+        return PipelineSchedule(name, *args, record_timeline=record_timeline, defer_w=defer_w,
+                                precision_context=precision_context or _no_context,
+                                gemm_backend_fn=gemm_backend_fn, optimizer=optimizer)
     raise ValueError(f"parallel.schedule={name} is not a pipeline schedule; one of {PIPELINES}")

@@ -48,10 +48,12 @@ def chrome_trace(events: list[TimelineEvent]) -> dict:
         out.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 0, "args": {"name": "compute"}})
     for e in sorted(events, key=lambda e: (e.rank, e.start)):
+        args = {"chunk": e.chunk}
+        if getattr(e, "waited", 0.0):  # an event that knows how long it waited for its input
+            args["waited_us"] = round(e.waited * 1e6, 3)
         out.append({
             "ph": "X", "pid": e.rank, "tid": 0, "name": e.label, "cat": e.kind,
-            "ts": round((e.start - t0) * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3),
-            "args": {"chunk": e.chunk},
+            "ts": round((e.start - t0) * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3), "args": args,
         })
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 

@@ -181,27 +181,55 @@ class Checkpointer:
         _barrier()
 
     def save(self, engine: Any, step: int, meta: dict[str, Any], extra_files: dict[str, str]) -> Path:
-        """Save a complete checkpoint for `step` (collective: every rank calls it)."""
+        """Save a complete checkpoint for `step` (collective: every rank calls it).
+
+        A write that fails on any rank (disk full, permission, read-only filesystem) fails the save on every
+        rank alike, with a UserError naming the rank and the file; `latest` and the checkpoint it names are
+        untouched, the torn `.tmp-<tag>` is removed. The ranks agree after each phase (one small all-gather),
+        so none of them is left waiting in a barrier the failed rank never reaches.
+        """
         tag = tag_for(step)
         tmp, final = self.dir / (TMP_PREFIX + tag), self.dir / tag
-        if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+
+        def prepare() -> None:
+            if self.rank == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        self._agree(_attempt(prepare), tag, tmp)
         meta = {**meta, "step": step, "format": FORMAT_VERSION, "saved_at": time.time()}
-        engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={"trainer": meta}, save_latest=False)
-        rng_dir = tmp / "rng"
-        rng_dir.mkdir(exist_ok=True)
-        torch.save(rng_state(), rng_dir / f"rank{self.rank}.pt")
-        self._fsync_own_files(tmp)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={"trainer": meta}, save_latest=False)
+            error = None
+        except (OSError, RuntimeError) as e:
+            if not _is_write_error(e):
+                raise
+            error = e
+            _barrier()  # DeepSpeed's closing barrier, where the ranks whose writes succeeded are waiting
+
+        def own_files() -> None:
+            rng_dir = tmp / "rng"
+            rng_dir.mkdir(exist_ok=True)
+            torch.save(rng_state(), rng_dir / f"rank{self.rank}.pt")
+            from trainer.reshard import save_expert_shard  # expert parallelism: this rank's experts (ep > 1)
+
+            expert_file = save_expert_shard(engine.module, tmp)
+            if expert_file is not None:
+                fsync_file(expert_file)
+            self._fsync_own_files(tmp)
+
+        error = error or _attempt(own_files)
         _maybe_fault(step)
-        _barrier()
-        if self.rank == 0:
+        self._agree(error, tag, tmp)
+
+        def publish() -> None:
+            if self.rank != 0:
+                return
             for name, text in extra_files.items():
                 (tmp / name).write_text(text)
                 fsync_file(tmp / name)
             atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, default=str) + "\n")
-            fsync_dir(rng_dir)
+            fsync_dir(tmp / "rng")
             fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. an end-of-run save after a resume)
                 shutil.rmtree(final)
@@ -209,9 +237,33 @@ class Checkpointer:
             fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST_FILE, tag)
             self._prune()
-        _barrier()
+
+        self._agree(_attempt(publish), tag, tmp)
         self.last_saved_step = step
         return final
+
+    def _agree(self, error: BaseException | None, tag: str, tmp: Path) -> None:
+        """Collective: raise the same UserError on every rank if any rank's part of the save failed."""
+        mine = None if error is None else _describe(error)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rank, what = failed[0]
+        latest = self.dir / LATEST_FILE
+        kept = f"`latest` still names {latest.read_text().strip()}, which is intact" if latest.is_file() else \
+            "no earlier checkpoint exists"
+        from trainer.errors import UserError
+
+        raise UserError("checkpoint.dir", f"rank {rank} could not write checkpoint {tag}: {what}",
+                        f"free space on that filesystem or fix its permissions, or set checkpoint.dir to a writable "
+                        f"directory, then resume; {kept}")
 
     def _fsync_own_files(self, tmp: Path) -> None:
         mine = [tmp / "rng" / f"rank{self.rank}.pt", *tmp.glob(f"zero_pp_rank_{self.dp_rank}_*")]
@@ -234,10 +286,35 @@ class Checkpointer:
         )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
+        from trainer.reshard import load_expert_shard  # ep > 1: this rank's experts (mp_rank_00 has ep rank 0's)
+
+        load_expert_shard(engine.module, path)
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         return ResumePoint(path=path, step=int(meta["step"]), meta=meta)
+
+
+def _attempt(fn: Any) -> BaseException | None:
+    """Run fn; a file-system write error is returned (for the ranks to agree on), anything else raises."""
+    try:
+        fn()
+    except (OSError, RuntimeError) as e:
+        if not _is_write_error(e):
+            raise
+        return e
+    return None
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """OSError (ENOSPC, EACCES, EROFS, ...), or torch.save's C++ writer failing (it raises RuntimeError)."""
+    return isinstance(e, OSError) or "PytorchStreamWriter" in str(e) or "file write failed" in str(e)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    return " ".join(str(e).split())[:300]
 
 
 def _maybe_fault(step: int) -> None:
@@ -257,5 +334,8 @@ def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     module: dict[str, torch.Tensor] = {}
     for f in files:
         module.update(torch.load(f, map_location="cpu", weights_only=True)["module"])
+    from trainer.reshard import gather_expert_files  # an ep > 1 checkpoint: experts from experts/ep_rank_*.pt
+
+    module = gather_expert_files(ckpt, module)
     model_cfg = json.loads((ckpt / "model_config.json").read_text())
     return module, model_cfg

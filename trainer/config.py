@@ -36,10 +36,26 @@ class ParallelConfig:
     timeline_step: int = 0  # pipelines: record this step's per-rank timeline (Chrome trace + PNG); 0: off
 
 
+FP8_BACKENDS = ("te", "emulated")
+FP8_RECIPES = ("blockwise", "current", "delayed", "mxfp8")
+MOMENT_DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False  # precision=fp8 turns it on: the GEMMs of attention, dense MLPs and experts in FP8
+    backend: str = "te"  # te (Transformer Engine, Hopper+) | emulated (quantize-dequantize in fp32, any device)
+    recipe: str = "blockwise"  # blockwise (DeepSeek: 1x128 activations, 128x128 weights) | current | delayed | mxfp8
+    amax_history: int = 16  # delayed: amaxes kept per operand
+    dispatch: bool = False  # expert-parallel dispatch in FP8 (1x128 tiles); needs parallel.ep > 1
+
+
 @dataclass
 class PrecisionConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     grad_accum_dtype: str = "fp32"  # gradient accumulation / reduction dtype under bf16
+    adam_moments_dtype: str = "fp32"  # fp32 | bf16 (AdamW moments in BF16, as the DeepSeek-V3 report)
+    fp8: FP8Config = field(default_factory=FP8Config)
 
 
 @dataclass
@@ -77,6 +93,10 @@ class TrainConfig:
     eval_batches: int = 16  # validation microbatches per evaluation, over all data-parallel ranks (0: none)
     resume: str = "auto"  # auto: newest complete checkpoint in the run dir | never | a checkpoint path
     max_seconds: float | None = None  # stop early (with a checkpoint) after this much training time
+    on_nonfinite: str = "stop"  # non-finite loss/grad norm: stop (exit 4, last good checkpoint kept) | skip the step
+    max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row
+    fault_timeout: float | None = 180.0  # watchdog: a rank silent this long (s) stops every rank (exit 3); null: off
+    step_timeout: float | None = None  # watchdog: no step finished for this long (s) = a hung rank (exit 3); null: off
 
 
 @dataclass
@@ -128,6 +148,13 @@ def launch_id() -> str:
     for var in ("DSV3_LAUNCH_ID", "SLURM_JOB_ID"):
         if os.environ.get(var):
             return os.environ[var]
+    stamp = _launch_time()
+    # exported, so that processes this one starts (submitit's sbatch jobs inherit the environment) agree on it
+    os.environ["DSV3_LAUNCH_ID"] = stamp
+    return stamp
+
+
+def _launch_time() -> str:
     start = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         try:

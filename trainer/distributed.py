@@ -41,15 +41,16 @@ def prepare_argv(argv: list[str] | None = None) -> list[str]:
 
 
 def map_slurm_env() -> None:
-    """srun (one task per GPU) sets SLURM_* but not the torch rank variables; map them when missing.
+    """srun (one task per GPU) sets SLURM_* but not the torch rank variables; map them when RANK is missing.
 
-    MASTER_ADDR/MASTER_PORT still come from the batch script (the first node of the allocation).
+    The mapping (RANK, WORLD_SIZE, LOCAL_RANK, NODE_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR from the node list,
+    MASTER_PORT from the job id) is `trainer.slurm.slurm_rank_env`; see docs/cluster.md.
     """
-    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
+    if "RANK" in os.environ:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    from trainer.slurm import slurm_rank_env
+
+    os.environ.update(slurm_rank_env(os.environ))
 
 
 def free_port() -> int:

@@ -12,10 +12,11 @@ import logging
 
 import torch
 
+from model.gemm import GemmBackend
 from model.transformer import DeepseekV3
 from parallel.step_schedule import PIPELINES, StepSchedule, build_pipeline_schedule, build_schedule
 from trainer.config import JobConfig
-from trainer.ds_config import build_ds_config, param_groups
+from trainer.ds_config import build_ds_config, client_optimizer, param_groups
 from trainer.lr_schedule import make_lr_lambda
 from trainer.validate import Layout
 
@@ -31,18 +32,53 @@ def restore_router_buffer_dtypes(model: torch.nn.Module) -> None:
         router.step_counts.data = router.step_counts.data.double()
 
 
+def fp8_backend(cfg: JobConfig, amax_group: object = None) -> GemmBackend | None:
+    """The FP8 GEMM backend `precision.fp8` asks for (None: FP8 off). TE amaxes reduce over `amax_group`."""
+    f = cfg.precision.fp8
+    if not f.enabled:
+        return None
+    if f.backend == "emulated":
+        from model.fp8 import EmulatedFP8Backend
+
+        return EmulatedFP8Backend(f.recipe, history=f.amax_history)
+    from model.te_backend import TEBackend
+
+    return TEBackend(f.recipe, amax_group)
+
+
+def apply_precision(model: torch.nn.Module, cfg: JobConfig, layout: Layout, amax_group: object = None) -> None:
+    """FP8 on the layers that take it. TE modules are built around the parameters, so those are cast to bf16
+    first (DeepSpeed's own cast later is then a no-op)."""
+    from model.fp8 import apply_fp8
+
+    backend = fp8_backend(cfg, amax_group)
+    if backend is None:
+        return
+    if cfg.precision.fp8.backend == "te" and layout.dtype == "bf16":
+        model.to(torch.bfloat16)
+        restore_router_buffer_dtypes(model)
+    apply_fp8(model, backend)
+
+
 def build_engine(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule, dict]:
     """(step schedule holding the DeepSpeed engine, the DeepSpeed config it was built from)."""
     logging.getLogger("DeepSpeed").setLevel(cfg.logging.deepspeed_log_level.upper())
     if cfg.parallel.schedule in PIPELINES:
         return build_pipeline_engine(cfg, layout)
     model = build_model(cfg)
+    if layout.ep > 1:  # expert parallelism: this rank keeps its E/ep experts (parallel/ep.py)
+        from parallel.ep import build_expert_groups, mark_expert_params, shard_experts
+
+        ep = build_expert_groups(layout.ep)
+        shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group, overlap=True)
+        mark_expert_params(model, ep.name)
     if layout.device == "cuda":
         model = model.cuda()
+    apply_precision(model, cfg, layout)
     ds_config = build_ds_config(cfg, layout)
     schedule = build_schedule(
         cfg.parallel.schedule, model, ds_config, param_groups(model, cfg.optim.weight_decay),
-        make_lr_lambda(cfg.optim, cfg.train.steps),
+        make_lr_lambda(cfg.optim, cfg.train.steps), optimizer=client_optimizer(cfg),
     )
     restore_router_buffer_dtypes(schedule.module)
     return schedule, ds_config
@@ -65,6 +101,21 @@ def build_pipeline_engine(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule,
         cfg.parallel.schedule, cfg.model, topo, layout.grad_accum, layout.micro_batch_size, cfg.train.seq_len,
         device, dtype, ds_config, lambda m: param_groups(m, cfg.optim.weight_decay),
         make_lr_lambda(cfg.optim, cfg.train.steps), record_timeline=cfg.parallel.timeline_step > 0,
-        defer_w=cfg.parallel.defer_w,
+        defer_w=cfg.parallel.defer_w, **_pipeline_precision(cfg, layout, topo.groups["data"]),
     )
     return schedule, ds_config
+
+
+def _pipeline_precision(cfg: JobConfig, layout: Layout, dp_group: object) -> dict:
+    """FP8 and optimizer arguments of a pipeline schedule: the stage model's GEMM backend, TE autocast per
+    stage per microbatch with amaxes reduced over the stage's own data-parallel group (never the world:
+    a group spanning stages would hang), and the client optimizer."""
+    out: dict = {"optimizer": client_optimizer(cfg)}
+    if not cfg.precision.fp8.enabled:
+        return out
+    out["gemm_backend_fn"] = lambda model: apply_precision(model, cfg, layout, dp_group)
+    if cfg.precision.fp8.backend == "te":
+        from model.te_backend import autocast_context
+
+        out["precision_context"] = autocast_context(cfg.precision.fp8.recipe, dp_group)
+    return out

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import JobConfig, config_hash, training_identity
 from trainer.distributed import DistEnv, dp_rank, init_process_group, prepare_env
 from trainer.errors import UserError
+from trainer.run_guard import RunGuard
+from trainer.run_guard import check_config as check_cluster_config
 from trainer.validate import Layout, validate
 
 
@@ -74,6 +76,7 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
     resolved = OmegaConf.to_container(cfg, resolve=True)
     job: JobConfig = OmegaConf.to_object(cfg)  # builds ModelConfig, which validates itself
     layout = validate(job, env.world_size, env.device)
+    check_cluster_config(job.train)
     return job, resolved, layout, env, paths
 
 
@@ -110,18 +113,28 @@ def _warn_config_change(meta: dict[str, Any], resolved: dict[str, Any], log: Any
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job to the end; returns the summary (also written to <run_dir>/summary.json on rank 0)."""
+    """Run one job to the end; returns the summary (also written to <run_dir>/summary.json on rank 0).
+
+    Exit codes other than 0 and 2 (preemption, a failed peer, a non-finite stop) come from the RunGuard.
+    """
     job, resolved, layout, env, paths = prepare(cfg)
     _set_threads(env)
     init_process_group(env)
+    with RunGuard(job.train, env) as guard:
+        return _run(job, resolved, layout, env, paths, guard)
 
+
+def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv, paths: RunPaths,
+         guard: RunGuard) -> dict[str, Any]:
     import numpy as np
 
-    from trainer.checkpoint import Checkpointer, read_meta
+    from trainer.checkpoint import Checkpointer, find_latest, read_meta, tag_for
     from trainer.data import eval_batches, train_stream, unigram_entropy
     from trainer.engine import build_engine
     from trainer.evaluate import evaluate_schedule
+    from trainer.faults import FaultInjector
     from trainer.loop import LoopHooks, LoopState, run_loop
+    from trainer.nonfinite import NonFiniteGuard
     from trainer.run_logger import RunLogger
 
     random.seed(job.train.seed + env.rank)
@@ -129,6 +142,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     my_dp_rank = dp_rank(env, layout.pp)
     resume_path = find_resume_point(job, paths.ckpt_dir)  # torn saves (.tmp-*) are never candidates
     meta = read_meta(resume_path) if resume_path is not None else {}
+    if meta.get("step", -1) >= job.train.steps and (paths.run_dir / "summary.json").is_file():
+        # a requeued job (or sweep) that had already finished: nothing to train, keep its summary
+        if env.is_main:
+            print(f"done already: {resume_path} is step {meta['step']} of train.steps={job.train.steps}", flush=True)
+        return json.loads((paths.run_dir / "summary.json").read_text())
     if meta and meta.get("dp", layout.dp) != layout.dp:
         raise UserError("train.resume", f"{resume_path} was saved with dp={meta['dp']} data-parallel ranks, this run "
                         f"has dp={layout.dp} (ZeRO-1 optimizer shards are per rank)",
@@ -156,6 +174,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         state.step, state.tokens_seen = point.step, int(meta.get("tokens_seen", 0))
         logger.write(f"resumed from {resume_path} at step {point.step}")
         _warn_config_change(meta, resolved, logger.write)
+    faults = FaultInjector.from_env(env.rank, state.step, layout.grad_accum)  # tests only (DSV3_FAULT_INJECT)
+    faults.poison_embedding(schedule.module)
+    nonfinite = NonFiniteGuard(schedule.engine, job.train.on_nonfinite, job.train.max_consecutive_skips,
+                               last_checkpoint=lambda: find_latest(paths.ckpt_dir), say=logger.write)
     entropy = unigram_entropy(list(job.data.dirs), vocab_size=job.model.vocab_size) if env.is_main else math.nan
 
     def save(s: LoopState) -> None:
@@ -166,6 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "world_size": env.world_size, "dp": layout.dp, "run_dir": str(paths.run_dir)}
         extra = {"model_config.json": json.dumps(job.model.to_dict(), indent=1) + "\n",
                  "config.yaml": OmegaConf.to_yaml(resolved)}
+        faults.break_checkpoint_write(schedule.engine, s.step)
         checkpointer.save(schedule.engine, s.step, meta_out, extra)
 
     def write_timeline(events: list) -> None:
@@ -180,23 +203,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger.write(f"timeline of step {step}: {paths.run_dir / 'timeline.json'} (open in Perfetto)")
 
     hooks = LoopHooks(
-        stream=stream,
+        stream=faults.wrap_stream(stream),
         log=lambda step, row, kind: logger.log(step, row, kind=kind),
         progress=logger.progress,
         evaluate=lambda: evaluate_schedule(schedule, eval_batches(job, layout, my_dp_rank)),
         save=save,
         timeline=write_timeline,
+        preempt_requested=lambda: guard.preemption.requested,
+        step_done=guard.step_done,
+        nonfinite=nonfinite,
     )
     if env.is_main and not meta:
         logger.log(0, {"unigram_entropy": entropy, "params": sum(p.numel() for p in schedule.module.parameters())},
                    kind="data")
     state = run_loop(schedule, job, layout, state, hooks)
+    if state.preempted:
+        logger.finish(dict(state.expert_load) if state.expert_load else None)
+        guard.exit_preempted(state.step, paths.ckpt_dir / tag_for(state.step))
     summary = {
         "step": state.step, "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
         "train_lm_loss": state.last_train.get("lm_loss"), "val_lm_loss": state.last_eval.get("lm_loss"),
         "val_ppl": state.last_eval.get("ppl"), "val_mtp_acceptance": state.last_eval.get("mtp_acceptance"),
         "unigram_entropy": entropy, "tokens_per_s": state.last_train.get("tokens_per_s"),
         "checkpoint": str(paths.ckpt_dir / "latest"), "run_dir": str(paths.run_dir),
+        "skipped_steps": state.skipped_steps, "overrides": _task_overrides(),
     }
     if job.checkpoint.export_hf and env.is_main and checkpointer.last_saved_step is not None:
         from trainer.export_hf import export
@@ -207,6 +237,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (paths.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
         print(_summary_line(summary), flush=True)
     return summary
+
+
+def _task_overrides() -> list[str]:
+    """The job's command-line overrides (Hydra's), so a sweep summary can show what each job changed."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
 
 
 def _summary_line(s: dict[str, Any]) -> str:

@@ -4,6 +4,8 @@
         losses = schedule.train_batch(stream)       # all microbatches, backward, optimizer step
         counts = update_router_biases(routers, dp)   # global expert counts -> bias update
         metrics (reduced over dp) -> logger; eval every N; checkpoint every N
+        stop on: train.steps, train.max_seconds, a preemption signal (checkpoint, no eval), a non-finite step
+        (train.on_nonfinite, trainer/nonfinite.py); the stop flags are summed over all ranks with the losses
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from parallel.step_schedule import StepLosses, StepSchedule
 from trainer import metrics as M
 from trainer.load_balance import gather_layer_counts, moe_routers, update_router_biases
+from trainer.nonfinite import NonFiniteLoss
 
 
 @dataclass
@@ -30,6 +33,8 @@ class LoopState:
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_step: int | None = None
     expert_load: dict[int, torch.Tensor] = field(default_factory=dict)  # cumulative global counts per layer
+    preempted: bool = False  # stopped on a preemption signal (a checkpoint of `step` was saved)
+    skipped_steps: int = 0  # non-finite steps skipped (train.on_nonfinite=skip)
 
 
 @dataclass
@@ -42,28 +47,33 @@ class LoopHooks:
     evaluate: Callable[[], dict[str, float]]
     save: Callable[[LoopState], None]
     timeline: Callable[[list], None] | None = None  # receives this rank's recorded pipeline timeline events
+    preempt_requested: Callable[[], bool] = lambda: False  # a preemption signal reached this rank
+    step_done: Callable[[int], None] | None = None  # progress beat for the watchdog (steps done)
+    nonfinite: Any = None  # trainer.nonfinite.NonFiniteGuard: decides on non-finite steps
 
 
-def _dp_mean(losses: StepLosses, stop: bool, dp_size: int, group: Any = None) -> tuple[dict[str, float], bool]:
-    """This step's losses averaged over data-parallel ranks, and whether any rank asked to stop.
+def _dp_mean(losses: StepLosses, stop: list[bool], dp_size: int, group: Any = None
+             ) -> tuple[dict[str, float], list[bool]]:
+    """This step's losses averaged over data-parallel ranks, and for each stop flag whether any rank raised it.
 
     Reduced over every rank: the pipeline ranks of one replica report identical losses, so the world
     average (`dp_size` = world size) is the data-parallel average."""
     parts = [losses.loss, losses.lm_loss, losses.balance_loss, *losses.mtp_losses]
-    flag = torch.tensor(float(stop), dtype=torch.float64, device=losses.loss.device)
-    vec = torch.stack([p.double() for p in parts] + [flag])  # on the model's device: nccl needs GPU tensors
+    flags = torch.tensor([float(f) for f in stop], dtype=torch.float64, device=losses.loss.device)
+    vec = torch.cat([torch.stack([p.double() for p in parts]), flags])  # on the model's device: nccl needs GPU
+    n = len(stop)
     if dp_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(vec, group=group)
-        vec[:-1] /= dp_size
+        vec[:-n] /= dp_size
     vec = vec.cpu()
     out = {"loss": float(vec[0]), "lm_loss": float(vec[1]), "balance_loss": float(vec[2])}
-    mtp = vec[3:-1].tolist()
+    mtp = vec[3:-n].tolist()
     if len(mtp) == 1:
         out["mtp_loss"] = mtp[0]
     for k, v in enumerate(mtp, start=1):
         if len(mtp) > 1:
             out[f"mtp_loss_{k}"] = v
-    return out, bool(vec[-1] > 0)
+    return out, [bool(v > 0) for v in vec[-n:]]
 
 
 def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, hooks: LoopHooks) -> LoopState:
@@ -79,6 +89,8 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
     eval_every, ckpt_every = t.eval_interval, cfg.checkpoint.interval
 
     timeline_step = getattr(cfg.parallel, "timeline_step", 0) if hasattr(schedule, "record_next_step") else 0
+    if hooks.step_done is not None:
+        hooks.step_done(state.step)
     while state.step < t.steps:
         lr = float(engine.get_lr()[0])
         if state.step + 1 == timeline_step:
@@ -87,21 +99,32 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
         losses = schedule.train_batch(hooks.stream)
         if state.step + 1 == timeline_step and hooks.timeline is not None:
             hooks.timeline(schedule.take_timeline())
-        counts = gather_layer_counts(update_router_biases(routers, group=getattr(schedule, "counts_group", None)),
-                                     getattr(schedule, "pipe_group", None))
+        skipped = hooks.nonfinite is not None and hooks.nonfinite.optimizer_skipped()
+        if skipped:  # DeepSpeed dropped the update (non-finite gradients): the router biases stay too
+            for router in routers.values():
+                router.step_counts.zero_()
+            counts = {}
+        else:
+            counts = gather_layer_counts(update_router_biases(routers, group=getattr(schedule, "counts_group", None)),
+                                         getattr(schedule, "pipe_group", None))
         step_seconds = time.perf_counter() - start
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.train_seconds += step_seconds
         over_time = t.max_seconds is not None and state.train_seconds >= t.max_seconds
-        row, stop = _dp_mean(losses, over_time, layout.world_size)
+        row, (stop, preempt) = _dp_mean(losses, [over_time, hooks.preempt_requested()], layout.world_size)
+        # every rank sees the same reduced loss and DeepSpeed's (reduced) skip decision, so all decide alike
+        bad = hooks.nonfinite.check(state.step, row["loss"], skipped) if hooks.nonfinite is not None else None
+        state.skipped_steps += int(bad is not None and bad.skipped)
+        state.preempted = preempt
+        stop = stop or preempt
         throughput.update(tokens_per_step, step_seconds)
         tok_s = throughput.tokens_per_s
         per_device = tok_s * flops_per_token / layout.world_size
         # key names as documented in docs/metrics.md
         row.update(lr=lr, grad_norm=_grad_norm(engine), tokens_per_s=tok_s, tflops=per_device / 1e12,
                    step_time_s=throughput.seconds_per_update, tokens=state.tokens_seen,
-                   peak_mem_gib=M.peak_memory_bytes() / 2**30)
+                   peak_mem_gib=M.peak_memory_bytes() / 2**30, skipped_steps=state.skipped_steps)
         utilisation = M.mfu(tok_s, flops_per_token, peak, num_devices=layout.world_size)
         if utilisation is not None:
             row["mfu"] = utilisation
@@ -112,14 +135,19 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
         state.last_train = row
         hooks.log(state.step, row, "train")
         hooks.progress(state.step, {"loss": row["lm_loss"], "tok/s": tok_s})
+        if bad is not None and not bad.skipped:
+            raise NonFiniteLoss(bad.message)  # before any checkpoint of this step: `latest` stays the last good one
 
         last = state.step == t.steps or stop
-        if t.eval_batches > 0 and ((eval_every and state.step % eval_every == 0) or last):
+        # a preempted run has seconds left: it checkpoints and goes, evaluation waits for the resumed run
+        if t.eval_batches > 0 and not preempt and ((eval_every and state.step % eval_every == 0) or last):
             state.last_eval = hooks.evaluate()
             state.last_eval_step = state.step
             hooks.log(state.step, state.last_eval, "eval")
-        if (ckpt_every and state.step % ckpt_every == 0) or (last and cfg.checkpoint.save_final):
+        if (ckpt_every and state.step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or preempt:
             hooks.save(state)
+        if hooks.step_done is not None:
+            hooks.step_done(state.step)
         if stop:
             break
     return state

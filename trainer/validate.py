@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import DTYPES, LR_SCHEDULES, RESUME_MODES, SCHEDULES, WANDB_MODES, JobConfig
+from trainer.config import (
+    DTYPES,
+    FP8_BACKENDS,
+    FP8_RECIPES,
+    LR_SCHEDULES,
+    MOMENT_DTYPES,
+    RESUME_MODES,
+    SCHEDULES,
+    WANDB_MODES,
+    JobConfig,
+)
 from trainer.errors import UserError
 
 PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
@@ -199,6 +209,54 @@ def _check_pipeline(cfg: JobConfig, pp: int, microbatches: int) -> None:
           "set parallel.zero_stage=1")
 
 
+def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
+    """FP8 (docs/fp8.md) and the BF16 optimizer moments: values, the schedules they are wired into, and for
+    Transformer Engine the machine (TE installed, GPU new enough for the recipe) and the GEMM shapes."""
+    p, f = cfg.precision, cfg.precision.fp8
+    _need(p.adam_moments_dtype in MOMENT_DTYPES, "precision.adam_moments_dtype",
+          f"unknown dtype {p.adam_moments_dtype!r}", "use fp32 or bf16")
+    _need(p.adam_moments_dtype == "fp32" or cfg.parallel.schedule != "1f1b", "precision.adam_moments_dtype",
+          "bf16 moments are not wired into parallel.schedule=1f1b", "use dualpipe, dualpipev or none")
+    _need(f.backend in FP8_BACKENDS, "precision.fp8.backend", f"unknown backend {f.backend!r}",
+          f"choose one of {', '.join(FP8_BACKENDS)}")
+    _need(f.recipe in FP8_RECIPES, "precision.fp8.recipe", f"unknown recipe {f.recipe!r}",
+          f"choose one of {', '.join(FP8_RECIPES)}")
+    _need(f.amax_history >= 1, "precision.fp8.amax_history", f"must be >= 1, got {f.amax_history}",
+          "use e.g. 16")
+    _need(not f.dispatch or f.enabled, "precision.fp8.dispatch", "FP8 dispatch needs FP8 training",
+          "set precision=fp8, or precision.fp8.dispatch=false")
+    _need(not f.dispatch or ep > 1, "precision.fp8.dispatch",
+          f"quantizes the expert-parallel all-to-all, but parallel.ep={ep}",
+          "set parallel.ep>1, or precision.fp8.dispatch=false")
+    # model.fp8.quantize_dispatch / dequantize_dispatch are ready; the all-to-all does not call them yet
+    _need(not f.dispatch, "precision.fp8.dispatch", "the expert-parallel dispatcher (parallel/ep.py) does not "
+          "send FP8 yet", "set precision.fp8.dispatch=false")
+    if not f.enabled:
+        return
+    _need(cfg.parallel.schedule != "1f1b", "precision.fp8.enabled", "FP8 is not wired into parallel.schedule=1f1b",
+          "use parallel.schedule=dualpipe, dualpipev or none")
+    if f.backend != "te":
+        return
+    fix = "use precision.fp8.backend=emulated"
+    _need(device == "cuda", "precision.fp8.backend", "Transformer Engine needs a CUDA GPU and none is visible", fix)
+    _need(resolve_dtype(cfg, device) == "bf16", "precision.dtype",
+          f"Transformer Engine FP8 runs with bf16 parameters, got {cfg.precision.dtype}",
+          "set precision.dtype=bf16 (or auto)")
+    _need(not (f.recipe == "delayed" and cfg.model.activation_checkpointing), "precision.fp8.recipe",
+          "delayed scaling with activation checkpointing records every amax twice (forward and recompute), so "
+          "the recompute quantizes differently", "use recipe=blockwise or current, or turn checkpointing off")
+    from model.te_backend import TEUnavailable, check_te, shape_problems
+
+    try:
+        check_te(f.recipe)
+    except TEUnavailable as e:
+        raise UserError("precision.fp8.backend", e.problem, e.fix) from None
+    problems = shape_problems(cfg.model, f.recipe, cfg.train.micro_batch_size * cfg.train.seq_len)
+    _need(not problems, "precision.fp8.recipe",
+          f"Transformer Engine's FP8 GEMMs need aligned shapes: {', '.join(problems)}",
+          f"change those sizes, choose a recipe with a smaller multiple (current: 16), or {fix}")
+
+
 def resolve_dtype(cfg: JobConfig, device: str) -> str:
     if cfg.precision.dtype == "auto":
         return "bf16" if device == "cuda" else "fp32"
@@ -213,7 +271,16 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     _check_model_fit(cfg)
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
-    _need(ep == 1, "parallel.ep", f"expert parallelism (ep={ep}) is not implemented yet", "set parallel.ep=1")
+    _check_precision(cfg, device, ep)
+    # -- expert parallelism (parallel/ep.py): the plain data-parallel schedule only, under ZeRO-1 (its
+    # optimizer reduces expert gradients over the expert-DP group; stage 0 would all-reduce them over dp)
+    _need(ep == 1 or cfg.parallel.schedule == "none", "parallel.ep",
+          f"ep>1 with pipelines is not implemented yet (parallel.schedule={cfg.parallel.schedule}, ep={ep})",
+          "set parallel.ep=1, or parallel.schedule=none")
+    _need(ep == 1 or cfg.parallel.zero_stage == 1, "parallel.ep",
+          f"ep={ep} needs the ZeRO-1 optimizer, got zero_stage={cfg.parallel.zero_stage}",
+          "set parallel.zero_stage=1")
+    # -- end expert parallelism
     return Layout(
         world_size=world_size, pp=pp, dp=dp, ep=ep, micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=accum, global_batch_size=cfg.train.global_batch_size, dtype=resolve_dtype(cfg, device),

@@ -1,5 +1,5 @@
 """Hydra multirun (-m) with the basic launcher: 2 jobs, each on 2 ranks, each with its own run directory,
-the sweep as their wandb group."""
+the sweep as their wandb group, and the sweep's summary table (trainer/sweep.py) at the end."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def test_multirun_two_jobs_two_ranks_each(tiny_data: Path, tmp_path: Path):
         data = runs[0].read_bytes()
         assert len(runs) == 1 and group.encode() in data and f"sweep-marker-{job.name}".encode() in data
     assert lrs == ["0.01", "0.005"]
+    # one table of the jobs' final metrics, written once (rank 0) and printed
+    table = (sweep / "sweep_summary.md").read_text().splitlines()
+    assert table[2].startswith("| job | optim.lr | state | step | train LM loss | val LM loss |")
+    for job, lr in ((0, "0.01"), (1, "0.005")):
+        row = table[4 + job]
+        assert row.startswith(f"| {job} | {lr} | done | 2 | "), row
+        loss = losses(sweep / str(job))[2]
+        assert f" {loss:.4f} " in row
+    assert proc.stdout.count("sweep summary (") == 1 and "| 1 | 0.005 | done | 2 |" in proc.stdout

@@ -1,0 +1,66 @@
+"""Preemption: SIGTERM / SIGUSR1 / SIGUSR2 ask the run to checkpoint at the next step boundary and exit 75.
+
+What clusters send before a kill: Slurm sends SIGTERM to every task when a job is preempted or cancelled and
+SIGKILL `KillWait` seconds later (default 30); `#SBATCH --signal=USR1@180` adds SIGUSR1 three minutes before the
+time limit (scripts/slurm/train.sbatch); submitit (hydra/launcher=slurm) uses SIGUSR2. The deepspeed launcher
+passes SIGTERM to its ranks and kills them 30 s later.
+
+The handler only sets a flag (a signal can arrive in the middle of a collective; nothing else is safe there).
+At the end of each step the training loop sums the flag over all ranks together with its other stop
+conditions (one all-reduce it does anyway), so a signal that reached only some ranks still stops all of them
+at the same step. They save a complete checkpoint of that step, skip evaluation, and exit with
+EXIT_PREEMPTED (75). The same command then resumes exactly (train.resume=auto).
+
+A handler that was installed before ours (submitit's requeue handler) is called after the checkpoint, so a
+submitit job is still requeued the way submitit does it.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class PreemptionHandler:
+    """Installs flag-setting handlers for SIGNALS (main thread only); `restore()` puts the previous ones back."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> PreemptionHandler:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def chain_previous(self) -> None:
+        """Call the handler that was installed before ours for the received signal, if it is a Python one
+        (submitit's: it requeues the job and exits); SIG_DFL / SIG_IGN are not called."""
+        previous: Callable[..., Any] | int | None = self._previous.get(self.received) if self.received else None
+        self.restore()
+        if callable(previous):
+            previous(int(self.received), None)
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
