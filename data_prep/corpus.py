@@ -14,6 +14,7 @@ import os
 import sys
 import sysconfig
 import tokenize
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -38,7 +39,7 @@ def split_of(key: str, val_fraction: float) -> str:
 
 
 @dataclass
-class Corpus:
+class Corpus(ABC):
     """A named source of documents; subclasses implement `records()`."""
 
     name: str
@@ -73,8 +74,9 @@ class Corpus:
                 return
             self._memo.append(rec)
 
+    @abstractmethod
     def _records(self) -> Iterator[tuple[str, str]]:
-        raise NotImplementedError
+        """(path, text) of every document, in corpus order."""
 
     def documents(self, split: str, val_fraction: float, max_documents: int | None = None) -> Iterator[str]:
         """Non-empty texts of one split, in corpus order; `max_documents` truncates the corpus first."""

@@ -7,6 +7,7 @@ on first use and checked against the manifest then: file sizes always, sha256 to
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from data_prep.shards import shard_problem
 VERIFY_MODES = ("size", "full")
 
 
-class TokenSource:
+class TokenSource(ABC):
     """A split as shards. `bases[i]` is shard i's first token in the split's token stream."""
 
     name: str
@@ -40,12 +41,13 @@ class TokenSource:
     def num_shards(self) -> int:
         return len(self.shard_tokens)
 
+    @abstractmethod
     def tokens(self, shard: int) -> np.ndarray:
-        raise NotImplementedError
+        """The shard's tokens (memory-mapped)."""
 
+    @abstractmethod
     def doc_starts(self, shard: int) -> np.ndarray:
         """int64 offsets, inside the shard, of the documents that start there."""
-        raise NotImplementedError
 
     def all_doc_starts(self) -> np.ndarray:
         """Document starts as offsets in the split's token stream."""
