@@ -120,6 +120,7 @@ class Watchdog:
                 self._store.set(self._key(f"done/{self.rank}"), "1")
             except Exception:  # the store may be gone already (rank 0 exited): nothing to tell anyone
                 pass
+        self._store = None  # close the store client now, in this thread, not during interpreter teardown
 
     def explain(self, exc: BaseException) -> None:
         """The main thread failed. A failed collective: wait for the verdict on the peer and exit 3 with it.

@@ -52,7 +52,10 @@ def test_no_mapping_outside_an_srun_task():
 
 def test_prepare_env_uses_the_mapping(monkeypatch: pytest.MonkeyPatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+        # setenv first so monkeypatch records the variable and removes what prepare_env writes into
+        # os.environ (a bare delenv of an absent variable records nothing, and WORLD_SIZE=16 leaked)
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
     for k, v in SRUN_TASK.items():
         monkeypatch.setenv(k, v)
     env = prepare_env()
