@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,27 +46,67 @@ def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
     return ep_rank * per, (ep_rank + 1) * per
 
 
+# ---- posted all-to-alls and their trace ------------------------------------------------------------------
+@dataclass
+class CommInterval:
+    """One all-to-all as this rank saw it: posted at `posted`, its wait began at `wait_start` and returned at
+    `wait_end` (perf_counter seconds). `wait_end - wait_start` is the exposed part; a synchronous call is all
+    exposed. `rows` is what this rank sent."""
+
+    label: str
+    posted: float
+    wait_start: float
+    wait_end: float
+    rows: int
+
+
+class PostedAllToAll:
+    """An `all_to_all_single` in flight (no autograd). `wait()` returns the received rows once."""
+
+    def __init__(self, out: torch.Tensor, send: torch.Tensor, work: Any, label: str, trace: list | None) -> None:
+        self.out, self._send, self._work, self.label, self._trace = out, send, work, label, trace
+        self._posted = time.perf_counter()
+
+    def wait(self) -> torch.Tensor:
+        if self._work is None:
+            raise RuntimeError(f"wait() called twice on the posted all-to-all {self.label}")
+        start = time.perf_counter()
+        self._work.wait()
+        self._work = self._send = None  # the send buffer had to outlive the collective
+        if self._trace is not None:
+            self._trace.append(CommInterval(self.label, self._posted, start, time.perf_counter(), 0))
+        return self.out
+
+
+def post_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, label: str = "a2a",
+                    trace: list | None = None) -> PostedAllToAll:
+    """Post rows of `x` (`in_splits[d]` rows to rank d) and receive `out_splits[s]` rows from rank s."""
+    send = x.contiguous()
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
+    return PostedAllToAll(out, send, work, label, trace)
+
+
 # ---- autograd pieces -------------------------------------------------------------------------------------
 class _AllToAll(torch.autograd.Function):
     """Rows out of an all_to_all_single with uneven splits; backward is the transposed all-to-all (splits
     swapped). With `pending` (a list) the forward only posts the collective: the returned buffer is filled once
-    the handle appended to `pending` is waited on. Backward is always synchronous."""
+    the handle appended to `pending` is waited on. Backward is synchronous (the overlapped pipeline path in
+    parallel/ep_overlap.py posts its backward all-to-alls itself)."""
 
     @staticmethod
-    def forward(ctx, x, recv_splits: list[int], send_splits: list[int], group, pending: list | None):
-        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
-        send = x.contiguous()
-        out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        work = dist.all_to_all_single(out, send, recv_splits, send_splits, group=group, async_op=pending is not None)
-        if pending is not None:
-            pending.append((work, send))  # the send buffer must outlive the posted collective
-        return out
+    def forward(ctx, x, recv_splits: list[int], send_splits: list[int], group, pending: list, label: str,
+                trace: list | None):
+        ctx.recv_splits, ctx.send_splits, ctx.group, ctx.label, ctx.trace = (
+            recv_splits, send_splits, group, label, trace)
+        posted = post_all_to_all(x, recv_splits, send_splits, group, label, trace)
+        pending.append(posted)
+        return posted.out
 
     @staticmethod
     def backward(ctx, grad):
-        grad_in = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
-        dist.all_to_all_single(grad_in, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return grad_in, None, None, None, None
+        back = post_all_to_all(grad, ctx.send_splits, ctx.recv_splits, ctx.group, ctx.label + " grad", ctx.trace)
+        return back.wait(), None, None, None, None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -99,15 +140,23 @@ def expert_major_permutation(recv_counts: torch.Tensor) -> tuple[torch.Tensor, t
 
 # ---- the dispatcher --------------------------------------------------------------------------------------
 @dataclass
+class ExchangeLayout:
+    """Who sends how many rows where, for one dispatch (the combine is its transpose)."""
+
+    send_splits: list[int]  # rows this rank sends to each rank
+    recv_splits: list[int]  # rows this rank receives from each rank
+    rows: torch.Tensor  # [E/ep] received rows per local expert
+    perm: torch.Tensor  # received (source-major) -> expert-major
+    inverse: torch.Tensor
+
+
+@dataclass
 class EPDispatched(Dispatched):
     """`x`/`rows`: the rows this rank's experts compute, expert-major, rows per LOCAL expert. `order`/`gates`
     describe this rank's own tokens (as in `local`, the pre-exchange sort); combine needs the rest."""
 
     local: Dispatched | None = None
-    send_splits: list[int] = field(default_factory=list)  # rows sent to each rank
-    recv_splits: list[int] = field(default_factory=list)  # rows received from each rank
-    perm: torch.Tensor | None = None  # received (source-major) -> expert-major
-    inverse: torch.Tensor | None = None
+    layout: ExchangeLayout | None = None
 
 
 class _Pending:
@@ -117,8 +166,8 @@ class _Pending:
     def _wait_all(self) -> None:
         if self._works is None:
             raise RuntimeError("wait() called twice on the same pending all-to-all")
-        for work, _ in self._works:
-            work.wait()
+        for posted in self._works:
+            posted.wait()
         self._works = None
 
 
@@ -132,7 +181,7 @@ class PendingDispatch(_Pending):
     def wait(self) -> EPDispatched:
         self._wait_all()
         d = self._d
-        d.x = _PermuteRows.apply(self._recv, d.perm, d.inverse)
+        d.x = _PermuteRows.apply(self._recv, d.layout.perm, d.layout.inverse)
         return d
 
 
@@ -154,34 +203,50 @@ class AllToAllDispatcher:
 
     `dispatch_async`/`combine_async` post the row all-to-all and return a handle whose `wait()` finishes the
     sub-step; compute placed between them (the shared experts, another microbatch's attention) overlaps the
-    communication. `dispatch`/`combine` are post + wait back to back. Backward is synchronous for both paths.
+    communication. `dispatch`/`combine` are post + wait back to back. The pieces (`sort`, `exchange_layout`,
+    `post`) are public for the pipeline's sub-step path (parallel/ep_overlap.py). `trace`, when a list, collects
+    a `CommInterval` per all-to-all (forward and backward), for the recorded timeline.
     """
 
-    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int) -> None:
+    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int, label: str = "moe") -> None:
         self.group, self.ep_size, self.ep_rank, self.n_experts = group, ep_size, ep_rank, n_experts
         self.first, self.last = expert_range(n_experts, ep_rank, ep_size)
         self.local_experts = self.last - self.first
+        self.label = label
+        self.trace: list[CommInterval] | None = None
         self._local = LocalDispatcher()
 
-    def dispatch_async(self, x: torch.Tensor, routing: Routing, n_experts: int) -> PendingDispatch:
+    def sort(self, x: torch.Tensor, routing: Routing, n_experts: int) -> Dispatched:
+        """This rank's T*K choices stably sorted by global expert id: rank-major, so each destination's rows are
+        one contiguous block."""
         if n_experts != self.n_experts:
             raise ValueError(f"dispatcher built for {self.n_experts} experts, routing has {n_experts}")
-        # stable sort by global expert id: rank-major, so each destination's rows are one contiguous block
-        local = self._local.dispatch(x, routing, n_experts)
-        with torch.no_grad():
-            counts = routing.counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
-            recv_counts = torch.empty_like(counts)
-            # count matrix: row d goes to rank d; received row s = rows from rank s for each local expert
-            dist.all_to_all_single(recv_counts, counts, group=self.group)
-            send_splits = counts.sum(1).tolist()
-            recv_splits = recv_counts.sum(1).tolist()
-            perm, inverse = expert_major_permutation(recv_counts)
+        return self._local.dispatch(x, routing, n_experts)
+
+    @torch.no_grad()
+    def exchange_layout(self, counts: torch.Tensor) -> ExchangeLayout:
+        """The count-matrix exchange (small, synchronous: the row buffers' sizes depend on it). Row d of this
+        rank's [ep, E/ep] counts goes to rank d; received row s = rows from rank s for each local expert."""
+        counts = counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        perm, inverse = expert_major_permutation(recv_counts)
+        return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
+
+    def post(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], what: str) -> PostedAllToAll:
+        return post_all_to_all(x, out_splits, in_splits, self.group, f"{what} {self.label}", self.trace)
+
+    def combine_rows(self, back: torch.Tensor, local: Dispatched) -> torch.Tensor:
+        """The gate-weighted sum over the K choices of rows returned by the combine all-to-all."""
+        return self._local.combine(back, local)
+
+    def dispatch_async(self, x: torch.Tensor, routing: Routing, n_experts: int) -> PendingDispatch:
+        local = self.sort(x, routing, n_experts)
+        layout = self.exchange_layout(routing.counts)
         works: list = []
-        recv = _AllToAll.apply(local.x, recv_splits, send_splits, self.group, works)
-        d = EPDispatched(
-            x=recv, rows=recv_counts.sum(0), order=local.order, gates=local.gates, local=local,
-            send_splits=send_splits, recv_splits=recv_splits, perm=perm, inverse=inverse,
-        )
+        recv = _AllToAll.apply(local.x, layout.recv_splits, layout.send_splits, self.group, works,
+                               f"dispatch {self.label}", self.trace)
+        d = EPDispatched(x=recv, rows=layout.rows, order=local.order, gates=local.gates, local=local, layout=layout)
         return PendingDispatch(works, recv, d)
 
     def dispatch(self, x: torch.Tensor, routing: Routing, n_experts: int) -> Dispatched:
@@ -190,9 +255,11 @@ class AllToAllDispatcher:
     def combine_async(self, y: torch.Tensor, d: Dispatched) -> PendingCombine:
         if not isinstance(d, EPDispatched) or d.local is None:
             raise TypeError("AllToAllDispatcher.combine needs the EPDispatched its dispatch returned")
-        source_major = _PermuteRows.apply(y, d.inverse, d.perm)
+        layout = d.layout
+        source_major = _PermuteRows.apply(y, layout.inverse, layout.perm)
         works: list = []
-        back = _AllToAll.apply(source_major, d.send_splits, d.recv_splits, self.group, works)
+        back = _AllToAll.apply(source_major, layout.send_splits, layout.recv_splits, self.group, works,
+                               f"combine {self.label}", self.trace)
         return PendingCombine(works, back, d.local, self._local)
 
     def combine(self, y: torch.Tensor, d: Dispatched) -> torch.Tensor:
@@ -231,14 +298,14 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
     over `group` (None: the default group). Parameter names are unchanged; they now hold the local experts.
     `overlap`: the layer's forward becomes `overlapped_moe_forward` (shared experts hidden behind the dispatch
     all-to-all; bitwise the same result)."""
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, MoE):
             n = module.cfg.n_routed_experts
             if module.experts.n_experts != n or module.experts.first_expert != 0:
                 raise ValueError("shard_experts expects an unsharded model")
             lo, hi = expert_range(n, ep_rank, ep_size)
             module.experts = _shard_routed(module.experts, lo, hi)
-            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n)
+            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=name.removesuffix(".mlp"))
             if overlap:  # an instance attribute: nn.Module.__call__ looks up self.forward
                 module.forward = functools.partial(overlapped_moe_forward, module)
     return model
@@ -316,6 +383,22 @@ def build_expert_groups(ep_size: int) -> ExpertGroups:
         raise RuntimeError(f"DeepSpeed's EP group of rank {rank} is not ranks [{first}, {first + ep_size})")
     return ExpertGroups(name, ep_size, rank % ep_size, groups._get_expert_parallel_group(name),
                         groups._get_expert_data_parallel_group(name))
+
+
+def register_expert_groups(ep_size: int, ep_rank: int, ep: tuple[Any, list[int]],
+                           expert_data: tuple[Any, list[int]]) -> ExpertGroups:
+    """Register groups built elsewhere (a pipeline topology's `ep` / `expert_data`, each (group, ranks)) in
+    deepspeed.utils.groups under DeepSpeed's name, where ZeRO and the model broadcast look them up. DeepSpeed's
+    own group builder assumes the whole world is data parallel, which a pipeline's world is not."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.utils import groups
+
+    if not ds_comm.is_initialized():
+        ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    name = expert_group_name(ep_size)
+    groups._EXPERT_PARALLEL_GROUP[name], groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep
+    groups._EXPERT_DATA_PARALLEL_GROUP[name], groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = expert_data
+    return ExpertGroups(name, ep_size, ep_rank, ep[0], expert_data[0])
 
 
 def mark_expert_params(model: nn.Module, group_name: str) -> int:

@@ -27,7 +27,7 @@ from model.gemm import defer_weight_grads
 from model.transformer import DeepseekV3
 from parallel.instructions import Placement
 from parallel.p2p import P2P
-from parallel.runtime import PipelineRuntime, PrecisionContext, StepResult, _no_context
+from parallel.runtime import PipelineRuntime, PrecisionContext, StepResult, TimelineEvent, _no_context
 from parallel.schedules import build_schedule as build_instructions
 from parallel.stages import Stage, check_divisible, stage_pieces
 from parallel.step_schedule import StepLosses
@@ -84,6 +84,7 @@ class PipelineSchedule:
         record_timeline: bool = False,
         gemm_backend_fn: Callable[[nn.Module], object] | None = None,
         optimizer: Any = None,
+        overlap_ep: bool = True,
     ) -> None:
         import deepspeed
 
@@ -96,6 +97,13 @@ class PipelineSchedule:
         for router in model.routers():  # the bias must absorb 0.001 steps: keep it fp32 under bf16
             router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
             router.step_counts.data = router.step_counts.data.double()
+        if topo.ep > 1:  # this rank keeps its E/ep experts of every MoE layer it holds
+            from parallel.ep import mark_expert_params, register_expert_groups, shard_experts
+
+            ep = register_expert_groups(topo.ep, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
+                                        (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
+            shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group)
+            mark_expert_params(model, ep.name)
         if gemm_backend_fn is not None:  # e.g. FP8: set each layer's numerics before the W split copies them
             gemm_backend_fn(model)
         self.store = WeightGradStore()
@@ -112,13 +120,19 @@ class PipelineSchedule:
         if lr_lambda is not None:
             def scheduler(optimizer):
                 return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups_fn(model), config=ds_config, mpu=PipelineMpu(topo),
-            lr_scheduler=scheduler, optimizer=optimizer,
-        )
+        from parallel.ep import deepspeed_moe_support, finish_deepspeed_moe
+
+        with deepspeed_moe_support(model):  # expert parameters: ZeRO-1 over the expert-DP groups
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=param_groups_fn(model), config=ds_config, mpu=PipelineMpu(topo),
+                lr_scheduler=scheduler, optimizer=optimizer,
+            )
+        if getattr(self.engine, "has_moe_layers", False):
+            finish_deepspeed_moe(self.engine)
         # the gradients are produced outside engine.backward: let ZeRO build its reduction buffers itself
         self.engine.pipeline_parallelism = True
-        stages = {c: Stage(stage_pieces(model, s, self.placement.num_stages), s, self.placement.num_stages)
+        stages = {c: Stage(stage_pieces(model, s, self.placement.num_stages), s, self.placement.num_stages,
+                           overlap_ep=overlap_ep)
                   for c, s in zip(chunks, stage_ids)}
         p2p = P2P(topo.pipe_ranks(), topo.groups["pipe"]) if topo.pp > 1 else None
         self.runtime = PipelineRuntime(
@@ -208,13 +222,30 @@ class PipelineSchedule:
             self.module.train(was_training)
 
     def record_next_step(self) -> None:
-        """Time every compute instruction of the next `train_batch` (see `take_timeline`)."""
+        """Time every compute instruction and every expert all-to-all of the next `train_batch` (see
+        `take_timeline`)."""
         self.runtime.timeline.clear()
         self.runtime.record_timeline = True
+        self._a2a_trace: list = []
+        for dispatcher in self._dispatchers():
+            dispatcher.trace = self._a2a_trace
 
     def take_timeline(self) -> list:
-        """The recorded events of this rank (TimelineEvent), and recording off again."""
+        """The recorded events of this rank (TimelineEvent), and recording off again. Expert all-to-alls are
+        events of kind `all_to_all` from post to the end of the wait; `waited` is the exposed (blocked) part."""
         self.runtime.record_timeline = False
         events, self.runtime.timeline = self.runtime.timeline, []
-        return events
+        for dispatcher in self._dispatchers():
+            dispatcher.trace = None
+        for c in getattr(self, "_a2a_trace", []):
+            events.append(TimelineEvent(self.runtime.rank, c.posted, c.wait_end, c.label, "all_to_all", -1,
+                                        c.wait_end - c.wait_start))
+        self._a2a_trace = []
+        return sorted(events, key=lambda e: e.start)
+
+    def _dispatchers(self) -> list:
+        from parallel.ep import AllToAllDispatcher
+
+        return [m.dispatcher for m in self.module.modules()
+                if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
 

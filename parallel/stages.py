@@ -8,14 +8,15 @@ an overlapped F&B pair interleave one microbatch's forward pieces with another's
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import DeepseekV3, MicroBatch
+from model.transformer import BlockPiece, DeepseekV3, MicroBatch
+from parallel.ep_overlap import block_substeps, overlappable
 
 
 class StageError(ValueError):
@@ -58,16 +59,20 @@ class PieceRecord:
     inp: torch.Tensor | None
     out: torch.Tensor | None
     balance: list[torch.Tensor] = field(default_factory=list)
+    backward: Callable | None = None  # a sub-step piece's own backward generator (parallel/ep_overlap.py)
 
 
 class Stage(nn.Module):
     """One pipeline stage: a contiguous run of pieces. Holds per-microbatch records between F and B."""
 
-    def __init__(self, pieces: list[nn.Module], stage: int, num_stages: int) -> None:
+    def __init__(self, pieces: list[nn.Module], stage: int, num_stages: int, overlap_ep: bool = True) -> None:
         super().__init__()
         self.pieces = nn.ModuleList(pieces)
         self.stage, self.num_stages = stage, num_stages
         self._records: dict[int, list[PieceRecord]] = {}
+        # expert-parallel MoE blocks run as sub-steps that yield at every all-to-all (parallel/ep_overlap.py)
+        self._substep_blocks = {i for i, p in enumerate(pieces)
+                                if overlap_ep and isinstance(p, BlockPiece) and overlappable(p.block)}
 
     @property
     def is_first(self) -> bool:
@@ -81,12 +86,16 @@ class Stage(nn.Module):
     def forward_steps(self, x: torch.Tensor | None, mb: MicroBatch, key: int):
         """A generator: each `next` runs one piece. The stage output is the generator's return value."""
         records = self._records[key] = []
-        for piece in self.pieces:
+        for index, piece in enumerate(self.pieces):
             inp = None if x is None else x.detach().requires_grad_(x.is_floating_point())
-            before = set(mb.balance_losses)
-            out = piece(inp, mb)
-            own = [mb.balance_losses[i] for i in sorted(set(mb.balance_losses) - before)]
-            records.append(PieceRecord(inp=inp, out=out, balance=own))
+            if index in self._substep_blocks and torch.is_grad_enabled():
+                out, backward = yield from block_substeps(piece.block, inp, mb)
+                records.append(PieceRecord(inp=inp, out=out, backward=backward))  # it seeds its balance loss
+            else:
+                before = set(mb.balance_losses)
+                out = piece(inp, mb)
+                own = [mb.balance_losses[i] for i in sorted(set(mb.balance_losses) - before)]
+                records.append(PieceRecord(inp=inp, out=out, balance=own))
             x = out
             yield
         return x
@@ -102,6 +111,11 @@ class Stage(nn.Module):
         records = self._records.pop(key)
         grad = grad_out
         for rec in reversed(records):
+            if rec.backward is not None:
+                yield from rec.backward(grad, loss_scale)
+                grad = rec.inp.grad
+                yield
+                continue
             outputs, grads = [], []
             if rec.out is not None and rec.out.requires_grad:
                 outputs.append(rec.out)

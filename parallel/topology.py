@@ -9,6 +9,10 @@ Groups every rank belongs to:
 - copies:  for DualPipe, the ranks holding a copy of the same two stages (pipe ranks p and pp-1-p, every dp
            index): router counts are summed here;
 - mirror:  for DualPipe, the pair (p, pp-1-p) inside one replica: the two copies' gradients are summed here.
+- ep, expert_data (parallel.ep > 1): inside each pipeline rank's data group, EP group = ep consecutive data
+           ranks (the experts' all-to-all), expert-DP group = the data ranks with the same data % ep (expert
+           gradients and their ZeRO-1 partitions). DualPipe's mirror ranks share the data index, hence the
+           same ep rank and the same expert shard, so the mirror gradient sum needs nothing extra.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class PipelineTopology:
     dp: int
     rank: int
     dualpipe: bool = False
+    ep: int = 1
     groups: dict[str, object] = field(default_factory=dict)
     group_ranks: dict[str, list[int]] = field(default_factory=dict)
 
@@ -34,6 +39,10 @@ class PipelineTopology:
     @property
     def dp_rank(self) -> int:
         return self.rank % self.dp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
 
     def global_rank(self, pipe: int, data: int) -> int:
         return pipe * self.dp + data
@@ -47,6 +56,8 @@ class PipelineTopology:
         world = self.pp * self.dp
         if world != dist.get_world_size():
             raise ValueError(f"topology pp={self.pp} x dp={self.dp} != world size {dist.get_world_size()}")
+        if self.ep < 1 or self.dp % self.ep:
+            raise ValueError(f"parallel.ep={self.ep} does not divide the {self.dp} data-parallel ranks of a stage")
 
         def make(name: str, ranks_list: list[list[int]]) -> None:
             for ranks in ranks_list:
@@ -64,6 +75,11 @@ class PipelineTopology:
                             for d in range(self.dp) for p in half])
         else:
             self.groups["copies"], self.group_ranks["copies"] = self.groups["data"], self.group_ranks["data"]
+        if self.ep > 1:
+            make("ep", [[self.global_rank(p, d) for d in range(k, k + self.ep)]
+                        for p in range(self.pp) for k in range(0, self.dp, self.ep)])
+            make("expert_data", [[self.global_rank(p, d) for d in range(j, self.dp, self.ep)]
+                                 for p in range(self.pp) for j in range(self.ep)])
 
 
 class PipelineMpu:

@@ -154,3 +154,142 @@ def moe_router_of(model: torch.nn.Module, layer: int):
     from trainer.load_balance import moe_routers
 
     return moe_routers(model)[layer]
+
+
+def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, microbatches: int, steps: int,
+                    clip: float, layers: int, overlap: bool) -> dict:
+    """A pipeline schedule with expert parallelism inside each stage's data group (pp x dp ranks, EP groups of
+    `ep` data ranks), trained through its DeepSpeed engine, against single-process AdamW with the same skew."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+    from parallel.ep import gather_expert_state
+    from parallel.pipeline_engine import PipelineSchedule
+    from parallel.topology import PipelineTopology
+    from tests.parallel.engine_workers import ds_config as pipe_ds_config
+    from trainer.ds_config import param_groups
+    from tests.parallel.pipeline_workers import SEQ
+    from trainer.load_balance import moe_routers, update_router_biases
+
+    cfg = tiny_config(num_hidden_layers=layers)
+    dp = world // pp
+    topo = PipelineTopology(pp=pp, dp=dp, rank=rank, dualpipe=schedule == "dualpipe", ep=ep)
+    topo.build_groups()
+    torch.manual_seed(0)
+    sched = PipelineSchedule(schedule, cfg, topo, microbatches, MICRO, SEQ, torch.device("cpu"), torch.float32,
+                             pipe_ds_config(clip), lambda m: param_groups(m, WD), overlap_ep=overlap)
+    with torch.no_grad():
+        skew(sched.module)
+    all_batches = make_batches(cfg, steps * microbatches * dp)
+    per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
+    routers = moe_routers(sched.module)
+    losses, counts = [], {}
+    for s in range(steps):
+        mine = per_step[s][topo.dp_rank * microbatches:(topo.dp_rank + 1) * microbatches]
+        if s == steps - 1:
+            sched.record_next_step()
+        out = sched.train_batch(iter(mine))
+        counts = update_router_biases(routers, group=sched.counts_group)
+        vec = out.loss.double().clone()
+        dist.all_reduce(vec, group=topo.groups["data"])
+        losses.append(float(vec) / dp)
+    events = sched.take_timeline()
+
+    # the full model: every rank's state, expert shards gathered per pipeline rank, stages united
+    state = {n: t.detach().clone() for n, t in sched.module.state_dict().items()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, state)
+    full: dict = {}
+    for p in range(pp):
+        full.update(gather_expert_state([everyone[topo.global_rank(p, d)] for d in range(ep)]))
+    with skewed_reference():
+        ref_losses, ref_state = reference_steps(cfg, per_step, clip)
+    diffs = torch.cat([(t - ref_state[n]).abs().flatten().double() for n, t in full.items()])
+    empty = {i: [e for e, c in enumerate(row.tolist()) if c == 0] for i, row in counts.items()}
+    return {
+        "losses": losses, "ref_losses": ref_losses, "max_param_diff": float(diffs.max()),
+        "mean_param_diff": float(diffs.mean()), "n": len(full), "n_ref": len(ref_state),
+        "bias_diff": max(float((full[n] - ref_state[n]).abs().max()) for n in full if n.endswith("correction_bias")),
+        "empty_last_step": empty,
+        "a2a_events": sum(1 for e in events if e.kind == "all_to_all"),
+        "a2a_seconds": sum(e.end - e.start for e in events if e.kind == "all_to_all"),
+    }
+
+
+def run_pipeline_ep_grads(rank: int, world: int, schedule: str, pp: int, ep: int, microbatches: int,
+                          checkpointing: bool) -> dict:
+    """One step of the pipeline runtime (no optimizer) with experts sharded over `ep` data ranks, once with the
+    EP blocks as overlapped sub-steps and once sequential: per-microbatch losses and the full model's gradients
+    (expert shards gathered, DualPipe mirror copies and data ranks summed), against the single-process model."""
+    from model.gemm import defer_weight_grads
+    from parallel.ep import gather_expert_state, is_expert_key, shard_experts
+    from parallel.instructions import Placement
+    from parallel.p2p import P2P
+    from parallel.runtime import PipelineRuntime
+    from parallel.schedules import build_schedule
+    from parallel.stages import Stage, stage_pieces
+    from parallel.topology import PipelineTopology
+    from parallel.weight_grad import WeightGradStore
+    from tests.parallel.pipeline_workers import SEQ, reference
+
+    cfg = tiny_config(num_hidden_layers=2 * pp, activation_checkpointing=checkpointing)
+    dp = world // pp
+    topo = PipelineTopology(pp=pp, dp=dp, rank=rank, dualpipe=schedule == "dualpipe", ep=ep)
+    topo.build_groups()
+    placement = Placement(schedule, pp)
+    batches = make_batches(cfg, microbatches * dp)
+    mine = batches[topo.dp_rank * microbatches:(topo.dp_rank + 1) * microbatches]
+    out: dict = {}
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        model = skewed_model(cfg).train()
+        shard_experts(model, topo.ep_rank, ep, topo.groups["ep"])
+        store = WeightGradStore()
+        defer_weight_grads(model, store)
+        stages = {c: Stage(stage_pieces(model, placement.stage(topo.pipe_rank, c), placement.num_stages),
+                           placement.stage(topo.pipe_rank, c), placement.num_stages, overlap_ep=overlap)
+                  for c in range(placement.chunks_per_rank)}
+        runtime = PipelineRuntime(placement, topo.pipe_rank, stages, P2P(topo.pipe_ranks(), topo.groups["pipe"]),
+                                  store, (MICRO, SEQ, cfg.hidden_size), torch.float32, torch.device("cpu"), SEQ)
+        instrs = build_schedule(schedule, pp, microbatches, defer_w=True)[topo.pipe_rank]
+        result = runtime.run(instrs, mine, loss_scale=1.0 / microbatches)
+        held = {id(p) for s in stages.values() for p in s.parameters()}
+        grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                 for n, p in model.named_parameters() if id(p) in held}
+        if schedule == "dualpipe":
+            for name in sorted(grads):
+                dist.all_reduce(grads[name], group=topo.groups["mirror"])
+        for name in sorted(grads):  # the mean over data ranks (expert grads: summed over expert-DP, / dp)
+            if is_expert_key(name):
+                if "expert_data" in topo.groups:
+                    dist.all_reduce(grads[name], group=topo.groups["expert_data"])
+            else:
+                dist.all_reduce(grads[name], group=topo.groups["data"])
+            grads[name] /= dp
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, grads)
+        full: dict = {}
+        for p in range(pp):
+            full.update(gather_expert_state([everyone[topo.global_rank(p, d)] for d in range(ep)]))
+        out[overlap] = {"losses": {(topo.dp_rank, mb): v for mb, v in result.loss.items()}, "grads": full,
+                        "substep_blocks": sum(len(s._substep_blocks) for s in stages.values())}
+    with skewed_reference():
+        import tests.parallel.pipeline_workers as pw
+
+        with mock.patch.object(pw, "DeepseekV3", skewed_model):
+            ref_losses, ref_grads, _ = reference(cfg, batches)
+
+    def rel(a: dict, b: dict) -> float:
+        return max(float((a[n] - b[n]).abs().max()) / (float(b[n].abs().max()) + 1e-12) for n in a)
+
+    # the reference averages over all microbatches * dp samples, as the pipeline's sum over data ranks / dp
+
+    return {
+        "loss_pairs": [(out[True]["losses"][k], out[False]["losses"][k], ref_losses[k[0] * microbatches + k[1]])
+                       for k in out[True]["losses"]],
+        "overlap_vs_sequential": rel(out[True]["grads"], out[False]["grads"]),
+        "overlap_vs_reference": rel(out[True]["grads"], ref_grads),
+        "n_grads": len(out[True]["grads"]), "n_ref": len(ref_grads),
+        "substep_blocks": out[True]["substep_blocks"], "sequential_substep_blocks": out[False]["substep_blocks"],
+    }

@@ -1,0 +1,136 @@
+"""An expert-parallel MoE block as sub-steps with posted all-to-alls, forward and backward.
+
+A pipeline stage runs a block of an EP model (its MoE dispatcher an `AllToAllDispatcher`) through
+`block_substeps`, a generator that yields right after posting each all-to-all and waits for it when resumed.
+In DualPipe's overlapped F&B pair the runtime alternates the forward generator of one microbatch with the
+backward generator of another, so each all-to-all travels while the other microbatch computes:
+
+    forward  (microbatch f)                          backward (microbatch b)
+    F1  attention, norm, route, sort; count
+        exchange; post DISPATCH(f)            ->     B3  combine backward; post COMBINE-GRAD(b)
+    F2  shared experts; wait DISPATCH(f);
+        experts; post COMBINE(f)              ->     B2  wait COMBINE-GRAD(b); experts + shared backward;
+                                                         post DISPATCH-GRAD(b)
+    F3  wait COMBINE(f); gate-weighted sum
+        + residual + shared                   ->     B1  wait DISPATCH-GRAD(b); sort, router, attention
+                                                         backward
+
+Segments meet at detached tensors (like the pieces of a stage), so each backward segment is one
+`torch.autograd.backward` over its segment's outputs with the gradients the later segments left on their
+inputs, and the backward all-to-alls are posted and waited by hand instead of inside autograd. The numerics
+are the sequential layer's: the same operations on the same rows (tested equal to 1e-6; only the order in
+which autograd sums a tensor's gradient contributions differs).
+
+With activation checkpointing the two compute segments that hold activations (F1, F2) are checkpointed one
+by one: the recompute in backward never re-runs an all-to-all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Generator
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from model.block import BlockAux, DecoderBlock
+from model.moe import MoE
+from model.transformer import MicroBatch
+from parallel.ep import AllToAllDispatcher
+
+BackwardSteps = Generator[None, None, None]
+
+
+def overlappable(block: Any) -> bool:
+    """A decoder block whose FFN is an expert-parallel MoE layer."""
+    return (isinstance(block, DecoderBlock) and isinstance(block.mlp, MoE)
+            and isinstance(block.mlp.dispatcher, AllToAllDispatcher))
+
+
+def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_(t.is_floating_point())
+
+
+def _maybe_checkpoint(block: DecoderBlock, fn, *args):
+    if block.cfg.activation_checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _backward(pairs: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
+    outputs, grads = [], []
+    for out, grad in pairs:
+        if out is not None and grad is not None and out.requires_grad:
+            outputs.append(out)
+            grads.append(grad)
+    if outputs:
+        torch.autograd.backward(outputs, grads)
+
+
+def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
+                   ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
+    """Forward of an EP MoE block on the detached, grad-requiring input `h`, yielding after each posted
+    all-to-all. Returns (output, backward) where `backward(grad_out, loss_scale)` is the matching generator;
+    it leaves the input gradient in `h.grad` and seeds the block's balance loss with `loss_scale`."""
+    moe: MoE = block.mlp
+    dispatcher: AllToAllDispatcher = moe.dispatcher
+    n_experts = moe.cfg.n_routed_experts
+
+    # F1: attention, norm, router, local sort by expert; the count exchange; post the dispatch
+    def attend_and_route(h_in: torch.Tensor):
+        a = block.attention(h_in)
+        x = block.post_attention_layernorm(a)
+        routing = moe.route(x)
+        local = dispatcher.sort(x.reshape(-1, x.shape[-1]), routing, n_experts)
+        return a, x, routing, local
+
+    a, x, routing, local = _maybe_checkpoint(block, attend_and_route, h)
+    if block.training:
+        moe.gate.step_counts += routing.counts
+    mb.record(block.layer_idx, BlockAux(counts=routing.counts, balance_loss=routing.balance_loss))
+    layout = dispatcher.exchange_layout(routing.counts)
+    dispatch = dispatcher.post(local.x.detach(), layout.recv_splits, layout.send_splits, "dispatch")
+    yield
+
+    # F2: shared experts while the dispatch travels; then the routed experts; post the combine
+    x_in = _leaf(x)
+    shared = moe.shared_experts(x_in) if moe.shared_experts is not None else None
+    recv = _leaf(dispatch.wait())
+
+    def experts(rows_in: torch.Tensor) -> torch.Tensor:
+        y = moe.experts(rows_in.index_select(0, layout.perm), layout.rows)
+        return y.index_select(0, layout.inverse)  # back to (source rank, expert) order for the return trip
+
+    y_src = _maybe_checkpoint(block, experts, recv)
+    combine = dispatcher.post(y_src.detach(), layout.send_splits, layout.recv_splits, "combine")
+    yield
+
+    # F3: the returned rows, gate-weighted, plus the residual and the shared experts
+    back, a_in, gates_in, shared_in = _leaf(combine.wait()), _leaf(a), _leaf(local.gates), _leaf(shared)
+    routed = dispatcher.combine_rows(back, dataclasses.replace(local, gates=gates_in)).view_as(a_in)
+    out = a_in + (routed + shared_in if shared_in is not None else routed)
+
+    def backward(grad_out: torch.Tensor, loss_scale: float) -> BackwardSteps:
+        # B3: through the gate-weighted sum; post the combine's transpose
+        _backward([(out, grad_out)])
+        combine_grad = dispatcher.post(_grad_or_zeros(back), layout.recv_splits, layout.send_splits,
+                                       "combine-grad")
+        yield
+        # B2: through the experts (and the shared experts); post the dispatch's transpose
+        _backward([(y_src, combine_grad.wait()),
+                   (shared, None if shared_in is None else shared_in.grad)])
+        dispatch_grad = dispatcher.post(_grad_or_zeros(recv), layout.send_splits, layout.recv_splits,
+                                        "dispatch-grad")
+        yield
+        # B1: through the sort, the router (gates, balance loss) and attention, to the block input
+        balance = routing.balance_loss
+        _backward([(local.x, dispatch_grad.wait()), (local.gates, gates_in.grad), (x, x_in.grad),
+                   (a, a_in.grad),
+                   (balance, None if balance is None else torch.full_like(balance, loss_scale))])
+
+    return out, backward

@@ -1,0 +1,66 @@
+"""Expert parallelism inside pipeline stages (pp=2 x dp=2, ep=2: 4 processes) equals the single-process model,
+and the overlapped sub-step blocks (parallel/ep_overlap.py) equal the sequential layer. Also dp = 2 x ep at
+pp=1 through the DeepSpeed engine.
+
+Routing is skewed (experts 1, 2, 6 never chosen, 5 always), so some experts, and whole expert slices of a
+rank, receive no rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed_harness import run_ranks
+from tests.parallel.ep_engine_workers import run_ep_engine, run_pipeline_ep, run_pipeline_ep_grads
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule, checkpointing", [("dualpipe", False), ("dualpipev", True)])
+def test_pipeline_ep_gradients_equal_single_process(schedule, checkpointing):
+    reports = run_ranks(4, run_pipeline_ep_grads, schedule, 2, 2, 4, checkpointing)
+    seen = 0
+    for rep in reports:
+        assert rep["n_grads"] == rep["n_ref"]
+        # the overlapped path really ran on some rank's stages; the sequential run used none
+        assert rep["sequential_substep_blocks"] == 0
+        for overlapped, sequential, single in rep["loss_pairs"]:
+            assert overlapped == sequential  # the same operations on the same rows in forward
+            assert abs(overlapped - single) <= 1e-6 * abs(single)
+            seen += 1
+        # same arithmetic; only autograd's order of summing a tensor's gradient contributions may differ
+        assert rep["overlap_vs_sequential"] <= 1e-6, rep["overlap_vs_sequential"]
+        assert rep["overlap_vs_reference"] <= 1e-5, rep["overlap_vs_reference"]
+    assert seen == 4 * 2  # every microbatch of both data ranks has its loss on exactly one pipeline rank
+    assert sum(rep["substep_blocks"] for rep in reports) > 0
+
+
+@pytest.mark.multiprocess
+def test_pipeline_ep_engine_steps_equal_single_process():
+    """DualPipe pp=2 x dp=2 with ep=2 through its DeepSpeed engine (ZeRO-1 over the expert-DP groups, AdamW,
+    clipping): two steps equal single-process training (tolerances as in test_ep_engine.py)."""
+    reports = run_ranks(4, run_pipeline_ep, "dualpipe", 2, 2, 4, 2, 1.0, 2, True)
+    for rep in reports:
+        assert rep["n"] == rep["n_ref"]
+        (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
+        assert abs(got1 - want1) <= 1e-6 * abs(want1), (rep["losses"], rep["ref_losses"])
+        assert abs(got2 - want2) <= 1e-5 * abs(want2), (rep["losses"], rep["ref_losses"])
+        assert rep["mean_param_diff"] <= 1e-6, rep["mean_param_diff"]
+        assert rep["max_param_diff"] <= 1e-3, rep["max_param_diff"]
+        # the bias update: global counts summed over the copies group, the same on every rank as in one process
+        assert rep["bias_diff"] == 0.0
+        assert all(set(empty) >= {1, 2, 6} for empty in rep["empty_last_step"].values())
+        # the recorded step holds this rank's all-to-alls: 2 MoE blocks x 2 microbatches x 4 (dispatch, combine
+        # and their gradients)
+        assert rep["a2a_events"] == 16, rep["a2a_events"]
+
+
+@pytest.mark.multiprocess
+def test_dp_twice_ep_engine_steps_equal_single_process(tmp_path):
+    """pp=1, dp=4, ep=2: expert gradients summed over the expert-DP pairs, ZeRO-1 partitions there."""
+    reports = run_ranks(4, run_ep_engine, 2, 2, 2, 1.0, str(tmp_path / "checkpoints"))
+    for rep in reports:
+        (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
+        assert abs(got1 - want1) <= 1e-6 * abs(want1)
+        assert abs(got2 - want2) <= 1e-5 * abs(want2)
+        assert rep["mean_param_diff"] <= 1e-6 and rep["max_param_diff"] <= 1e-3
+        assert rep["ref_norm"] > 1.0 and abs(rep["norms"][0] - rep["ref_norm"]) <= 1e-5 * rep["ref_norm"]
+        assert rep["bias_diff"] == 0.0 and rep["resume_diff"] == 0.0
