@@ -168,8 +168,8 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     from parallel.pipeline_engine import PipelineSchedule
     from parallel.topology import PipelineTopology
     from tests.parallel.engine_workers import ds_config as pipe_ds_config
-    from trainer.ds_config import param_groups
     from tests.parallel.pipeline_workers import SEQ
+    from trainer.ds_config import param_groups
     from trainer.load_balance import moe_routers, update_router_biases
 
     cfg = tiny_config(num_hidden_layers=layers)
