@@ -311,6 +311,23 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
     return model
 
 
+@dataclass
+class ExpertShardRole:
+    """Where a rank's expert shard is saved: `pipe_rank` (None without a pipeline) names the file, and only the
+    first EP group of each pipeline rank (`writer`) writes it; the others hold identical copies."""
+
+    pipe_rank: int | None
+    writer: bool
+
+
+def set_expert_shard_role(model: nn.Module, role: ExpertShardRole) -> None:
+    model._expert_shard_role = role  # read by trainer/reshard.py when saving / loading the shard
+
+
+def expert_shard_role(model: nn.Module) -> ExpertShardRole | None:
+    return getattr(model, "_expert_shard_role", None)
+
+
 def ep_layout(model: nn.Module) -> tuple[int, int] | None:
     """(ep_rank, ep_size) of a model sharded by `shard_experts`, None for a full model."""
     for module in model.modules():

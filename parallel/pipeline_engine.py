@@ -98,12 +98,19 @@ class PipelineSchedule:
             router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
             router.step_counts.data = router.step_counts.data.double()
         if topo.ep > 1:  # this rank keeps its E/ep experts of every MoE layer it holds
-            from parallel.ep import mark_expert_params, register_expert_groups, shard_experts
+            from parallel.ep import (
+                ExpertShardRole,
+                mark_expert_params,
+                register_expert_groups,
+                set_expert_shard_role,
+                shard_experts,
+            )
 
             ep = register_expert_groups(topo.ep, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
                                         (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
             shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group)
             mark_expert_params(model, ep.name)
+            set_expert_shard_role(model, ExpertShardRole(pipe_rank=topo.pipe_rank, writer=topo.dp_rank < topo.ep))
         if gemm_backend_fn is not None:  # e.g. FP8: set each layer's numerics before the W split copies them
             gemm_backend_fn(model)
         self.store = WeightGradStore()

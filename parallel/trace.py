@@ -47,12 +47,14 @@ def chrome_trace(events: list[TimelineEvent]) -> dict:
         out.append({"ph": "M", "name": "process_name", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
         out.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 0, "args": {"name": "compute"}})
+        if any(e.rank == rank and e.kind == COMM_KIND for e in events):
+            out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 1, "args": {"name": "all-to-all"}})
     for e in sorted(events, key=lambda e: (e.rank, e.start)):
         args = {"chunk": e.chunk}
-        if getattr(e, "waited", 0.0):  # an event that knows how long it waited for its input
+        if getattr(e, "waited", 0.0):  # compute: waited for its input; all-to-all: the exposed (blocked) part
             args["waited_us"] = round(e.waited * 1e6, 3)
         out.append({
-            "ph": "X", "pid": e.rank, "tid": 0, "name": e.label, "cat": e.kind,
+            "ph": "X", "pid": e.rank, "tid": 1 if e.kind == COMM_KIND else 0, "name": e.label, "cat": e.kind,
             "ts": round((e.start - t0) * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3), "args": args,
         })
     return {"traceEvents": out, "displayTimeUnit": "ms"}
@@ -60,6 +62,21 @@ def chrome_trace(events: list[TimelineEvent]) -> dict:
 
 def write_chrome_trace(events: list[TimelineEvent], path: str | Path) -> None:
     Path(path).write_text(json.dumps(chrome_trace(events)) + "\n")
+
+
+COMM_KIND = "all_to_all"  # expert all-to-alls (post -> end of wait), drawn on their own track
+
+
+def exposed_communication(events: list[TimelineEvent]) -> dict[int, dict[str, float]]:
+    """Per rank: all-to-all seconds from post to end of wait (`span`), blocked in the wait (`exposed`)."""
+    out: dict[int, dict[str, float]] = {}
+    for e in events:
+        if e.kind == COMM_KIND:
+            row = out.setdefault(e.rank, {"count": 0, "span": 0.0, "exposed": 0.0})
+            row["count"] += 1
+            row["span"] += e.end - e.start
+            row["exposed"] += e.waited
+    return out
 
 
 _MB = re.compile(r"\d+\.(\d+)")
@@ -77,5 +94,5 @@ def draw_measured_timeline(events: list[TimelineEvent], out_png: str | Path, tit
         raise ValueError("no timeline events to draw (was the schedule built with record_timeline=True?)")
     t0 = min(e.start for e in events)
     records = [(e.rank, (e.start - t0) * 1e3, (e.end - t0) * 1e3, _short_label(e.label), e.kind, e.chunk)
-               for e in events]
+               for e in events if e.kind != COMM_KIND]
     draw_timeline(records, str(out_png), title or "measured timeline (ms)")

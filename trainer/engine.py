@@ -91,7 +91,7 @@ def build_pipeline_engine(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule,
     from parallel.topology import PipelineTopology
 
     topo = PipelineTopology(pp=layout.pp, dp=layout.dp, rank=dist.get_rank(),
-                            dualpipe=cfg.parallel.schedule == "dualpipe")
+                            dualpipe=cfg.parallel.schedule == "dualpipe", ep=layout.ep)
     topo.build_groups()
     ds_config = build_ds_config(cfg, layout)
     device = torch.device("cuda", torch.cuda.current_device()) if layout.device == "cuda" else torch.device("cpu")

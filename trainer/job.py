@@ -192,7 +192,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         checkpointer.save(schedule.engine, s.step, meta_out, extra)
 
     def write_timeline(events: list) -> None:
-        from parallel.trace import draw_measured_timeline, gather_timeline, write_chrome_trace
+        from parallel.trace import draw_measured_timeline, exposed_communication, gather_timeline, write_chrome_trace
 
         everyone = gather_timeline(events)
         if env.is_main:
@@ -201,6 +201,11 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
             draw_measured_timeline(everyone, paths.run_dir / "timeline.png",
                                    f"{job.parallel.schedule} pp={layout.pp}: measured step {step}")
             logger.write(f"timeline of step {step}: {paths.run_dir / 'timeline.json'} (open in Perfetto)")
+            comm = exposed_communication(everyone)
+            if comm:  # expert parallelism: how much of the all-to-all time the ranks sat blocked
+                exposed = sum(r["exposed"] for r in comm.values()) / len(comm)
+                logger.write(f"expert all-to-all in step {step}: {sum(r['count'] for r in comm.values())} "
+                             f"transfers, {exposed * 1e3:.1f} ms exposed per rank")
 
     hooks = LoopHooks(
         stream=faults.wrap_stream(stream),

@@ -12,6 +12,8 @@ Layout of a checkpoint written at ep > 1 (besides DeepSpeed's files, see trainer
                                     expert-DP group's partition of its local experts (fp32 master + Adam moments)
     experts/ep_rank_<k>.pt          ours: {"ep_size", "ep_rank", "module": ep rank k's expert weights} (written by
                                     the first EP group's ranks; the other EP groups hold identical copies)
+    experts/pipe_<p>_ep_rank_<k>.pt the same for pipeline rank p's stages (a pipeline run at ep > 1; mp_rank_<p>
+                                    holds that pipeline rank's replicated weights)
 
 DeepSpeed's own MoE checkpoint files (`layer_*_expert_*_mp_rank_*_model_states.pt`, `expp_rank_*`) are written
 only for its `deepspeed.moe.layer.MoE` modules, so the engine saves our model on its plain path and the experts
@@ -33,28 +35,48 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.ep import ep_layout, gather_expert_state, is_expert_key, slice_expert_state
+from parallel.ep import (
+    ExpertShardRole,
+    ep_layout,
+    expert_shard_role,
+    gather_expert_state,
+    is_expert_key,
+    slice_expert_state,
+)
 
 EXPERT_DIR = "experts"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 COPIED = ("model_config.json", "config.yaml", "meta.json")  # meta.json marks it complete; no optimizer/RNG
 
 
-def expert_file(ckpt: Path, ep_rank: int) -> Path:
-    return ckpt / EXPERT_DIR / f"ep_rank_{ep_rank:03d}.pt"
+def expert_file(ckpt: Path, ep_rank: int, pipe_rank: int | None = None) -> Path:
+    prefix = "" if pipe_rank is None else f"pipe_{pipe_rank:02d}_"
+    return ckpt / EXPERT_DIR / f"{prefix}ep_rank_{ep_rank:03d}.pt"
+
+
+def _role(module: nn.Module) -> ExpertShardRole:
+    """Which file this rank's experts go to, and whether it writes (see `parallel.ep.set_expert_shard_role`).
+    Without a role (pp=1): the ranks of the first EP group write."""
+    role = expert_shard_role(module)
+    if role is not None:
+        return role
+    layout = ep_layout(module)
+    first_group = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() < layout[1]
+    return ExpertShardRole(pipe_rank=None, writer=first_group)
 
 
 def save_expert_shard(module: nn.Module, ckpt: Path) -> Path | None:
-    """This rank's expert weights into `ckpt/experts/` (collective-free; only the first EP group writes).
-    Returns the file written, None when this rank writes nothing (ep=1 or another EP group)."""
+    """This rank's expert weights into `ckpt/experts/` (collective-free; only the first EP group of each
+    pipeline rank writes). Returns the file written, None when this rank writes nothing (ep=1 or a replica)."""
     layout = ep_layout(module)
     if layout is None:
         return None
     ep_rank, ep_size = layout
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() >= ep_size:
+    role = _role(module)
+    if not role.writer:
         return None  # the same experts as the first EP group's rank ep_rank (expert-DP replicas)
     experts = {n: t.detach().cpu().clone() for n, t in module.state_dict().items() if is_expert_key(n)}
-    path = expert_file(ckpt, ep_rank)
+    path = expert_file(ckpt, ep_rank, role.pipe_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"ep_size": ep_size, "ep_rank": ep_rank, "module": experts}, path)
     return path
@@ -73,7 +95,11 @@ def load_expert_shard(module: nn.Module, ckpt: Path) -> bool:
         raise ValueError(f"{ckpt} was written at ep={saved}, this run has ep={ep_size}: resuming across ep sizes "
                          f"is not supported (optimizer states); reshard the weights with `python -m trainer.reshard "
                          f"{ckpt} OUT --ep {ep_size}` and start from them")
-    shard = torch.load(expert_file(ckpt, ep_rank), map_location="cpu", weights_only=True)["module"]
+    path = expert_file(ckpt, ep_rank, _role(module).pipe_rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt}: expert shard {path.name} is missing (written with another pipeline "
+                                f"layout?); resume with the parallel settings the checkpoint was written with")
+    shard = torch.load(path, map_location="cpu", weights_only=True)["module"]
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in shard.items():
@@ -81,28 +107,44 @@ def load_expert_shard(module: nn.Module, ckpt: Path) -> bool:
     return True
 
 
+def _pipe_ranks(ckpt: Path) -> list[int | None]:
+    """The pipeline ranks with expert files ([None] for a pp=1 checkpoint, [] without experts)."""
+    names = [f.name for f in (ckpt / EXPERT_DIR).glob("*ep_rank_*.pt")]
+    if any(n.startswith("ep_rank_") for n in names):
+        return [None]
+    return sorted({int(n.split("_")[1]) for n in names if n.startswith("pipe_")})
+
+
 def checkpoint_ep_size(ckpt: Path) -> int:
-    files = sorted((ckpt / EXPERT_DIR).glob("ep_rank_*.pt"))
-    return len(files) if files else 1
+    pipes = _pipe_ranks(ckpt)
+    if not pipes:
+        return 1
+    prefix = "" if pipes[0] is None else f"pipe_{pipes[0]:02d}_"
+    return len(list((ckpt / EXPERT_DIR).glob(f"{prefix}ep_rank_*.pt")))
 
 
 def gather_expert_files(ckpt: Path, module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The full model's state: `module_state` (mp_rank_00, ep rank 0's experts) with every expert weight
-    replaced by all ep ranks' shards concatenated. A checkpoint without `experts/` is returned as is."""
+    """The full model's state: `module_state` (the union of the mp_rank files, ep rank 0's experts) with every
+    expert weight replaced by all ep ranks' shards concatenated (per pipeline rank for a pipeline checkpoint).
+    A checkpoint without `experts/` is returned as is."""
     ep_size = checkpoint_ep_size(ckpt)
-    if ep_size == 1 and not (ckpt / EXPERT_DIR).is_dir():
+    pipes = _pipe_ranks(ckpt)
+    if not pipes:
         return module_state
-    shards = []
-    for k in range(ep_size):
-        path = expert_file(ckpt, k)
-        if not path.is_file():
-            raise FileNotFoundError(f"{ckpt}: expert shard {path.name} is missing (ep={ep_size} checkpoint)")
-        shard = torch.load(path, map_location="cpu", weights_only=True)
-        if shard["ep_size"] != ep_size or shard["ep_rank"] != k:
-            raise ValueError(f"{path}: holds ep rank {shard['ep_rank']} of {shard['ep_size']}, expected {k} of "
-                             f"{ep_size}")
-        shards.append({**module_state, **shard["module"]})
-    return gather_expert_state(shards)
+    full = dict(module_state)
+    for pipe in pipes:  # each pipeline rank's experts: that rank's layers, concatenated over its ep ranks
+        shards = []
+        for k in range(ep_size):
+            path = expert_file(ckpt, k, pipe)
+            if not path.is_file():
+                raise FileNotFoundError(f"{ckpt}: expert shard {path.name} is missing (ep={ep_size} checkpoint)")
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+            if shard["ep_size"] != ep_size or shard["ep_rank"] != k:
+                raise ValueError(f"{path}: holds ep rank {shard['ep_rank']} of {shard['ep_size']}, expected {k} "
+                                 f"of {ep_size}")
+            shards.append(shard["module"])
+        full.update(gather_expert_state(shards))
+    return full
 
 
 def reshard(checkpoint: str | Path, out: str | Path, ep: int) -> Path:
