@@ -65,7 +65,7 @@ class PostedAllToAll:
 
     def __init__(self, out: torch.Tensor, send: torch.Tensor, work: Any, label: str, trace: list | None) -> None:
         self.out, self._send, self._work, self.label, self._trace = out, send, work, label, trace
-        self._posted = time.perf_counter()
+        self._posted, self._rows = time.perf_counter(), send.shape[0]
 
     def wait(self) -> torch.Tensor:
         if self._work is None:
@@ -74,7 +74,7 @@ class PostedAllToAll:
         self._work.wait()
         self._work = self._send = None  # the send buffer had to outlive the collective
         if self._trace is not None:
-            self._trace.append(CommInterval(self.label, self._posted, start, time.perf_counter(), 0))
+            self._trace.append(CommInterval(self.label, self._posted, start, time.perf_counter(), self._rows))
         return self.out
 
 
@@ -229,7 +229,11 @@ class AllToAllDispatcher:
         rank's [ep, E/ep] counts goes to rank d; received row s = rows from rank s for each local expert."""
         counts = counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
         recv_counts = torch.empty_like(counts)
+        start = time.perf_counter()
         dist.all_to_all_single(recv_counts, counts, group=self.group)
+        if self.trace is not None:
+            end = time.perf_counter()
+            self.trace.append(CommInterval(f"counts {self.label}", start, start, end, self.ep_size))
         perm, inverse = expert_major_permutation(recv_counts)
         return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
 

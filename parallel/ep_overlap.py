@@ -2,18 +2,26 @@
 
 A pipeline stage runs a block of an EP model (its MoE dispatcher an `AllToAllDispatcher`) through
 `block_substeps`, a generator that yields right after posting each all-to-all and waits for it when resumed.
-In DualPipe's overlapped F&B pair the runtime alternates the forward generator of one microbatch with the
-backward generator of another, so each all-to-all travels while the other microbatch computes:
+In DualPipe's overlapped F&B pair the runtime alternates the backward generator of one microbatch with the
+forward generator of another, backward first, so each all-to-all travels while the other microbatch runs a
+heavy sub-step:
 
-    forward  (microbatch f)                          backward (microbatch b)
-    F1  attention, norm, route, sort; count
-        exchange; post DISPATCH(f)            ->     B3  combine backward; post COMBINE-GRAD(b)
-    F2  shared experts; wait DISPATCH(f);
-        experts; post COMBINE(f)              ->     B2  wait COMBINE-GRAD(b); experts + shared backward;
-                                                         post DISPATCH-GRAD(b)
-    F3  wait COMBINE(f); gate-weighted sum
-        + residual + shared                   ->     B1  wait DISPATCH-GRAD(b); sort, router, attention
-                                                         backward
+    step  microbatch b (backward, layer j)            microbatch f (forward, layer i)
+     1    B3  combine backward; post COMBINE-GRAD(b)
+     2                                                F1  attention, norm, route, sort; count exchange;
+                                                          post DISPATCH(f)
+     3    B2  wait COMBINE-GRAD(b); experts + shared
+              backward; post DISPATCH-GRAD(b)
+     4                                                F2  shared experts; wait DISPATCH(f); experts;
+                                                          post COMBINE(f)
+     5    B1  wait DISPATCH-GRAD(b); sort, router,
+              attention backward
+     6                                                F3  wait COMBINE(f); gate-weighted sum + residual
+
+COMBINE-GRAD hides behind F1 (attention), DISPATCH behind B2 (expert GEMMs), DISPATCH-GRAD behind F2 (expert
+GEMMs), COMBINE behind B1 (attention backward): DeepSeek-V3's arrangement. Every piece of a stage is one step
+(a block three), so the phase holds across blocks; the small count exchange stays synchronous because the row
+buffers' sizes depend on it.
 
 Segments meet at detached tensors (like the pieces of a stage), so each backward segment is one
 `torch.autograd.backward` over its segment's outputs with the gradients the later segments left on their

@@ -273,10 +273,12 @@ class PipelineRuntime:
 
     def _forward_backward(self, ins: Instr) -> None:
         """The overlapped pair: the forward pieces of one microbatch alternate with the backward pieces of
-        another, so communication posted by one (expert all-to-all) can hide behind the other's compute."""
+        another, so communication posted by one (expert all-to-all) can hide behind the other's compute.
+        Backward goes first: then every all-to-all an EP block posts is followed by a heavy sub-step of the
+        other microbatch (see parallel/ep_overlap.py for the resulting order)."""
         fwd = self._forward(ins.chunk, ins.mb)
         bwd = self._backward(ins.b_chunk, ins.b_mb, ins.defer_w)
-        live = [fwd, bwd]
+        live = [bwd, fwd]
         while live:
             for gen in list(live):
                 try:
