@@ -147,6 +147,24 @@ def test_node_limited_groups():
         node_limited_groups(ep_size=8, ep_ranks_per_node=8, n_group=4, topk_group=5)
 
 
+def test_node_limited_routing_reaches_at_most_topk_group_nodes():
+    """ep=8 with 2 ranks per node (4 nodes), 32 experts in 4 groups, 2 groups kept: the experts every token picks
+    live on at most 2 nodes, and with many tokens some do reach 2 (the bound is tight)."""
+    from model.router import Router
+
+    cfg = tiny_config(n_routed_experts=32, num_experts_per_tok=6, n_group=4, topk_group=2)
+    nodes, max_nodes = node_limited_groups(ep_size=8, ep_ranks_per_node=2, n_group=4, topk_group=2)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_(0, 0.5)  # any bias: the group limit holds regardless
+    routing = router(torch.randn(1, 512, cfg.hidden_size))
+    experts_per_node = cfg.n_routed_experts // nodes
+    reached = torch.stack([torch.unique(row // experts_per_node).numel() * torch.ones(())
+                           for row in routing.experts.reshape(-1, cfg.num_experts_per_tok)])
+    assert int(reached.max()) <= max_nodes == 2
+    assert int(reached.max()) == 2
+
+
 @pytest.mark.multiprocess
 def test_ep4_equals_single_process():
     """ep=4 on 4 processes (one local expert pair each; under the `rank1_empty` skew ranks 2 and 3 get nothing):
