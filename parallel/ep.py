@@ -79,12 +79,42 @@ class PostedAllToAll:
 
 
 def post_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, label: str = "a2a",
-                    trace: list | None = None) -> PostedAllToAll:
-    """Post rows of `x` (`in_splits[d]` rows to rank d) and receive `out_splits[s]` rows from rank s."""
+                    trace: list | None = None, fp8: bool = False) -> PostedAllToAll:
+    """Post rows of `x` (`in_splits[d]` rows to rank d) and receive `out_splits[s]` rows from rank s. `fp8`: the
+    rows travel as E4M3 values with a scale per 1 x 128 tile (DeepSeek-V3's FP8 dispatch) and arrive
+    dequantized to x's dtype."""
+    if fp8:
+        return PostedFP8AllToAll(x, out_splits, in_splits, group, label, trace)
     send = x.contiguous()
     out = x.new_empty(sum(out_splits), *x.shape[1:])
     work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
     return PostedAllToAll(out, send, work, label, trace)
+
+
+class PostedFP8AllToAll:
+    """Two posted all-to-alls with the same splits, the E4M3 values (as bytes: collectives do not all take
+    float8) and their fp32 tile scales; `wait()` dequantizes into `out` (allocated at post time, so autograd
+    can hand it out before the data arrives)."""
+
+    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, label: str,
+                 trace: list | None) -> None:
+        from model.fp8 import quantize_dispatch
+
+        with torch.no_grad():
+            values, scales = quantize_dispatch(x.detach())
+        self.out = x.new_empty(sum(out_splits), *x.shape[1:])
+        self._dtype, self._fp8 = x.dtype, values.dtype
+        self._values = post_all_to_all(values.view(torch.uint8), out_splits, in_splits, group, label + " fp8", trace)
+        self._scales = post_all_to_all(scales, out_splits, in_splits, group, label + " scales", trace)
+        self.label = label
+
+    def wait(self) -> torch.Tensor:
+        from model.fp8 import dequantize_dispatch
+
+        values, scales = self._values.wait(), self._scales.wait()
+        with torch.no_grad():
+            self.out.copy_(dequantize_dispatch(values.view(self._fp8), scales, self._dtype).view_as(self.out))
+        return self.out
 
 
 # ---- autograd pieces -------------------------------------------------------------------------------------
@@ -96,17 +126,17 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, recv_splits: list[int], send_splits: list[int], group, pending: list, label: str,
-                trace: list | None):
+                trace: list | None, fp8: bool = False):
         ctx.recv_splits, ctx.send_splits, ctx.group, ctx.label, ctx.trace = (
             recv_splits, send_splits, group, label, trace)
-        posted = post_all_to_all(x, recv_splits, send_splits, group, label, trace)
+        posted = post_all_to_all(x, recv_splits, send_splits, group, label, trace, fp8=fp8)
         pending.append(posted)
         return posted.out
 
     @staticmethod
     def backward(ctx, grad):
         back = post_all_to_all(grad, ctx.send_splits, ctx.recv_splits, ctx.group, ctx.label + " grad", ctx.trace)
-        return back.wait(), None, None, None, None, None, None
+        return back.wait(), None, None, None, None, None, None, None  # gradients travel in full precision
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -214,6 +244,7 @@ class AllToAllDispatcher:
         self.local_experts = self.last - self.first
         self.label = label
         self.trace: list[CommInterval] | None = None
+        self.fp8_dispatch = False  # precision.fp8.dispatch: the dispatch rows travel in FP8 (not combine, not grads)
         self._local = LocalDispatcher()
 
     def sort(self, x: torch.Tensor, routing: Routing, n_experts: int) -> Dispatched:
@@ -238,7 +269,8 @@ class AllToAllDispatcher:
         return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
 
     def post(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], what: str) -> PostedAllToAll:
-        return post_all_to_all(x, out_splits, in_splits, self.group, f"{what} {self.label}", self.trace)
+        fp8 = self.fp8_dispatch and what == "dispatch"
+        return post_all_to_all(x, out_splits, in_splits, self.group, f"{what} {self.label}", self.trace, fp8=fp8)
 
     def combine_rows(self, back: torch.Tensor, local: Dispatched) -> torch.Tensor:
         """The gate-weighted sum over the K choices of rows returned by the combine all-to-all."""
@@ -249,7 +281,7 @@ class AllToAllDispatcher:
         layout = self.exchange_layout(routing.counts)
         works: list = []
         recv = _AllToAll.apply(local.x, layout.recv_splits, layout.send_splits, self.group, works,
-                               f"dispatch {self.label}", self.trace)
+                               f"dispatch {self.label}", self.trace, self.fp8_dispatch)
         d = EPDispatched(x=recv, rows=layout.rows, order=local.order, gates=local.gates, local=local, layout=layout)
         return PendingDispatch(works, recv, d)
 
@@ -309,7 +341,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
                 raise ValueError("shard_experts expects an unsharded model")
             lo, hi = expert_range(n, ep_rank, ep_size)
             module.experts = _shard_routed(module.experts, lo, hi)
-            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=name.removesuffix(".mlp"))
+            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=name.removesuffix(".mlp") or "moe")
             if overlap:  # an instance attribute: nn.Module.__call__ looks up self.forward
                 module.forward = functools.partial(overlapped_moe_forward, module)
     return model
@@ -330,6 +362,17 @@ def set_expert_shard_role(model: nn.Module, role: ExpertShardRole) -> None:
 
 def expert_shard_role(model: nn.Module) -> ExpertShardRole | None:
     return getattr(model, "_expert_shard_role", None)
+
+
+def set_fp8_dispatch(model: nn.Module, enabled: bool) -> int:
+    """Send every EP layer's dispatch rows in FP8 (1 x 128 tiles, DeepSeek-V3 section 3.3); returns how many
+    dispatchers were switched."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoE) and isinstance(module.dispatcher, AllToAllDispatcher):
+            module.dispatcher.fp8_dispatch = enabled
+            n += 1
+    return n
 
 
 def ep_layout(model: nn.Module) -> tuple[int, int] | None:

@@ -58,6 +58,10 @@ def apply_precision(model: torch.nn.Module, cfg: JobConfig, layout: Layout, amax
         model.to(torch.bfloat16)
         restore_router_buffer_dtypes(model)
     apply_fp8(model, backend)
+    if cfg.precision.fp8.dispatch:  # expert parallelism: the dispatch rows travel in FP8
+        from parallel.ep import set_fp8_dispatch
+
+        set_fp8_dispatch(model, True)
 
 
 def build_engine(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule, dict]:
