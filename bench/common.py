@@ -68,9 +68,10 @@ def result(
     goal: str,
     repeats: int,
     higher_is_better: bool = True,
+    path: str | Path | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Build and write bench/results/NAME.json; ratio > 1 always means ours is better."""
+    """Build and write bench/results/NAME.json (or `path`); ratio > 1 always means ours is better."""
     if higher_is_better:
         ratio = ours / peer if peer else float("inf")
     else:
@@ -86,6 +87,7 @@ def result(
         "machine": machine(),
         **extra,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    target = Path(path) if path is not None else RESULTS_DIR / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(out, indent=2, default=float) + "\n")
     return out

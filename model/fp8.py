@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from model.gemm import GemmBackend, GroupedLinear, Linear, grouped_mm, grouped_w
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 RECIPES = ("blockwise", "current", "delayed", "mxfp8")
+FP8_BACKENDS = ("te", "emulated", "torch")  # Transformer Engine | this module's emulation | model/fp8_native.py
 DISPATCH_TILE = 128  # activations sent through the EP dispatch: 1 x 128 tiles, as the blockwise recipe's
 
 
@@ -275,6 +277,26 @@ class EmulatedFP8Backend(GemmBackend):
         gq = self._qrows(g, "act_t", "g", offsets, record=False)
         xq = self._qrows(x, "act_t", "x", offsets, record=False)
         return grouped_weight_grad(gq, xq, offsets, n).to(g.dtype)
+
+
+def make_fp8_backend(fp8: Any, amax_group: object = None) -> GemmBackend | None:
+    """The GEMM backend `precision.fp8` asks for (a trainer.config.FP8Config, or anything with its fields
+    enabled / backend / recipe / amax_history); None when FP8 is off. TE amaxes reduce over `amax_group`.
+    `emulated`: EmulatedFP8Backend (any device); `torch`: model.fp8_native.ScaledMMFP8Backend (real FP8 GEMMs
+    through torch._scaled_mm, SM89+); `te`: model.te_backend.TEBackend (Transformer Engine)."""
+    if not fp8.enabled:
+        return None
+    if fp8.backend == "emulated":
+        return EmulatedFP8Backend(fp8.recipe, history=fp8.amax_history)
+    if fp8.backend == "torch":
+        from model.fp8_native import ScaledMMFP8Backend
+
+        return ScaledMMFP8Backend(fp8.recipe)
+    if fp8.backend == "te":
+        from model.te_backend import TEBackend
+
+        return TEBackend(fp8.recipe, amax_group)
+    raise ValueError(f"precision.fp8.backend: unknown backend {fp8.backend!r}; choose one of {FP8_BACKENDS}")
 
 
 # ---- which layers run in FP8 -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class ParallelConfig:
     timeline_step: int = 0  # pipelines: record this step's per-rank timeline (Chrome trace + PNG); 0: off
 
 
-FP8_BACKENDS = ("te", "emulated")
+FP8_BACKENDS = ("te", "emulated", "torch")
 FP8_RECIPES = ("blockwise", "current", "delayed", "mxfp8")
 MOMENT_DTYPES = ("fp32", "bf16")
 
@@ -44,7 +44,9 @@ MOMENT_DTYPES = ("fp32", "bf16")
 @dataclass
 class FP8Config:
     enabled: bool = False  # precision=fp8 turns it on: the GEMMs of attention, dense MLPs and experts in FP8
-    backend: str = "te"  # te (Transformer Engine, Hopper+) | emulated (quantize-dequantize in fp32, any device)
+    # te (Transformer Engine, Hopper+) | emulated (quantize-dequantize in fp32, any device) | torch (real FP8 GEMMs
+    # through torch._scaled_mm, no TE: SM89+; recipes blockwise and current; model/fp8_native.py)
+    backend: str = "te"
     recipe: str = "blockwise"  # blockwise (DeepSeek: 1x128 activations, 128x128 weights) | current | delayed | mxfp8
     amax_history: int = 16  # delayed: amaxes kept per operand
     dispatch: bool = False  # expert-parallel dispatch in FP8 (1x128 tiles); needs parallel.ep > 1

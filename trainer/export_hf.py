@@ -1,6 +1,10 @@
-"""`python -m trainer.export_hf CHECKPOINT OUT [--dtype fp32|bf16]`: a training checkpoint as a Hugging Face
+"""`python -m trainer.export_hf CHECKPOINT OUT [--dtype fp32|bf16] [--fp8]`: a training checkpoint as a Hugging Face
 `deepseek_v3` directory (model/hf.py writes the weights and config.json), with the tokenizer beside it, so
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load it.
+
+--fp8 writes DeepSeek-V3's release format: the FP8 layers' weights as float8_e4m3fn with a `weight_scale_inv`
+per 128 x 128 block, everything else in bf16 (the router in fp32), `quantization_config` in config.json
+(docs/fp8.md, "Export in the release format"); --dtype is then bf16.
 
 CHECKPOINT is a checkpoint directory (checkpoints/step00000300), a checkpoints directory (its latest) or
 a run directory (runs/default). No DeepSpeed and no process group are needed.
@@ -65,16 +69,19 @@ def write_tokenizer(tok_path: Path, ids: dict, out: Path) -> None:
         json.dumps({f"{k}_token": v for k, v in special.items() if v is not None}, indent=2) + "\n")
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", fp8: bool = False) -> Path:
     from model.hf import export_hf
 
     try:
         ckpt = resolve_checkpoint(checkpoint)
     except FileNotFoundError as e:
         raise UserError("CHECKPOINT", str(e), "pass runs/<name> or a checkpoint directory") from None
+    if fp8 and dtype != "bf16":
+        raise UserError("--dtype", f"the FP8 release format keeps its unquantized tensors in bf16, not {dtype}",
+                        "drop --dtype or pass --dtype bf16 with --fp8")
     model = load_model(ckpt)
     out = Path(out)
-    export_hf(model, out, dtype=DTYPES[dtype])
+    export_hf(model, out, dtype=DTYPES[dtype], fp8=fp8)
     tok, ids = tokenizer_file(ckpt)
     if tok is not None:
         write_tokenizer(tok, ids, out)
@@ -85,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint dir, checkpoints dir or run dir")
     parser.add_argument("out", help="output directory (Hugging Face format)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp32 (default), bf16 (with --fp8)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="DeepSeek-V3 release format: FP8 GEMM weights with 128x128 block scales, the rest bf16")
     args = parser.parse_args(argv)
-    out = run_reporting_user_errors(export, args.checkpoint, args.out, args.dtype)
+    dtype = args.dtype or ("bf16" if args.fp8 else "fp32")
+    out = run_reporting_user_errors(export, args.checkpoint, args.out, dtype, args.fp8)
     print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
     return 0
 

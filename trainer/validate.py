@@ -235,6 +235,14 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
         return
     _need(cfg.parallel.schedule != "1f1b", "precision.fp8.enabled", "FP8 is not wired into parallel.schedule=1f1b",
           "use parallel.schedule=dualpipe, dualpipev or none")
+    if f.backend == "torch":  # real FP8 GEMMs through torch._scaled_mm: a CUDA GPU with FP8 tensor cores
+        from model.fp8_native import NativeFP8Unavailable, check_native
+
+        try:
+            check_native(f.recipe, device)
+        except NativeFP8Unavailable as e:
+            raise UserError(e.key, e.problem, e.fix) from None
+        return
     if f.backend != "te":
         return
     fix = "use precision.fp8.backend=emulated"

@@ -35,11 +35,14 @@ def test_precision_fp8_composes(tiny_data):
         (1, ["parallel=dp", "precision.fp8.dispatch=true"], "precision.fp8.dispatch:", "needs FP8 training"),
         (1, ["parallel=dp", "precision=fp8", "precision.fp8.backend=emulated", "precision.fp8.dispatch=true"],
          "precision.fp8.dispatch:", "parallel.ep=1"),
-        (2, ["parallel=dp", "parallel.ep=2", "precision=fp8", "precision.fp8.backend=emulated",
-             "precision.fp8.dispatch=true"], "precision.fp8.dispatch:", "does not send FP8 yet"),
         (2, ["parallel=1f1b", "precision=fp8", "precision.fp8.backend=emulated"], "precision.fp8.enabled:", "1f1b"),
         (1, ["parallel=dp", "precision.adam_moments_dtype=fp16"], "precision.adam_moments_dtype:", "unknown"),
         (1, ["parallel=dp", "precision=fp8", "precision.fp8.amax_history=0"], "precision.fp8.amax_history:", ">= 1"),
+        # the torch backend (real FP8 GEMMs through torch._scaled_mm): a CUDA GPU, blockwise or current only
+        (1, ["parallel=dp", "precision=fp8", "precision.fp8.backend=torch"], "precision.fp8.backend:",
+         "needs a CUDA GPU with FP8 tensor cores (SM89+) and none is visible; use precision.fp8.backend=emulated"),
+        (1, ["parallel=dp", "precision=fp8", "precision.fp8.backend=torch", "precision.fp8.recipe=delayed"],
+         "precision.fp8.recipe:", "not implemented by the torch backend"),
     ],
 )
 def test_fp8_validation_rules(tiny_data, world, overrides, key, words):

@@ -104,3 +104,40 @@ def test_fp8_export_warns_about_dims_transformers_cannot_read(tmp_path: Path):
     cfg = tiny_cfg(intermediate_size=192)  # 192 > 128, not a multiple: the CPU dequantizer misreads it
     with pytest.warns(UserWarning, match="not a multiple of 128"):
         export_hf(random_model(cfg), tmp_path, dtype=torch.bfloat16, fp8=True)
+
+
+def fake_checkpoint(model, cfg, path: Path) -> Path:
+    """The files `trainer.export_hf` reads from a training checkpoint (what DeepSpeed writes, minus optimizer
+    states): meta.json, mp_rank_00_model_states.pt with the module state, model_config.json."""
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": 1}))
+    (path / "model_config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save({"module": model.state_dict()}, path / "mp_rank_00_model_states.pt")
+    return path
+
+
+def test_export_cli_fp8_writes_the_release_format(tmp_path: Path, capsys):
+    """`python -m trainer.export_hf CKPT OUT --fp8`: the release layout, read back by our import exactly as the
+    checkpoint's model with its FP8 weights through 128x128 blocks; `--fp8 --dtype fp32` is one line."""
+    from trainer.export_hf import main
+
+    cfg = tiny_cfg(**CFG)
+    model = random_model(cfg)
+    ckpt = fake_checkpoint(model, cfg, tmp_path / "step00000001")
+    assert main([str(ckpt), str(tmp_path / "hf"), "--fp8"]) == 0
+    assert "exported" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["quantization_config"] == FP8_QUANT_CONFIG and config["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "hf" / SAFE_NAME), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.layers.0.mlp.gate_proj.weight"] == "F8_E4M3"
+    assert dtypes["model.layers.0.mlp.gate_proj.weight_scale_inv"] == "F32"
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    got, want = import_hf(tmp_path / "hf").state_dict(), checkpoint_model(cfg).state_dict()
+    for key, w in want.items():
+        assert torch.equal(got[key], w), key
+    with pytest.raises(SystemExit) as e:
+        main([str(ckpt), str(tmp_path / "hf32"), "--fp8", "--dtype", "fp32"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --dtype:") and "\n" not in err and not (tmp_path / "hf32").exists()

@@ -113,7 +113,8 @@ def test_te_backend_computes_with_our_parameters(monkeypatch, checkpointing):
     assert fake.entered >= len(names)  # no outer context here: each layer opened its own
     assert fake.splits and all(m % 16 == 0 for s in fake.splits for m in s)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7 * float(q.grad.abs().max()) + 1e-12), n
+        # fp32 reassociation only (padded splits sum in another order): 1e-6 of the largest entry
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6 * float(q.grad.abs().max()) + 1e-12), n
     assert experts.backend.module._parameters["weight0"] is None  # the views are not left behind
 
     # inside the pipeline engine's context the layers open none of their own
