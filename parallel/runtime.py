@@ -260,14 +260,19 @@ class PipelineRuntime:
         """Generator: backward of (chunk, mb) piece by piece; input-gradient kept for a send or hand-off."""
         grad = self._output_grad(chunk, mb)
         steps = self.stages[chunk].backward_steps(grad, mb, self.loss_scale)
-        with self.store.capture((chunk, mb)) if defer_w else contextlib.nullcontext():
-            while True:
+        # capture weight-gradients only while this backward's own steps run, not while the paired forward runs
+        # between them (that forward must see the store as it would alone)
+        group = self.store.open_group((chunk, mb)) if defer_w else None
+        while True:
+            with self.store.capturing_into(group) if group is not None else contextlib.nullcontext():
                 try:
                     next(steps)
                 except StopIteration as done:
                     in_grad = done.value
                     break
-                yield
+            yield
+        if group is not None:
+            self.store.close_group(group)
         if in_grad is not None:
             self.in_grads[(chunk, mb)] = in_grad
 

@@ -43,6 +43,22 @@ class WeightGradStore:
     def active(self) -> bool:
         return self.capturing or self.forward_may_defer
 
+    # ---- a group filled over several separate stretches (a backward run piece by piece, interleaved with
+    # another microbatch's forward): open it, capture into it step by step, close it
+    def open_group(self, key: object) -> tuple[object, list[Callable[[], None]]]:
+        return (key, [])
+
+    @contextmanager
+    def capturing_into(self, group: tuple[object, list[Callable[[], None]]]):
+        saved, self._pending, self.capturing = self._pending, group[1], True
+        try:
+            yield
+        finally:
+            self._pending, self.capturing = saved, False
+
+    def close_group(self, group: tuple[object, list[Callable[[], None]]]) -> None:
+        self._queue.append(group)
+
     def defer_or_run(self, fn: Callable[[], None]) -> None:
         if self.capturing:
             self._pending.append(fn)

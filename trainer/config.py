@@ -31,6 +31,10 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size
     dp: int | None = None  # data-parallel size; null: world_size / pp
     ep: int = 1  # expert-parallel size, inside the data-parallel group (must divide dp)
+    # EP ranks per node when the EP group spans nodes (null: one node). Node-limited routing: the router's
+    # groups must map onto nodes (n_group a multiple of ep / ep_ranks_per_node), so each token reaches at most
+    # min(topk_group, nodes) nodes
+    ep_ranks_per_node: int | None = None
     zero_stage: int = 1  # ZeRO stage of the optimizer states (0 or 1; pipelines need <= 1)
     defer_w: bool = True  # dualpipe/dualpipev: split backward, weight-gradients deferred to fill bubbles
     timeline_step: int = 0  # pipelines: record this step's per-rank timeline (Chrome trace + PNG); 0: off

@@ -34,16 +34,9 @@ def restore_router_buffer_dtypes(model: torch.nn.Module) -> None:
 
 def fp8_backend(cfg: JobConfig, amax_group: object = None) -> GemmBackend | None:
     """The FP8 GEMM backend `precision.fp8` asks for (None: FP8 off). TE amaxes reduce over `amax_group`."""
-    f = cfg.precision.fp8
-    if not f.enabled:
-        return None
-    if f.backend == "emulated":
-        from model.fp8 import EmulatedFP8Backend
+    from model.fp8 import make_fp8_backend
 
-        return EmulatedFP8Backend(f.recipe, history=f.amax_history)
-    from model.te_backend import TEBackend
-
-    return TEBackend(f.recipe, amax_group)
+    return make_fp8_backend(cfg.precision.fp8, amax_group)
 
 
 def apply_precision(model: torch.nn.Module, cfg: JobConfig, layout: Layout, amax_group: object = None) -> None:

@@ -228,9 +228,6 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
     _need(not f.dispatch or ep > 1, "precision.fp8.dispatch",
           f"quantizes the expert-parallel all-to-all, but parallel.ep={ep}",
           "set parallel.ep>1, or precision.fp8.dispatch=false")
-    # model.fp8.quantize_dispatch / dequantize_dispatch are ready; the all-to-all does not call them yet
-    _need(not f.dispatch, "precision.fp8.dispatch", "the expert-parallel dispatcher (parallel/ep.py) does not "
-          "send FP8 yet", "set precision.fp8.dispatch=false")
     if not f.enabled:
         return
     _need(cfg.parallel.schedule != "1f1b", "precision.fp8.enabled", "FP8 is not wired into parallel.schedule=1f1b",
@@ -280,11 +277,19 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
     _check_precision(cfg, device, ep)
-    # -- expert parallelism (parallel/ep.py): the plain data-parallel schedule only, under ZeRO-1 (its
+    # -- expert parallelism (parallel/ep.py): our schedules (none, dualpipe, dualpipev) under ZeRO-1 (its
     # optimizer reduces expert gradients over the expert-DP group; stage 0 would all-reduce them over dp)
-    _need(ep == 1 or cfg.parallel.schedule == "none", "parallel.ep",
-          f"ep>1 with pipelines is not implemented yet (parallel.schedule={cfg.parallel.schedule}, ep={ep})",
-          "set parallel.ep=1, or parallel.schedule=none")
+    _need(ep == 1 or cfg.parallel.schedule != "1f1b", "parallel.ep",
+          f"ep={ep} is not supported with parallel.schedule=1f1b (DeepSpeed's PipelineEngine runs the layers "
+          f"itself)", "use parallel.schedule=dualpipe, dualpipev or none with parallel.ep>1")
+    if cfg.parallel.ep_ranks_per_node is not None:  # node-limited routing: router groups map onto nodes
+        from parallel.ep import node_limited_groups
+
+        try:
+            node_limited_groups(ep, cfg.parallel.ep_ranks_per_node, cfg.model.n_group, cfg.model.topk_group)
+        except ValueError as e:
+            raise UserError("parallel.ep_ranks_per_node", str(e), "see docs/expert_parallel.md (node-limited "
+                            "routing)") from None
     _need(ep == 1 or cfg.parallel.zero_stage == 1, "parallel.ep",
           f"ep={ep} needs the ZeRO-1 optimizer, got zero_stage={cfg.parallel.zero_stage}",
           "set parallel.zero_stage=1")

@@ -13,6 +13,17 @@ from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
 LR, WD = 1e-2, 0.1
 
 
+def assert_params_close(rep: dict, steps: int = 2) -> None:
+    """Parameters after `steps` AdamW steps against the single-process run. Gradients agree to fp32
+    reassociation, but AdamW's first steps are ~lr * sign(g): an entry whose gradient is itself reassociation
+    noise (nearly cancelling terms) can take the opposite step, moving by up to 2 lr per step. So: on average to
+    1e-6 (a wrong or missing gradient, or a grad norm missing a stage, moves whole tensors: 5e-5 was seen for
+    the latter), at most a handful of entries beyond 1e-4, and none beyond that sign flip."""
+    assert rep["mean_param_diff"] <= 1e-6, rep["mean_param_diff"]
+    assert rep["outliers"] <= max(2, 1e-5 * rep["numel"]), (rep["outliers"], rep["numel"])
+    assert rep["max_param_diff"] <= 2 * LR * steps, rep["max_param_diff"]
+
+
 def ds_config(clip: float) -> dict:
     return {
         "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -82,4 +93,5 @@ def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int,
     state = sched.module.state_dict()
     diffs = torch.cat([(t - ref_state[n]).abs().flatten().double() for n, t in state.items()])
     return {"losses": losses, "ref_losses": ref_losses, "max_param_diff": float(diffs.max()),
+            "outliers": int((diffs > 1e-4).sum()), "numel": diffs.numel(),
             "mean_param_diff": float(diffs.mean()), "n": len(state)}

@@ -131,7 +131,9 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     resume_diff = max(resume_diffs.values())
     return {
         "losses": losses, "ref_losses": ref_losses, "norms": norms, "ref_norm": ref_norm,
-        "max_param_diff": float(diffs.max()), "mean_param_diff": float(diffs.mean()), "n": len(full),
+        "max_param_diff": float(diffs.max()),
+        "outliers": int((diffs > 1e-4).sum()), "numel": diffs.numel(), "mean_param_diff": float(diffs.mean()),
+        "n": len(full),
         "n_marked": n_marked, "bias_diff": max(float((b - ref_state[f"{name}.e_score_correction_bias"]).abs().max())
                                                 for name, b in _bias_names(sched.module, biases[-1]).items()),
         "biases": {i: b.tolist() for i, b in biases[-1].items()}, "empty_last_step": empty,
@@ -209,6 +211,7 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     empty = {i: [e for e, c in enumerate(row.tolist()) if c == 0] for i, row in counts.items()}
     return {
         "losses": losses, "ref_losses": ref_losses, "max_param_diff": float(diffs.max()),
+        "outliers": int((diffs > 1e-4).sum()), "numel": diffs.numel(),
         "mean_param_diff": float(diffs.mean()), "n": len(full), "n_ref": len(ref_state),
         "bias_diff": max(float((full[n] - ref_state[n]).abs().max()) for n in full if n.endswith("correction_bias")),
         "empty_last_step": empty,

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.distributed_harness import run_ranks
-from tests.parallel.engine_workers import run_engine
+from tests.parallel.engine_workers import assert_params_close, run_engine
 
 # Gradients are summed in another order than in the single-process model (microbatches interleave, W runs
 # late, mirror copies add up), so they agree to fp32 reassociation (checked to 1e-5 in
@@ -11,7 +11,7 @@ from tests.parallel.engine_workers import run_engine
 # cancelling terms (e.g. the rope-key rows at init, where attention is almost uniform) reassociation noise
 # becomes part of the update. Parameters are therefore checked two ways: on average to 1e-6 (a wrong or
 # missing gradient, or a grad norm that misses a stage, moves whole tensors: 5e-5 was seen for the latter)
-# and element-wise to a tenth of one step (lr = 1e-2). Losses:
+# and element-wise: a handful of entries may take the opposite Adam step (see assert_params_close). Losses:
 # step 1 sees identical weights (1e-6 relative); step 2 inherits the parameter tolerance (1e-5 relative).
 
 
@@ -31,5 +31,4 @@ def test_engine_steps_equal_single_process(schedule, world, pp, microbatches, cl
         (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
         assert abs(got1 - want1) <= 1e-6 * abs(want1), (rep["losses"], rep["ref_losses"])
         assert abs(got2 - want2) <= 1e-5 * abs(want2), (rep["losses"], rep["ref_losses"])
-        assert rep["mean_param_diff"] <= 1e-6, rep["mean_param_diff"]
-        assert rep["max_param_diff"] <= 1e-3, rep["max_param_diff"]
+        assert_params_close(rep)

@@ -64,8 +64,10 @@ def test_default_config_composes_and_validates(tiny_data):
         (2, ["parallel=dualpipev", "model.num_hidden_layers=2"], "parallel.pp:", "do not split"),
         (2, ["parallel=dp", "parallel.pp=2"], "parallel.pp:", "needs a pipeline schedule"),
         (2, ["parallel=dp", "parallel.ep=2", "parallel.zero_stage=0"], "parallel.ep:", "needs the ZeRO-1 optimizer"),
-        (4, ["parallel=dualpipe", "parallel.ep=2", "train.global_batch_size=16"], "parallel.ep:",
-         "with pipelines is not implemented yet"),
+        (4, ["parallel=1f1b", "parallel.ep=2", "train.global_batch_size=16"], "parallel.ep:",
+         "not supported with parallel.schedule=1f1b"),
+        (4, ["parallel=dp", "parallel.ep=4", "parallel.ep_ranks_per_node=1", "train.global_batch_size=16"],
+         "parallel.ep_ranks_per_node:", "n_group=2 is not a multiple"),
         (1, ["parallel=dp", "optim.warmup_steps=1000"], "optim.warmup_steps:", "train.steps"),
         (1, ["parallel=dp", "optim.schedule=linear"], "optim.schedule:", "unknown schedule"),
         (1, ["parallel=dp", "precision.dtype=fp8"], "precision.dtype:", "unknown dtype"),
@@ -121,3 +123,12 @@ def test_cli_prints_one_line_and_exits_2(override, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_expert_parallel_layouts_that_validate(tiny_data):
+    """ep inside a DualPipe stage's data group, with FP8 dispatch and node-limited routing (2 nodes of 1 EP rank,
+    the model's 2 router groups one per node)."""
+    layout = validate(job(tiny_data, "parallel=dualpipe", "parallel.ep=2", "train.global_batch_size=16",
+                          "precision=fp8", "precision.fp8.backend=emulated", "precision.fp8.dispatch=true",
+                          "parallel.ep_ranks_per_node=1"), world_size=4, device="cpu")
+    assert (layout.pp, layout.dp, layout.ep) == (2, 2, 2)
