@@ -219,7 +219,19 @@ def scaled_mm(a: Operand, b: Operand, out_dtype: torch.dtype, blockwise_api: str
     """A @ B^T [a.rows, b.rows] for contraction-last operands of matching padded K, one FP8 GEMM."""
     mat_b = b.values.t()  # column-major [K', N'], as torch._scaled_mm wants its second operand
     cuda = a.values.device.type == "cuda"
-    if a.kind == "tensor":
+    if a.kind == "tensor" and cuda:
+        # cuBLASLt's tensor-wise FP8 path refused some shapes on an H200 (torch 2.11, CUDA 13:
+        # CUBLAS_STATUS_NOT_SUPPORTED for 80 x 512 x 512 and 2096 x 4096 x 2816); the row-wise kernel with the one
+        # scale broadcast over the rows / columns is the same product
+        dtype = torch.bfloat16 if out_dtype == torch.float32 else out_dtype
+        out = torch._scaled_mm(
+            a.values,
+            mat_b,
+            scale_a=a.scale.reshape(1, 1).expand(a.values.shape[0], 1).contiguous(),
+            scale_b=b.scale.reshape(1, 1).expand(1, mat_b.shape[1]).contiguous(),
+            out_dtype=dtype,
+        ).to(out_dtype)
+    elif a.kind == "tensor":
         out = torch._scaled_mm(
             a.values, mat_b, scale_a=a.scale.reshape(()), scale_b=b.scale.reshape(()), out_dtype=out_dtype
         )
