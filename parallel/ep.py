@@ -227,6 +227,19 @@ class PendingCombine(_Pending):
         return self._dispatcher.combine(self._back, self._local)
 
 
+class PendingLayout:
+    """A posted count exchange; `wait()` -> ExchangeLayout."""
+
+    def __init__(self, counts: torch.Tensor, posted: PostedAllToAll) -> None:
+        self._counts, self._posted = counts, posted
+
+    @torch.no_grad()
+    def wait(self) -> ExchangeLayout:
+        recv_counts, counts = self._posted.wait(), self._counts
+        perm, inverse = expert_major_permutation(recv_counts)
+        return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
+
+
 class AllToAllDispatcher:
     """The `LocalDispatcher` protocol across `ep_size` ranks of `group`; this rank holds experts
     [ep_rank*E/ep, (ep_rank+1)*E/ep). No token dropping: every choice is sent, empty experts/ranks are fine.
@@ -255,18 +268,18 @@ class AllToAllDispatcher:
         return self._local.dispatch(x, routing, n_experts)
 
     @torch.no_grad()
-    def exchange_layout(self, counts: torch.Tensor) -> ExchangeLayout:
-        """The count-matrix exchange (small, synchronous: the row buffers' sizes depend on it). Row d of this
-        rank's [ep, E/ep] counts goes to rank d; received row s = rows from rank s for each local expert."""
+    def post_counts(self, counts: torch.Tensor) -> PendingLayout:
+        """Post the count-matrix exchange: row d of this rank's [ep, E/ep] counts goes to rank d; received row s =
+        rows from rank s for each local expert. `wait()` -> the `ExchangeLayout` (the row buffers' sizes depend
+        on it, so the row all-to-all can only be posted after it)."""
         counts = counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
-        recv_counts = torch.empty_like(counts)
-        start = time.perf_counter()
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        if self.trace is not None:
-            end = time.perf_counter()
-            self.trace.append(CommInterval(f"counts {self.label}", start, start, end, self.ep_size))
-        perm, inverse = expert_major_permutation(recv_counts)
-        return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
+        posted = post_all_to_all(counts, [1] * self.ep_size, [1] * self.ep_size, self.group,
+                                 f"counts {self.label}", self.trace)
+        return PendingLayout(counts, posted)
+
+    def exchange_layout(self, counts: torch.Tensor) -> ExchangeLayout:
+        """The count exchange, posted and waited at once."""
+        return self.post_counts(counts).wait()
 
     def post(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], what: str) -> PostedAllToAll:
         fp8 = self.fp8_dispatch and what == "dispatch"
