@@ -85,7 +85,7 @@ def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
 
     from model.transformer import DeepseekV3, MicroBatch
     from parallel.ep import AllToAllDispatcher, shard_experts
-    from parallel.stages import Stage, run_to_end, stage_pieces
+    from parallel.stages import Stage, run_pair, run_to_end, stage_pieces
 
     cfg = _model_config()
     torch.manual_seed(0)
@@ -103,13 +103,7 @@ def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
         scale = 1.0 / MICROBATCHES
         run_to_end(stage.forward_steps(None, ctx(0), 0))
         for i in range(1, MICROBATCHES):  # the F&B pair, alternating piece by piece as the runtime does
-            live = [stage.backward_steps(None, i - 1, scale), stage.forward_steps(None, ctx(i), i)]
-            while live:
-                for gen in list(live):
-                    try:
-                        next(gen)
-                    except StopIteration:
-                        live.remove(gen)
+            run_pair(stage.backward_steps(None, i - 1, scale), stage.forward_steps(None, ctx(i), i))
         run_to_end(stage.backward_steps(None, MICROBATCHES - 1, scale))
         model.zero_grad(set_to_none=True)
 

@@ -18,7 +18,7 @@ import torch
 from model.transformer import MicroBatch
 from parallel.instructions import COMM, Instr, Kind, Placement
 from parallel.p2p import P2P, message_tag
-from parallel.stages import Stage, run_to_end
+from parallel.stages import Stage, run_pair, run_to_end
 from parallel.weight_grad import WeightGradStore
 
 
@@ -278,18 +278,9 @@ class PipelineRuntime:
 
     def _forward_backward(self, ins: Instr) -> None:
         """The overlapped pair: the forward pieces of one microbatch alternate with the backward pieces of
-        another, so communication posted by one (expert all-to-all) can hide behind the other's compute.
-        Backward goes first: then every all-to-all an EP block posts is followed by a heavy sub-step of the
-        other microbatch (see parallel/ep_overlap.py for the resulting order)."""
-        fwd = self._forward(ins.chunk, ins.mb)
-        bwd = self._backward(ins.b_chunk, ins.b_mb, ins.defer_w)
-        live = [bwd, fwd]
-        while live:
-            for gen in list(live):
-                try:
-                    next(gen)
-                except StopIteration:
-                    live.remove(gen)
+        another (backward first), so communication posted by one (expert all-to-all) can hide behind the
+        other's compute."""
+        run_pair(self._backward(ins.b_chunk, ins.b_mb, ins.defer_w), self._forward(ins.chunk, ins.mb))
 
     def _weight(self, ins: Instr) -> None:
         key = self.store.pop()

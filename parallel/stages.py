@@ -52,6 +52,19 @@ def run_to_end(steps: Generator) -> object:
             return done.value
 
 
+def run_pair(backward: Generator, forward: Generator) -> None:
+    """An overlapped F&B pair: one step of `backward`, one of `forward`, and so on until both are done.
+    Backward goes first, so every all-to-all an EP block posts is followed by a heavy sub-step of the other
+    microbatch (parallel/ep_overlap.py shows the resulting order)."""
+    live = [backward, forward]
+    while live:
+        for gen in list(live):
+            try:
+                next(gen)
+            except StopIteration:
+                live.remove(gen)
+
+
 @dataclass
 class PieceRecord:
     """What one piece kept of one microbatch: its (detached, grad-requiring) input and its output."""
