@@ -8,20 +8,20 @@ heavy sub-step:
 
     step  microbatch b (backward, layer j)            microbatch f (forward, layer i)
      1    B3  combine backward; post COMBINE-GRAD(b)
-     2                                                F1  attention, norm, route, sort; post COUNTS(f)
+     2                                                F1  attention, norm, route, sort; count exchange;
+                                                          post DISPATCH(f)
      3    B2  wait COMBINE-GRAD(b); experts + shared
               backward; post DISPATCH-GRAD(b)
-     4                                                F2  wait COUNTS(f); post DISPATCH(f); shared experts;
-                                                          wait DISPATCH(f); experts; post COMBINE(f)
+     4                                                F2  shared experts; wait DISPATCH(f); experts;
+                                                          post COMBINE(f)
      5    B1  wait DISPATCH-GRAD(b); sort, router,
               attention backward
      6                                                F3  wait COMBINE(f); gate-weighted sum + residual
 
-COMBINE-GRAD hides behind F1 (attention), the count exchange behind B2 (expert backward GEMMs),
-DISPATCH-GRAD behind F2 (expert GEMMs), COMBINE behind B1 (attention backward), DISPATCH behind the shared
-experts of its own microbatch (its size depends on the counts, so it cannot leave earlier). Every piece of a
-stage is one step (a block three), so the phase holds across blocks. With every exchange posted early and
-waited late, a rank that runs behind its peers is waited for only beyond the compute in between.
+COMBINE-GRAD hides behind F1 (attention), DISPATCH behind B2 (expert GEMMs), DISPATCH-GRAD behind F2 (expert
+GEMMs), COMBINE behind B1 (attention backward): DeepSeek-V3's arrangement. Every piece of a stage is one step
+(a block three), so the phase holds across blocks; the small count exchange stays synchronous because the row
+buffers' sizes depend on it.
 
 Segments meet at detached tensors (like the pieces of a stage), so each backward segment is one
 `torch.autograd.backward` over its segment's outputs with the gradients the later segments left on their
@@ -101,13 +101,11 @@ def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
     if block.training:
         moe.gate.step_counts += routing.counts
     mb.record(block.layer_idx, BlockAux(counts=routing.counts, balance_loss=routing.balance_loss))
-    pending_layout = dispatcher.post_counts(routing.counts)
+    layout = dispatcher.exchange_layout(routing.counts)
+    dispatch = dispatcher.post(local.x.detach(), layout.recv_splits, layout.send_splits, "dispatch")
     yield
 
-    # F2: the rows go out as soon as their counts are known; shared experts while they travel; then the routed
-    # experts; post the combine
-    layout = pending_layout.wait()
-    dispatch = dispatcher.post(local.x.detach(), layout.recv_splits, layout.send_splits, "dispatch")
+    # F2: shared experts while the dispatch travels; then the routed experts; post the combine
     x_in = _leaf(x)
     shared = moe.shared_experts(x_in) if moe.shared_experts is not None else None
     recv = _leaf(dispatch.wait())
