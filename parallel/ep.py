@@ -51,13 +51,13 @@ def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
 class CommInterval:
     """One all-to-all as this rank saw it: posted at `posted`, its wait began at `wait_start` and returned at
     `wait_end` (perf_counter seconds). `wait_end - wait_start` is the exposed part; a synchronous call is all
-    exposed. `rows` is what this rank sent."""
+    exposed. Host clock: exact for gloo (CPU), where the wait returns when the data is there; with NCCL the wait
+    only orders the compute stream, so on GPUs these intervals understate the exposure (use a CUDA profiler)."""
 
     label: str
     posted: float
     wait_start: float
     wait_end: float
-    rows: int
 
 
 class PostedAllToAll:
@@ -65,7 +65,7 @@ class PostedAllToAll:
 
     def __init__(self, out: torch.Tensor, send: torch.Tensor, work: Any, label: str, trace: list | None) -> None:
         self.out, self._send, self._work, self.label, self._trace = out, send, work, label, trace
-        self._posted, self._rows = time.perf_counter(), send.shape[0]
+        self._posted = time.perf_counter()
 
     def wait(self) -> torch.Tensor:
         if self._work is None:
@@ -74,7 +74,7 @@ class PostedAllToAll:
         self._work.wait()
         self._work = self._send = None  # the send buffer had to outlive the collective
         if self._trace is not None:
-            self._trace.append(CommInterval(self.label, self._posted, start, time.perf_counter(), self._rows))
+            self._trace.append(CommInterval(self.label, self._posted, start, time.perf_counter()))
         return self.out
 
 
@@ -120,8 +120,8 @@ class PostedFP8AllToAll:
 # ---- autograd pieces -------------------------------------------------------------------------------------
 class _AllToAll(torch.autograd.Function):
     """Rows out of an all_to_all_single with uneven splits; backward is the transposed all-to-all (splits
-    swapped). With `pending` (a list) the forward only posts the collective: the returned buffer is filled once
-    the handle appended to `pending` is waited on. Backward is synchronous (the overlapped pipeline path in
+    swapped). The forward only posts the collective: the returned buffer is filled once the handle it appends
+    to `pending` is waited on. Backward is synchronous (the overlapped pipeline path in
     parallel/ep_overlap.py posts its backward all-to-alls itself)."""
 
     @staticmethod
@@ -227,19 +227,6 @@ class PendingCombine(_Pending):
         return self._dispatcher.combine(self._back, self._local)
 
 
-class PendingLayout:
-    """A posted count exchange; `wait()` -> ExchangeLayout."""
-
-    def __init__(self, counts: torch.Tensor, posted: PostedAllToAll) -> None:
-        self._counts, self._posted = counts, posted
-
-    @torch.no_grad()
-    def wait(self) -> ExchangeLayout:
-        recv_counts, counts = self._posted.wait(), self._counts
-        perm, inverse = expert_major_permutation(recv_counts)
-        return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
-
-
 class AllToAllDispatcher:
     """The `LocalDispatcher` protocol across `ep_size` ranks of `group`; this rank holds experts
     [ep_rank*E/ep, (ep_rank+1)*E/ep). No token dropping: every choice is sent, empty experts/ranks are fine.
@@ -268,18 +255,14 @@ class AllToAllDispatcher:
         return self._local.dispatch(x, routing, n_experts)
 
     @torch.no_grad()
-    def post_counts(self, counts: torch.Tensor) -> PendingLayout:
-        """Post the count-matrix exchange: row d of this rank's [ep, E/ep] counts goes to rank d; received row s =
-        rows from rank s for each local expert. `wait()` -> the `ExchangeLayout` (the row buffers' sizes depend
-        on it, so the row all-to-all can only be posted after it)."""
-        counts = counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
-        posted = post_all_to_all(counts, [1] * self.ep_size, [1] * self.ep_size, self.group,
-                                 f"counts {self.label}", self.trace)
-        return PendingLayout(counts, posted)
-
     def exchange_layout(self, counts: torch.Tensor) -> ExchangeLayout:
-        """The count exchange, posted and waited at once."""
-        return self.post_counts(counts).wait()
+        """The count-matrix exchange (small, synchronous: the row buffers' sizes depend on it). Row d of this
+        rank's [ep, E/ep] counts goes to rank d; received row s = rows from rank s for each local expert."""
+        counts = counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
+        recv_counts = post_all_to_all(counts, [1] * self.ep_size, [1] * self.ep_size, self.group,
+                                      f"counts {self.label}", self.trace).wait()
+        perm, inverse = expert_major_permutation(recv_counts)
+        return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)
 
     def post(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], what: str) -> PostedAllToAll:
         fp8 = self.fp8_dispatch and what == "dispatch"

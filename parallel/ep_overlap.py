@@ -29,8 +29,8 @@ inputs, and the backward all-to-alls are posted and waited by hand instead of in
 are the sequential layer's: the same operations on the same rows (tested equal to 1e-6; only the order in
 which autograd sums a tensor's gradient contributions differs).
 
-With activation checkpointing the two compute segments that hold activations (F1, F2) are checkpointed one
-by one: the recompute in backward never re-runs an all-to-all.
+With activation checkpointing the compute of F1 (attention, router, sort) and of F2 (shared experts, routed
+experts) is checkpointed piece by piece: the recompute in backward never re-runs an all-to-all.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
 
     # F2: shared experts while the dispatch travels; then the routed experts; post the combine
     x_in = _leaf(x)
-    shared = moe.shared_experts(x_in) if moe.shared_experts is not None else None
+    shared = _maybe_checkpoint(block, moe.shared_experts, x_in) if moe.shared_experts is not None else None
     recv = _leaf(dispatch.wait())
 
     def experts(rows_in: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,10 @@ class PipelineSchedule:
                                         (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
             shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group)
             mark_expert_params(model, ep.name)
-            set_expert_shard_role(model, ExpertShardRole(pipe_rank=topo.pipe_rank, writer=topo.dp_rank < topo.ep))
+            # DualPipe's pipe ranks p and pp-1-p hold the same two stages: one file set, under the smaller index
+            file_rank = min(topo.pipe_rank, topo.pp - 1 - topo.pipe_rank) if name == "dualpipe" else topo.pipe_rank
+            set_expert_shard_role(model, ExpertShardRole(
+                pipe_rank=file_rank, writer=topo.dp_rank < topo.ep and file_rank == topo.pipe_rank))
         if gemm_backend_fn is not None:  # e.g. FP8: set each layer's numerics before the W split copies them
             gemm_backend_fn(model)
         self.store = WeightGradStore()

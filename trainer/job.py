@@ -147,6 +147,12 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         if env.is_main:
             print(f"done already: {resume_path} is step {meta['step']} of train.steps={job.train.steps}", flush=True)
         return json.loads((paths.run_dir / "summary.json").read_text())
+    for key, now in (("pp", layout.pp), ("ep", layout.ep), ("schedule", job.parallel.schedule)):
+        if meta and meta.get(key, now) != now:  # the shards (pipeline stages, experts, ZeRO) are laid out per rank
+            raise UserError(f"parallel.{key}", f"{resume_path} was saved with parallel.{key}={meta[key]}, this run "
+                            f"has {now}; checkpoints resume only with the layout they were written with",
+                            f"set parallel.{key}={meta[key]}, or start over with train.resume=never (weights can be "
+                            f"resharded between ep sizes with `python -m trainer.reshard`)")
     if meta and meta.get("dp", layout.dp) != layout.dp:
         raise UserError("train.resume", f"{resume_path} was saved with dp={meta['dp']} data-parallel ranks, this run "
                         f"has dp={layout.dp} (ZeRO-1 optimizer shards are per rank)",
@@ -185,7 +191,8 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
             return
         meta_out = {"tokens_seen": s.tokens_seen, "data": stream.state_dict(), "config_hash": config_hash(resolved),
                     "identity": training_identity(resolved), "wandb_run_id": logger.wandb_run_id,
-                    "world_size": env.world_size, "dp": layout.dp, "run_dir": str(paths.run_dir)}
+                    "world_size": env.world_size, "dp": layout.dp, "pp": layout.pp, "ep": layout.ep,
+                    "schedule": job.parallel.schedule, "run_dir": str(paths.run_dir)}
         extra = {"model_config.json": json.dumps(job.model.to_dict(), indent=1) + "\n",
                  "config.yaml": OmegaConf.to_yaml(resolved)}
         faults.break_checkpoint_write(schedule.engine, s.step)
@@ -202,7 +209,8 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
                                    f"{job.parallel.schedule} pp={layout.pp}: measured step {step}")
             logger.write(f"timeline of step {step}: {paths.run_dir / 'timeline.json'} (open in Perfetto)")
             comm = exposed_communication(everyone)
-            if comm:  # expert parallelism: how much of the all-to-all time the ranks sat blocked
+            if comm:  # expert parallelism: how long the ranks sat blocked in all-to-alls (host clock: exact on
+                # gloo; with NCCL a wait only orders the GPU stream, so a CUDA profile is the measure there)
                 exposed = sum(r["exposed"] for r in comm.values()) / len(comm)
                 logger.write(f"expert all-to-all in step {step}: {sum(r['count'] for r in comm.values())} "
                              f"transfers, {exposed * 1e3:.1f} ms exposed per rank")

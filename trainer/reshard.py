@@ -13,7 +13,8 @@ Layout of a checkpoint written at ep > 1 (besides DeepSpeed's files, see trainer
     experts/ep_rank_<k>.pt          ours: {"ep_size", "ep_rank", "module": ep rank k's expert weights} (written by
                                     the first EP group's ranks; the other EP groups hold identical copies)
     experts/pipe_<p>_ep_rank_<k>.pt the same for pipeline rank p's stages (a pipeline run at ep > 1; mp_rank_<p>
-                                    holds that pipeline rank's replicated weights)
+                                    holds that pipeline rank's replicated weights; DualPipe's mirror ranks p and
+                                    pp-1-p hold the same stages and write them once, under min(p, pp-1-p))
 
 DeepSpeed's own MoE checkpoint files (`layer_*_expert_*_mp_rank_*_model_states.pt`, `expp_rank_*`) are written
 only for its `deepspeed.moe.layer.MoE` modules, so the engine saves our model on its plain path and the experts

@@ -20,7 +20,8 @@ def assert_params_close(rep: dict, steps: int = 2) -> None:
     1e-6 (a wrong or missing gradient, or a grad norm missing a stage, moves whole tensors: 5e-5 was seen for
     the latter), at most a handful of entries beyond 1e-4, and none beyond that sign flip."""
     assert rep["mean_param_diff"] <= 1e-6, rep["mean_param_diff"]
-    assert rep["outliers"] <= max(2, 1e-5 * rep["numel"]), (rep["outliers"], rep["numel"])
+    assert rep["outliers"] <= 2, (rep["outliers"], rep["numel"])  # one seen; gradients are compared directly
+    # (to 1e-5) in test_pipeline_runtime.py and test_ep_pipeline.py
     assert rep["max_param_diff"] <= 2 * LR * steps, rep["max_param_diff"]
 
 

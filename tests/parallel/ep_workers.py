@@ -147,9 +147,9 @@ def run_ep(rank: int, world: int) -> dict:
 
 
 def run_fp8_dispatch(rank: int, world: int) -> dict:
-    """ep=2 MoE layer with the dispatch rows sent in FP8: the output against the full-precision dispatch (FP8
-    error, not more), the input gradient unchanged in kind (gradients travel in full precision), and the bytes
-    that crossed: values 1 byte per element plus one fp32 scale per 128."""
+    """ep=2 MoE layer with the dispatch rows sent in FP8: the output and input gradient against the
+    full-precision dispatch (FP8 rounding, not more), and which transfers the trace saw (values and scales for
+    the dispatch only)."""
     from parallel.ep import set_fp8_dispatch
 
     cfg = tiny_config()
