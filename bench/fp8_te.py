@@ -284,9 +284,7 @@ def train(
     with torch.device(device):
         model = DeepseekV3(ModelConfig(**shape))
     model = model.to(device=device, dtype=dtype).train()
-    for router in model.routers():  # fp32 bias, as the trainer keeps it
-        router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
-        router.step_counts.data = router.step_counts.data.double()
+    model.restore_router_precision()  # fp32 bias, as the trainer keeps it
     backend = None
     if make_backend is not None:
         backend = make_backend()

@@ -240,6 +240,13 @@ class DeepseekV3(nn.Module):
 
         return [m for m in self.modules() if isinstance(m, Router)]
 
+    def restore_router_precision(self) -> None:
+        """After casting the whole model (e.g. to bf16): the routers' bias back to fp32 and their count
+        accumulators to fp64. A bf16 bias cannot absorb the 0.001 steps of the auxiliary-loss-free balancing."""
+        for router in self.routers():
+            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
+            router.step_counts.data = router.step_counts.data.double()
+
     @torch.no_grad()
     def update_router_biases(self, gamma: float | None = None) -> None:
         """Apply the bias update to every MoE layer from its accumulated step_counts (then cleared)."""

@@ -194,9 +194,7 @@ def build_rank_model(cfg: ModelConfig, held_stages: list[int], num_stages: int, 
     model.to_empty(device=torch.device("cpu"))
     model.reset_parameters()
     model = model.to(device=device, dtype=dtype)
-    for router in model.routers():  # the bias must absorb 0.001 steps: keep it fp32 under bf16
-        router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
-        router.step_counts.data = router.step_counts.data.double()
+    model.restore_router_precision()
     return model
 
 

@@ -94,9 +94,7 @@ class PipelineSchedule:
         stage_ids = [self.placement.stage(topo.pipe_rank, c) for c in chunks]
         model = build_stage_model(cfg, stage_ids, self.placement.num_stages, torch.device("cpu"))
         model = model.to(device=device, dtype=dtype)
-        for router in model.routers():  # the bias must absorb 0.001 steps: keep it fp32 under bf16
-            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
-            router.step_counts.data = router.step_counts.data.double()
+        model.restore_router_precision()
         if topo.ep > 1:  # this rank keeps its E/ep experts of every MoE layer it holds
             from parallel.ep import (
                 ExpertShardRole,

@@ -26,12 +26,6 @@ def build_model(cfg: JobConfig) -> DeepseekV3:
     return DeepseekV3(cfg.model)
 
 
-def restore_router_buffer_dtypes(model: torch.nn.Module) -> None:
-    for router in model.routers():
-        router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
-        router.step_counts.data = router.step_counts.data.double()
-
-
 def fp8_backend(cfg: JobConfig, amax_group: object = None) -> GemmBackend | None:
     """The FP8 GEMM backend `precision.fp8` asks for (None: FP8 off). TE amaxes reduce over `amax_group`."""
     from model.fp8 import make_fp8_backend
@@ -49,7 +43,7 @@ def apply_precision(model: torch.nn.Module, cfg: JobConfig, layout: Layout, amax
         return
     if cfg.precision.fp8.backend == "te" and layout.dtype == "bf16":
         model.to(torch.bfloat16)
-        restore_router_buffer_dtypes(model)
+        model.restore_router_precision()
     apply_fp8(model, backend)
     if cfg.precision.fp8.dispatch:  # expert parallelism: the dispatch rows travel in FP8
         from parallel.ep import set_fp8_dispatch
@@ -77,7 +71,7 @@ def build_engine(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule, dict]:
         cfg.parallel.schedule, model, ds_config, param_groups(model, cfg.optim.weight_decay),
         make_lr_lambda(cfg.optim, cfg.train.steps), optimizer=client_optimizer(cfg),
     )
-    restore_router_buffer_dtypes(schedule.module)
+    schedule.module.restore_router_precision()
     return schedule, ds_config
 
 

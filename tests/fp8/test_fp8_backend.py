@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from model.fp8 import RECIPES, EmulatedFP8Backend, apply_fp8, fp8_layers, quantize_dequantize
-from model.gemm import DEFAULT_BACKEND, GroupedLinear, Linear, defer_weight_grads
+from model.gemm import DEFAULT_BACKEND, GroupedLinear, Linear
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
+from tests.fp8.fp8_steps import assert_same_step, fp8_step
 
 # operand tiles of each recipe, in the orientation the operand has in the GEMM (contraction dim last)
 TILES = {
@@ -125,31 +126,9 @@ def test_deferred_weight_grads_and_recompute_keep_fp8_numerics(recipe):
     tokens = torch.randint(0, cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(3))
     results = []
     for checkpointing, deferred in ((False, False), (True, False), (False, True)):
-        torch.manual_seed(0)
-        model = DeepseekV3(tiny_config(activation_checkpointing=checkpointing)).train()
-        apply_fp8(model, EmulatedFP8Backend(recipe))
-        store = None
-        if deferred:
-            from parallel.weight_grad import WeightGradStore
-
-            store = WeightGradStore()
-            defer_weight_grads(model, store)
-            assert all(isinstance(m.backend, EmulatedFP8Backend) for m in fp8_layers(model).values())
-        model.zero_grad()
-        out = model(tokens)
-        if store is not None:
-            with store.capture("mb0"):
-                out.loss.backward()
-            assert model.layers[0].block.self_attn.o_proj.weight.grad is None  # deferred
-            store.pop()
-        else:
-            out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        loss, grads, model = fp8_step(lambda: EmulatedFP8Backend(recipe), tokens, checkpointing, deferred)
+        results.append((loss, grads))
         if recipe == "delayed":  # one record per forward, none from the recompute
             hist = model.layers[0].block.self_attn.o_proj.backend.histories[("x",)]
             assert len(hist.values) == 1
-    (l0, g0), *others = results
-    for loss, grads in others:
-        assert torch.equal(loss, l0)
-        for n, g in g0.items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7 * float(g.abs().max()) + 1e-12)
+    assert_same_step(results)

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from model import fp8_native as nat
-from model.fp8 import EmulatedFP8Backend, apply_fp8, fp8_layers, make_fp8_backend, quantize_dequantize
+from model.fp8 import EmulatedFP8Backend, apply_fp8, make_fp8_backend, quantize_dequantize
 from model.fp8_native import NativeFP8Unavailable, ScaledMMFP8Backend, check_native
-from model.gemm import GroupedLinear, Linear, defer_weight_grads
+from model.gemm import GroupedLinear, Linear
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
+from tests.fp8.fp8_steps import assert_same_step, fp8_step
 
 
 def _cpu_scaled_mm() -> str | None:
@@ -176,16 +177,14 @@ def test_blockwise_operands_and_scale_layouts(fake_blockwise_kernel):
 
 
 @needs_cpu_op
-@pytest.mark.parametrize("recipe", ["current", "blockwise"])
-@pytest.mark.parametrize("fake_kernel", [False, True])
+# per-tensor scaling has no blockwise kernel to fake
+@pytest.mark.parametrize("recipe, fake_kernel", [("current", False), ("blockwise", False), ("blockwise", True)])
 def test_grouped_gemms_are_per_expert(recipe, fake_kernel, request):
     """Ragged experts (one empty): the same as the emulation's grouped GEMMs (per-expert tensor scales, token
     tiles aligned to each expert's first row); the empty expert's weight-gradient is zero."""
     if recipe == "blockwise" and not fake_kernel and CPU_ROWWISE_REASON is not None:
         pytest.skip(f"row-wise torch._scaled_mm on CPU: {CPU_ROWWISE_REASON}")
     if fake_kernel:
-        if recipe == "current":
-            pytest.skip("per-tensor scaling has no blockwise kernel")
         request.getfixturevalue("fake_blockwise_kernel")
     g0 = torch.Generator().manual_seed(1)
     rows = [37, 0, 130, 5]
@@ -252,41 +251,12 @@ def test_model_deferred_weight_grads_and_recompute_keep_the_numerics(recipe):
     and gradients as the plain FP8 run; and that run is close to the emulated recipe's."""
     if recipe == "blockwise" and CPU_ROWWISE_REASON is not None:
         pytest.skip(f"row-wise torch._scaled_mm on CPU: {CPU_ROWWISE_REASON}")
-    from parallel.weight_grad import WeightGradStore
-
     cfg = tiny_config()
     tokens = torch.randint(0, cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(3))
-    results = []
-    for checkpointing, deferred, backend in (
-        (False, False, "torch"),
-        (True, False, "torch"),
-        (False, True, "torch"),
-        (False, False, "emulated"),
-    ):
-        torch.manual_seed(0)
-        model = DeepseekV3(tiny_config(activation_checkpointing=checkpointing)).train()
-        names = apply_fp8(model, ScaledMMFP8Backend(recipe) if backend == "torch" else EmulatedFP8Backend(recipe))
-        assert set(names) == set(fp8_layers(model))
-        store = None
-        if deferred:
-            store = WeightGradStore()
-            defer_weight_grads(model, store)
-            assert all(isinstance(m.backend, ScaledMMFP8Backend) for m in fp8_layers(model).values())
-        model.zero_grad()
-        out = model(tokens)
-        if store is not None:
-            with store.capture("mb0"):
-                out.loss.backward()
-            assert model.layers[0].block.self_attn.o_proj.weight.grad is None  # deferred
-            store.pop()
-        else:
-            out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l0, g0), *others, (l_emu, g_emu) = results
-    for loss, grads in others:
-        assert torch.equal(loss, l0)
-        for n, g in g0.items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7 * float(g.abs().max()) + 1e-12)
+    results = [fp8_step(lambda: ScaledMMFP8Backend(recipe), tokens, checkpointing, deferred)[:2]
+               for checkpointing, deferred in ((False, False), (True, False), (False, True))]
+    assert_same_step(results)
+    (l0, g0), (l_emu, g_emu) = results[0], fp8_step(lambda: EmulatedFP8Backend(recipe), tokens, False, False)[:2]
     # current: the emulation's numbers (to reassociation); blockwise runs row-wise on CPU: close, not equal
     assert abs(float(l0 - l_emu)) < (1e-5 if recipe == "current" else 2e-3) * float(l_emu)
     flat = torch.cat([g.flatten() for g in g0.values()])
@@ -445,8 +415,7 @@ def test_gpu_model_step_close_to_bf16_and_under_checkpointing(recipe):
     for name, fp8, ckpt in (("bf16", False, False), ("fp8", True, False), ("fp8-ckpt", True, True)):
         torch.manual_seed(0)
         model = DeepseekV3(ModelConfig(**cfg, activation_checkpointing=ckpt)).cuda().bfloat16().train()
-        for router in model.routers():
-            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
+        model.restore_router_precision()
         if fp8:
             apply_fp8(model, ScaledMMFP8Backend(recipe))
         out = model(tokens)

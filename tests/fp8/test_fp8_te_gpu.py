@@ -96,8 +96,7 @@ def test_te_model_step_close_to_bf16_and_under_checkpointing():
     for name, fp8, ckpt in (("bf16", False, False), ("fp8", True, False), ("fp8-ckpt", True, True)):
         torch.manual_seed(0)
         model = DeepseekV3(ModelConfig(**cfg, activation_checkpointing=ckpt)).cuda().bfloat16().train()
-        for router in model.routers():
-            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
+        model.restore_router_precision()
         if fp8:
             apply_fp8(model, TEBackend("blockwise"))
         out = model(tokens)
