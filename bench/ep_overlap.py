@@ -84,7 +84,8 @@ def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
     import torch.distributed as dist
 
     from model.transformer import DeepseekV3, MicroBatch
-    from parallel.ep import AllToAllDispatcher, shard_experts
+    from parallel.dispatcher import AllToAllDispatcher
+    from parallel.expert_shard import shard_experts
     from parallel.stages import Stage, run_pair, run_to_end, stage_pieces
 
     cfg = _model_config()
@@ -143,7 +144,9 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
     from model.mlp import SwiGLU
     from model.moe import MoE
     from parallel import ep as ep_mod
-    from parallel.ep import build_expert_groups, overlapped_moe_forward, shard_experts
+    from parallel.dispatcher import overlapped_moe_forward
+    from parallel.expert_groups import build_expert_groups
+    from parallel.expert_shard import shard_experts
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     cfg = _config()

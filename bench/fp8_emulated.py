@@ -2,7 +2,7 @@
 
 The tiny model (conf/model/tiny.yaml with two decoder layers, one dense and one MoE, plus its MTP block, and
 the vocabulary fitted to the data) trains for STEPS steps on python_stdlib data, once in fp32 and once per
-recipe with every GEMM of attention, dense MLPs and experts quantized as the recipe would (model/fp8.py),
+recipe with every GEMM of attention, dense MLPs and experts quantized as the recipe would (model/fp8/),
 from the same initial weights on the same batches. The gap is |loss_fp8 - loss_fp32| / loss_fp32 of the
 final training LM loss, each averaged over the last TAIL steps (the batches are the same in both runs, so
 the average only removes step-to-step noise). The DeepSeek-V3 report's bar for its blockwise recipe is
@@ -29,7 +29,9 @@ import yaml
 
 from bench.common import result
 from model.config import ModelConfig
-from model.fp8 import RECIPES, EmulatedFP8Backend, apply_fp8
+from model.fp8.emulated import EmulatedFP8Backend
+from model.fp8.factory import apply_fp8
+from model.fp8.numerics import RECIPES
 from model.transformer import DeepseekV3
 
 ROOT = Path(__file__).resolve().parents[1]

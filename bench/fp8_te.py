@@ -5,11 +5,11 @@ A DeepSeek-V3-shaped model with GEMM dims of 1408 and more (hidden 4096, 32 head
 bf16 (parameters, AdamW states) for STEPS steps of BATCH x SEQ tokens on a learnable synthetic stream (a fixed
 random Markov chain over the vocabulary), once per mode, from the same initial weights on the same batches:
 - `bf16`: plain bf16 GEMMs (the reference);
-- `te-<recipe>`: Transformer Engine (model/te_backend.py), when it imports and supports the GPU;
-- `torch-blockwise`, `torch-current`: real FP8 GEMMs through torch alone (model/fp8_native.py,
+- `te-<recipe>`: Transformer Engine (model/fp8/te.py), when it imports and supports the GPU;
+- `torch-blockwise`, `torch-current`: real FP8 GEMMs through torch alone (model/fp8/scaled_mm.py,
   torch._scaled_mm; `blockwise` is DeepSeek's 1x128 / 128x128 scaling where torch's blockwise kernel runs,
   else row-wise scaling: each mode's `describe` says which), quantizers compiled unless --no-compile;
-- `emulated-blockwise`: the fp32 emulation (model/fp8.py), the numerical reference for the loss gap (slow).
+- `emulated-blockwise`: the fp32 emulation (model/fp8/), the numerical reference for the loss gap (slow).
 Per mode: median step time after WARMUP steps, tokens/s, peak allocated memory, final loss (mean of the last
 TAIL steps), its relative gap to bf16 and the speedup over bf16. Before the model runs, a GEMM microbenchmark
 (M=8192 tokens, K=N=4096 and 7168): bf16 matmul vs the FP8 GEMM alone, vs quantize + FP8 GEMM (eager and
@@ -175,7 +175,7 @@ def gemm_row(
     m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, iters: int, compile: bool
 ) -> dict[str, Any]:
     """One shape of `gemm_bench`."""
-    from model import fp8_native as nat
+    from model.fp8 import scaled_mm as nat
     from model.gemm import Linear
 
     api = nat.blockwise_support(str(device))[0] if device.type == "cuda" else None
@@ -277,7 +277,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a fresh model (seed 0) on `batches`; stops early (truncated) when the deadline would be missed."""
     from model.config import ModelConfig
-    from model.fp8 import apply_fp8
+    from model.fp8.factory import apply_fp8
     from model.transformer import DeepseekV3
 
     torch.manual_seed(0)
@@ -348,14 +348,14 @@ def train(
 
 def fp8_modes(device: torch.device, compile: bool, emulated: bool, te_recipe: str) -> tuple[list, dict[str, str]]:
     """[(mode name, backend factory)] that can run here, and {mode: why skipped} for those that cannot."""
-    from model.fp8 import EmulatedFP8Backend
-    from model.fp8_native import NativeFP8Unavailable, ScaledMMFP8Backend
+    from model.fp8.emulated import EmulatedFP8Backend
+    from model.fp8.scaled_mm import NativeFP8Unavailable, ScaledMMFP8Backend
 
     modes: list[tuple[str, Callable[[], Any]]] = []
     skipped: dict[str, str] = {}
     if device.type == "cuda":
         try:
-            from model.te_backend import TEBackend, TEUnavailable, check_te
+            from model.fp8.te import TEBackend, TEUnavailable, check_te
 
             check_te(te_recipe)
             modes.append((f"te-{te_recipe}", lambda: TEBackend(te_recipe)))
@@ -383,10 +383,10 @@ def probe_blockwise_in_child(timeout: float = 120.0) -> str:
     the blockwise kernel is switched off (FP8_TORCH_BLOCKWISE=0: the row-wise fallback runs instead)."""
     import subprocess
 
-    from model.fp8_native import BLOCKWISE_ENV
+    from model.fp8.scaled_mm import BLOCKWISE_ENV
 
     code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); from model.fp8_native import blockwise_support; "
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from model.fp8.scaled_mm import blockwise_support; "
         "print(blockwise_support(str(torch.device('cuda', torch.cuda.current_device()))))"
     )
     try:
@@ -409,6 +409,7 @@ def bench(
     budget: float = BUDGET_S,
 ) -> dict[str, Any]:
     from bench.common import result
+    from model.fp8 import scaled_mm
 
     t0 = time.perf_counter()
     deadline = t0 + budget
@@ -441,7 +442,6 @@ def bench(
     if cuda:
         print(f"fp8_te: blockwise kernel probe: {probe_blockwise_in_child()}", flush=True)
     gemm = gemm_bench(p["gemm_shapes"], device, dtype, p["gemm_iters"], compile)
-    from model import fp8_native
 
     batches = synthetic_batches(n_steps, p["batch"], p["seq"], p["shape"]["vocab_size"], device)
     modes, skipped = fp8_modes(device, compile, emulated, te_recipe)
@@ -508,8 +508,8 @@ def bench(
         warmup=p["warmup"],
         tail=p["tail"],
         compile=compile,
-        compile_error=fp8_native.COMPILE_ERROR,
-        blockwise_kernel=fp8_native.blockwise_support(str(device))[1],
+        compile_error=scaled_mm.COMPILE_ERROR,
+        blockwise_kernel=scaled_mm.blockwise_support(str(device))[1],
         seconds=time.perf_counter() - t0,
     )
     if target is None:

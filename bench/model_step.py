@@ -5,7 +5,7 @@ comparison computes the same thing on both sides: MTP off and no sequence-wise b
 neither), so both losses are the mean next-token cross-entropy over the same 1024 targets. Every transformers
 expert implementation that runs on CPU is checked against ours and timed; the fastest is the peer. The FLOP/s
 fraction is our model FLOP/s (6 x activated matmul parameters x tokens + causal attention, as in
-trainer/metrics.py) over the FLOP/s of the model's GEMMs run as plain dense torch.mm in the same loop.
+trainer/report/metrics.py) over the FLOP/s of the model's GEMMs run as plain dense torch.mm in the same loop.
 Threads: BENCH_THREADS, as in bench/moe_layer.py. See docs/benchmarks.md.
 """
 
@@ -161,7 +161,7 @@ def run(repeats: int) -> dict[str, Any]:
 def _run(repeats: int, threads: int) -> dict[str, Any]:
     from transformers import DeepseekV3ForCausalLM
 
-    from trainer.metrics import training_flops_per_token
+    from model.info import training_flops_per_token
 
     cfg, ours, tokens = build()
     n_tokens = BATCH * SEQ
@@ -219,7 +219,7 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
         dense_mm_gflops=dense_gflops,
         flops_fraction=ours_gflops / dense_gflops,
         flops_formula="(6 x activated matmul params + causal attention) per token x tokens "
-        "(trainer.metrics.training_flops_per_token); dense: the model's GEMMs as torch.mm, 3 x 2 x m x k x n each",
+        "(model.info.training_flops_per_token); dense: the model's GEMMs as torch.mm, 3 x 2 x m x k x n each",
         seconds_median=med,
         cpu_seconds_median=cpu,
         cpu_ratio=min(cpu[i] / peer_tokens[i] for i in cpu if i in impls) / (cpu["ours"] / n_tokens),

@@ -4,8 +4,8 @@ The same model (tiny test config scaled up: hidden 128, 8 layers, MoE + MTP, seq
 same global batch (8 microbatches of 2 sequences), fp32, 2 gloo processes, AdamW (ZeRO-1 where DeepSpeed),
 no clipping:
 
-    ours_dualpipe     our runtime, DualPipe (W split, F&B pairs)         parallel/pipeline_engine.py
-    ours_dualpipev    our runtime, DualPipeV                               parallel/pipeline_engine.py
+    ours_dualpipe     our runtime, DualPipe (W split, F&B pairs)         parallel/dualpipe_engine.py
+    ours_dualpipev    our runtime, DualPipeV                               parallel/dualpipe_engine.py
     ds_1f1b           DeepSpeed PipelineModule / PipelineEngine (1F1B)     parallel/deepspeed_1f1b.py
     ds_dualpipev      DeepSpeed DualPipeVModule / DualPipeVEngine          parallel/deepspeed_1f1b.py
     torch_dualpipev   torch.distributed.pipelining ScheduleDualPipeV       below
@@ -183,7 +183,7 @@ def _ops(events: list, waits: dict[int, list[tuple[float, float]]]) -> list[Op]:
 
 
 def _ours(name: str, cfg, rank: int) -> Runner:
-    from parallel.pipeline_engine import PipelineSchedule
+    from parallel.dualpipe_engine import PipelineSchedule
     from parallel.topology import PipelineTopology
     from trainer.load_balance import moe_routers, update_router_biases
 
@@ -202,7 +202,8 @@ def _ours(name: str, cfg, rank: int) -> Runner:
 
 
 def _deepspeed(name: str, cfg, rank: int) -> Runner:
-    from parallel.deepspeed_1f1b import build_1f1b_schedule, build_deepspeed_dualpipev_schedule
+    from bench.deepspeed_dualpipev import build_deepspeed_dualpipev_schedule
+    from parallel.deepspeed_1f1b import build_1f1b_schedule
     from trainer.load_balance import moe_routers, update_router_biases
 
     build = build_1f1b_schedule if name == "1f1b" else build_deepspeed_dualpipev_schedule

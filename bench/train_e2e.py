@@ -90,8 +90,9 @@ def _peer_engine(job, layout):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from model.hf import hf_config_dict
-    from trainer.ds_config import build_ds_config, param_groups
+    from trainer.ds_config import build_ds_config
     from trainer.lr_schedule import make_lr_lambda
+    from trainer.optim import param_groups
 
     torch.manual_seed(job.train.seed)
     hf_cfg = DeepseekV3Config.from_dict(hf_config_dict(job.model))
@@ -119,10 +120,10 @@ def worker(rounds: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer import metrics
+    from model.info import training_flops_per_token
+    from trainer.build import build_engine
     from trainer.data import train_stream
     from trainer.distributed import dp_rank, init_process_group, prepare_argv, prepare_env
-    from trainer.engine import build_engine
     from trainer.load_balance import moe_routers, update_router_biases
     from trainer.validate import validate
 
@@ -167,8 +168,8 @@ def worker(rounds: int, out: str) -> None:
     seq = job.train.seq_len
     res: dict = {k: [] for k in steps}
     res.update(tokens_per_step=tokens, peer_impl=impl, flops={
-        "ours": metrics.training_flops_per_token(job.model, seq),
-        "peer": metrics.training_flops_per_token(job_no_mtp.model, seq)})
+        "ours": training_flops_per_token(job.model, seq),
+        "peer": training_flops_per_token(job_no_mtp.model, seq)})
     for _ in range(rounds):
         for name, step in steps.items():
             res[name].append(STEPS_PER_ROUND * tokens / timed(step, STEPS_PER_ROUND))

@@ -254,7 +254,7 @@ FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method
 def _fp8_items(name: str, src: torch.Tensor) -> list[_Item]:
     """A weight in DeepSeek's release format: float8_e4m3fn values and `<name>_scale_inv`, one fp32
     dequantization multiplier per 128 x 128 block (edge blocks partial)."""
-    from model.fp8 import quantize
+    from model.fp8.numerics import quantize
 
     rows, cols = src.shape
 
@@ -273,7 +273,7 @@ def _fp8_keys(model: DeepseekV3) -> set[str]:
     """state_dict keys of the weights the FP8 release format quantizes: the FP8 layers of training
     (attention, dense MLPs, shared and routed experts, the MTP block); not the embedding, head, norms,
     router or the MTP projection."""
-    from model.fp8 import fp8_layers
+    from model.fp8.factory import fp8_layers
 
     return {f"{name}.weight" for name in fp8_layers(model)}
 

@@ -30,6 +30,7 @@ materialises and initialises them; per-parameter seeding gives exactly the singl
 `schedule.model` keeps the single-process parameter names (the layers hold the same parameter objects).
 """
 
+
 from __future__ import annotations
 
 import contextlib
@@ -428,27 +429,6 @@ class OneFOneBSchedule(DeepSpeedPipeSchedule):
     """`parallel.schedule=1f1b`: DeepSpeed's PipelineEngine (TrainSchedule), one stage per pipe rank."""
 
 
-class DeepSpeedDualPipeVSchedule(DeepSpeedPipeSchedule):
-    """DeepSpeed's own DualPipeVEngine on the same layers (a peer in bench/pipeline.py): rank r holds stages r
-    and 2pp-1-r; rank 0 has embedding and head, so the tied embedding needs no traffic."""
-
-    kind = "dualpipev"
-
-    @staticmethod
-    def _num_stages(pp: int) -> int:
-        return 2 * pp
-
-    @staticmethod
-    def _held_stages(pipe_rank: int, pp: int) -> list[int]:
-        return [pipe_rank, 2 * pp - 1 - pipe_rank]
-
-    @staticmethod
-    def _module_cls():
-        from deepspeed.pipe import DualPipeVModule
-
-        return DualPipeVModule
-
-
 def build_1f1b_schedule(
     cfg: ModelConfig,
     topo: PipelineTopology | tuple[int, int],
@@ -465,21 +445,3 @@ def build_1f1b_schedule(
     """`parallel.schedule=1f1b`. `topo`: a PipelineTopology or (pp, dp); ranks are pipe-major."""
     return OneFOneBSchedule(cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config,
                             param_groups_fn, lr_lambda, record_timeline)
-
-
-def build_deepspeed_dualpipev_schedule(
-    cfg: ModelConfig,
-    topo: PipelineTopology | tuple[int, int],
-    microbatches: int,
-    micro_batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    ds_config: dict[str, Any],
-    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
-    lr_lambda: Callable[[int], float] | None = None,
-    record_timeline: bool = False,
-) -> DeepSpeedDualPipeVSchedule:
-    """DeepSpeed's DualPipeVEngine on our model (microbatches >= 2 * pp)."""
-    return DeepSpeedDualPipeVSchedule(cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config,
-                                      param_groups_fn, lr_lambda, record_timeline)

@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from model.block import BlockAux, DecoderBlock
 from model.moe import MoE
 from model.transformer import MicroBatch
-from parallel.ep import AllToAllDispatcher
+from parallel.dispatcher import AllToAllDispatcher
 
 BackwardSteps = Generator[None, None, None]
 

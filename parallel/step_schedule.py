@@ -3,8 +3,8 @@
     none       the plain DeepSpeedEngine: every rank holds the whole model; data parallel with ZeRO-1;
                gradient accumulation over the step's microbatches (`build_schedule`).
     1f1b       DeepSpeed's own PipelineEngine, one stage per pipe rank (parallel/deepspeed_1f1b.py)
-    dualpipe   bidirectional DualPipe: two stage copies per rank (parallel/pipeline_engine.py)
-    dualpipev  DualPipeV: stages r and 2pp-1-r on rank r (parallel/pipeline_engine.py)
+    dualpipe   bidirectional DualPipe: two stage copies per rank (parallel/dualpipe_engine.py)
+    dualpipev  DualPipeV: stages r and 2pp-1-r on rank r (parallel/dualpipe_engine.py)
 
 The pipeline schedules are built by `build_pipeline_schedule`. Every schedule offers the same small
 interface (`StepSchedule`):
@@ -108,9 +108,9 @@ def build_schedule(
         def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
-        from parallel.ep import deepspeed_moe_support, finish_deepspeed_moe
+        from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
 
-        # expert parallelism (a model sharded by parallel.ep.shard_experts, expert params marked): the ZeRO
+        # expert parallelism (a model sharded by parallel.expert_shard.shard_experts, expert params marked): the ZeRO
         # optimizer gets DeepSpeed's expert groups; a full model initializes exactly as before
         with deepspeed_moe_support(model):
             engine, _, _, _ = deepspeed.initialize(
@@ -156,7 +156,7 @@ def build_pipeline_schedule(
             raise ValueError("parallel.schedule=1f1b takes no GEMM backend, precision context or client optimizer")
         return build_1f1b_schedule(*args, record_timeline=record_timeline)
     if name in ("dualpipe", "dualpipev"):
-        from parallel.pipeline_engine import PipelineSchedule
+        from parallel.dualpipe_engine import PipelineSchedule
         from parallel.runtime import _no_context
 
         return PipelineSchedule(name, *args, record_timeline=record_timeline, defer_w=defer_w,

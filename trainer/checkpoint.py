@@ -211,7 +211,7 @@ class Checkpointer:
             rng_dir = tmp / "rng"
             rng_dir.mkdir(exist_ok=True)
             torch.save(rng_state(), rng_dir / f"rank{self.rank}.pt")
-            from trainer.reshard import save_expert_shard  # expert parallelism: this rank's experts (ep > 1)
+            from trainer.expert_files import save_expert_shard
 
             expert_file = save_expert_shard(engine.module, tmp)
             if expert_file is not None:
@@ -286,7 +286,7 @@ class Checkpointer:
         )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
-        from trainer.reshard import load_expert_shard  # ep > 1: this rank's experts (mp_rank_00 has ep rank 0's)
+        from trainer.expert_files import load_expert_shard
 
         load_expert_shard(engine.module, path)
         rng_file = path / "rng" / f"rank{self.rank}.pt"
@@ -334,7 +334,7 @@ def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     module: dict[str, torch.Tensor] = {}
     for f in files:
         module.update(torch.load(f, map_location="cpu", weights_only=True)["module"])
-    from trainer.reshard import gather_expert_files  # an ep > 1 checkpoint: experts from experts/ep_rank_*.pt
+    from trainer.expert_files import gather_expert_files  # an ep > 1 checkpoint: experts from experts/ep_rank_*.pt
 
     module = gather_expert_files(ckpt, module)
     model_cfg = json.loads((ckpt / "model_config.json").read_text())

@@ -49,7 +49,7 @@ MOMENT_DTYPES = ("fp32", "bf16")
 class FP8Config:
     enabled: bool = False  # precision=fp8 turns it on: the GEMMs of attention, dense MLPs and experts in FP8
     # te (Transformer Engine, Hopper+) | emulated (quantize-dequantize in fp32, any device) | torch (real FP8 GEMMs
-    # through torch._scaled_mm, no TE: SM89+; recipes blockwise and current; model/fp8_native.py)
+    # through torch._scaled_mm, no TE: SM89+; recipes blockwise and current; model/fp8/scaled_mm.py)
     backend: str = "te"
     recipe: str = "blockwise"  # blockwise (DeepSeek: 1x128 activations, 128x128 weights) | current | delayed | mxfp8
     amax_history: int = 16  # delayed: amaxes kept per operand

@@ -44,11 +44,11 @@ def map_slurm_env() -> None:
     """srun (one task per GPU) sets SLURM_* but not the torch rank variables; map them when RANK is missing.
 
     The mapping (RANK, WORLD_SIZE, LOCAL_RANK, NODE_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR from the node list,
-    MASTER_PORT from the job id) is `trainer.slurm.slurm_rank_env`; see docs/cluster.md.
+    MASTER_PORT from the job id) is `trainer.cluster.slurm.slurm_rank_env`; see docs/cluster.md.
     """
     if "RANK" in os.environ:
         return
-    from trainer.slurm import slurm_rank_env
+    from trainer.cluster.slurm import slurm_rank_env
 
     os.environ.update(slurm_rank_env(os.environ))
 

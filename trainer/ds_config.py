@@ -7,14 +7,11 @@ accumulation on GPU and plain fp32 on CPU. The LR schedule is a torch LambdaLR h
 `deepspeed:` section of the Hydra config is merged in last, for anything not covered here.
 """
 
+
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
-
-import torch
-from torch import nn
 
 from trainer.config import JobConfig
 from trainer.validate import Layout
@@ -61,43 +58,3 @@ def build_ds_config(cfg: JobConfig, layout: Layout) -> dict[str, Any]:
         del ds["optimizer"]
         ds["zero_allow_untested_optimizer"] = True
     return deep_merge(ds, dict(cfg.deepspeed))
-
-
-def client_optimizer(cfg: JobConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None:
-    """AdamW with BF16 moments (`precision.adam_moments_dtype=bf16`) for `deepspeed.initialize`, or None
-    (the config's AdamW). Weight decay comes from each parameter group."""
-    if cfg.precision.adam_moments_dtype != "bf16":
-        return None
-    from model.fp8 import BF16MomentsAdamW
-
-    o = cfg.optim
-
-    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        return BF16MomentsAdamW(groups, lr=float(o.lr), betas=(float(o.betas[0]), float(o.betas[1])),
-                                eps=float(o.eps), weight_decay=float(o.weight_decay))
-
-    return make
-
-
-def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Norm weights and biases (vectors) are not decayed; the router bias is a buffer, never optimized."""
-    return param.ndim < 2 or "norm" in name or name.endswith("bias")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """decay / no_decay groups; expert parameters marked by parallel.ep.mark_expert_params (`allreduce=False`)
-    go to their own groups with `moe: True` and `name` = their DeepSpeed expert group, as ZeRO expects."""
-    decay, keep = [], []
-    expert: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if getattr(p, "allreduce", True) is False:  # deepspeed.moe.utils.is_moe_param
-            expert.setdefault((p.group_name, no_decay(name, p)), []).append(p)
-        else:
-            (keep if no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
-    groups += [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "name": group_name, "moe": True}
-               for (group_name, nd), ps in expert.items()]
-    return [g for g in groups if g["params"]]

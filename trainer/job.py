@@ -16,11 +16,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cluster.run_guard import RunGuard
+from trainer.cluster.run_guard import check_config as check_cluster_config
 from trainer.config import JobConfig, config_hash, training_identity
 from trainer.distributed import DistEnv, dp_rank, init_process_group, prepare_env
 from trainer.errors import UserError
-from trainer.run_guard import RunGuard
-from trainer.run_guard import check_config as check_cluster_config
 from trainer.validate import Layout, validate
 
 
@@ -128,14 +128,14 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
          guard: RunGuard) -> dict[str, Any]:
     import numpy as np
 
+    from trainer.build import build_engine
     from trainer.checkpoint import Checkpointer, find_latest, read_meta, tag_for
+    from trainer.cluster.faults import FaultInjector
+    from trainer.cluster.nonfinite import NonFiniteGuard
     from trainer.data import eval_batches, train_stream, unigram_entropy
-    from trainer.engine import build_engine
     from trainer.evaluate import evaluate_schedule
-    from trainer.faults import FaultInjector
     from trainer.loop import LoopHooks, LoopState, run_loop
-    from trainer.nonfinite import NonFiniteGuard
-    from trainer.run_logger import RunLogger
+    from trainer.report.run_logger import RunLogger
 
     random.seed(job.train.seed + env.rank)
     np.random.seed(job.train.seed + env.rank)

@@ -5,7 +5,7 @@
         counts = update_router_biases(routers, dp)   # global expert counts -> bias update
         metrics (reduced over dp) -> logger; eval every N; checkpoint every N
         stop on: train.steps, train.max_seconds, a preemption signal (checkpoint, no eval), a non-finite step
-        (train.on_nonfinite, trainer/nonfinite.py); the stop flags are summed over all ranks with the losses
+        (train.on_nonfinite, trainer/cluster/nonfinite.py); the stop flags are summed over all ranks with the losses
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from model.info import training_flops_per_token
 from parallel.step_schedule import StepLosses, StepSchedule
-from trainer import metrics as M
+from trainer.cluster.nonfinite import NonFiniteLoss
 from trainer.load_balance import gather_layer_counts, moe_routers, update_router_biases
-from trainer.nonfinite import NonFiniteLoss
+from trainer.report import metrics as M
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LoopHooks:
     timeline: Callable[[list], None] | None = None  # receives this rank's recorded pipeline timeline events
     preempt_requested: Callable[[], bool] = lambda: False  # a preemption signal reached this rank
     step_done: Callable[[int], None] | None = None  # progress beat for the watchdog (steps done)
-    nonfinite: Any = None  # trainer.nonfinite.NonFiniteGuard: decides on non-finite steps
+    nonfinite: Any = None  # trainer.cluster.nonfinite.NonFiniteGuard: decides on non-finite steps
 
 
 def _dp_mean(losses: StepLosses, stop: list[bool], dp_size: int, group: Any = None
@@ -81,7 +82,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
     engine = schedule.engine
     routers = moe_routers(schedule.module)
     tokens_per_step = layout.global_batch_size * t.seq_len
-    flops_per_token = M.training_flops_per_token(cfg.model, t.seq_len)
+    flops_per_token = training_flops_per_token(cfg.model, t.seq_len)
     device_name = torch.cuda.get_device_name() if layout.device == "cuda" else None
     peak = M.peak_flops(device_name, layout.dtype, None if cfg.logging.peak_tflops is None
                         else cfg.logging.peak_tflops * 1e12)

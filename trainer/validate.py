@@ -233,7 +233,7 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
     _need(cfg.parallel.schedule != "1f1b", "precision.fp8.enabled", "FP8 is not wired into parallel.schedule=1f1b",
           "use parallel.schedule=dualpipe, dualpipev or none")
     if f.backend == "torch":  # real FP8 GEMMs through torch._scaled_mm: a CUDA GPU with FP8 tensor cores
-        from model.fp8_native import NativeFP8Unavailable, check_native
+        from model.fp8.scaled_mm import NativeFP8Unavailable, check_native
 
         try:
             check_native(f.recipe, device)
@@ -250,7 +250,7 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
     _need(not (f.recipe == "delayed" and cfg.model.activation_checkpointing), "precision.fp8.recipe",
           "delayed scaling with activation checkpointing records every amax twice (forward and recompute), so "
           "the recompute quantizes differently", "use recipe=blockwise or current, or turn checkpointing off")
-    from model.te_backend import TEUnavailable, check_te, shape_problems
+    from model.fp8.te import TEUnavailable, check_te, shape_problems
 
     try:
         check_te(f.recipe)
@@ -277,13 +277,13 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
     _check_precision(cfg, device, ep)
-    # -- expert parallelism (parallel/ep.py): our schedules (none, dualpipe, dualpipev) under ZeRO-1 (its
+    # -- expert parallelism (parallel/expert_shard.py): our schedules (none, dualpipe, dualpipev) under ZeRO-1 (its
     # optimizer reduces expert gradients over the expert-DP group; stage 0 would all-reduce them over dp)
     _need(ep == 1 or cfg.parallel.schedule != "1f1b", "parallel.ep",
           f"ep={ep} is not supported with parallel.schedule=1f1b (DeepSpeed's PipelineEngine runs the layers "
           f"itself)", "use parallel.schedule=dualpipe, dualpipev or none with parallel.ep>1")
     if cfg.parallel.ep_ranks_per_node is not None:  # node-limited routing: router groups map onto nodes
-        from parallel.ep import node_limited_groups
+        from parallel.expert_shard import node_limited_groups
 
         try:
             node_limited_groups(ep, cfg.parallel.ep_ranks_per_node, cfg.model.n_group, cfg.model.topk_group)

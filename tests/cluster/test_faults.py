@@ -1,7 +1,7 @@
 """Faults: a rank killed or hung mid-step, NaN losses (skip / stop), checkpoint writes that fail.
 
 Killed / hung ranks run under the fake two-node Slurm job without srun's --kill-on-bad-exit, so nothing but
-the trainer's watchdog (trainer/watchdog.py) can end the surviving ranks: they must exit with code 3 within the
+the trainer's watchdog (trainer/cluster/watchdog.py) can end the surviving ranks: they must exit with code 3 within the
 bound docs/cluster.md gives (fault_timeout + 2 polling intervals = 1.4 x fault_timeout), naming the rank.
 """
 
@@ -17,11 +17,11 @@ import torch
 
 from tests.cluster.conftest import FAST, base_overrides, fake_slurm_env, losses, rows, sbatch
 from tests.trainer.conftest import launch
-from trainer import faults
 from trainer.checkpoint import Checkpointer, tag_for
+from trainer.cluster import faults
+from trainer.cluster.exit_codes import EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USER
+from trainer.cluster.nonfinite import NonFiniteGuard
 from trainer.errors import UserError
-from trainer.exit_codes import EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USER
-from trainer.nonfinite import NonFiniteGuard
 
 TIMEOUT = 5.0
 
@@ -204,7 +204,7 @@ def test_fault_specs():
 def test_cluster_keys_are_checked_before_anything_starts():
     from types import SimpleNamespace
 
-    from trainer.run_guard import check_config
+    from trainer.cluster.run_guard import check_config
 
     ok = SimpleNamespace(on_nonfinite="skip", max_consecutive_skips=10, fault_timeout=180.0, step_timeout=None)
     check_config(ok)

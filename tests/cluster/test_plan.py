@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from model.info import training_flops_per_token
 from tests.cluster.conftest import ROOT
-from trainer import plan as P
-from trainer.metrics import training_flops_per_token
+from trainer.cluster import plan as P
 
 IDEAL = [  # every kernel at its peak, no communication, no losses: what is left is arithmetic
     "efficiency.gemm=1", "efficiency.bf16_gemm=1", "efficiency.attention=1", "efficiency.comm_sms=0",
@@ -44,7 +44,7 @@ def test_memory_by_hand_dualpipe_pp2():
 def test_step_time_by_hand_dualpipe_pp2():
     # 4 microbatches; each rank runs all of them through one of its two stages (half the model on average), so
     # its busy time is 4 x (model training FLOPs per microbatch) / 2 / peak, and DualPipe's bubble at pp=2 is
-    # (pp/2 - 1)(...) = 0. FLOPs: 6N + attention (trainer.metrics) + the recomputed MLA up-projections.
+    # (pp/2 - 1)(...) = 0. FLOPs: 6N + attention (trainer.report.metrics) + the recomputed MLA up-projections.
     pl = _tiny()
     cfg = P.load_model_config("tiny")
     up = cfg.q_lora_rank * cfg.num_attention_heads * cfg.qk_head_dim + \

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.cluster.conftest import ROOT, SBATCH, cpu_env
-from trainer import slurm
+from trainer.cluster import slurm
 from trainer.distributed import prepare_env
 
 
@@ -103,7 +103,7 @@ def test_dry_run_prints_the_deepspeed_command_and_hostfile():
 
 
 def test_local_srun_gives_each_task_srun_variables(tmp_path):
-    code = ("import json, os, sys; from trainer.slurm import slurm_rank_env; e = slurm_rank_env(os.environ); "
+    code = ("import json, os, sys; from trainer.cluster.slurm import slurm_rank_env; e = slurm_rank_env(os.environ); "
             "open(os.path.join(sys.argv[1], e['RANK']), 'w').write(json.dumps(e))")
     env = cpu_env(SLURM_JOB_NODELIST="nodeA,nodeB", SLURM_JOB_ID="777")
     proc = subprocess.run([sys.executable, "-m", "trainer.slurm", "local-srun", "--nodes=2", "--ntasks-per-node=2",
@@ -141,4 +141,4 @@ def test_hydra_launcher_slurm_config(monkeypatch: pytest.MonkeyPatch):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (4, 8, 8)
     assert launcher.signal_delay_s > 0 and launcher.additional_parameters.requeue is True
     assert launcher.submitit_folder == "multirun/default/sweep-1/.submitit/%j"
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "trainer.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "trainer.cluster.sweep.SweepSummary"

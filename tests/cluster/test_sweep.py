@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.cluster.conftest import ROOT
-from trainer.sweep import SUMMARY_JSON, SUMMARY_MD, collect, summarize
+from trainer.cluster.sweep import SUMMARY_JSON, SUMMARY_MD, collect, summarize
 
 
 def _job(sweep: Path, num: int, lr: str, loss: float | None, steps: int = 10) -> None:

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from model.fp8 import BF16MomentsAdamW
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
+from trainer.optim import BF16MomentsAdamW
 
 LR, WD = 1e-2, 0.1
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.fp8 import EmulatedFP8Backend, apply_fp8
+from model.fp8.emulated import EmulatedFP8Backend
+from model.fp8.factory import apply_fp8
 from model.gemm import defer_weight_grads
 from model.transformer import DeepseekV3
 from parallel.instructions import Placement

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.fp8 import apply_fp8, fp8_layers
+from model.fp8.factory import apply_fp8, fp8_layers
 from model.gemm import GemmBackend, defer_weight_grads
 from model.transformer import DeepseekV3
 from parallel.weight_grad import WeightGradStore

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fp8 import RECIPES, EmulatedFP8Backend, apply_fp8, fp8_layers, quantize_dequantize
+from model.fp8.emulated import EmulatedFP8Backend
+from model.fp8.factory import apply_fp8, fp8_layers
+from model.fp8.numerics import RECIPES, quantize_dequantize
 from model.gemm import DEFAULT_BACKEND, GroupedLinear, Linear
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config

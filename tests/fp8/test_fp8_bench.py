@@ -49,7 +49,7 @@ def test_smoke_runs_without_deepspeed_hydra_or_te(tmp_path: Path):
 def test_import_path_is_torch_only():
     """The modules the GPU check imports load with the extras blocked."""
     proc = run_without_extras(
-        "import bench.fp8_te, bench.common, model.fp8, model.fp8_native, model.te_backend, "
+        "import bench.fp8_te, bench.common, model.fp8, model.fp8.scaled_mm, model.fp8.te, "
         "model.transformer\nprint('ok')"
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

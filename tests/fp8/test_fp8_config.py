@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from model.config import ModelConfig
-from model.te_backend import TEUnavailable, check_te, import_te, shape_problems
+from model.fp8.te import TEUnavailable, check_te, import_te, shape_problems
 from tests.trainer.conftest import ROOT, base_overrides
 from tests.trainer.test_config_validation import check, job
 from trainer.validate import validate
@@ -119,8 +119,8 @@ def test_te_shape_rules():
 
 
 def test_ds_config_and_client_optimizer_follow_bf16_moments(tiny_data):
-    from model.fp8 import BF16MomentsAdamW
-    from trainer.ds_config import build_ds_config, client_optimizer
+    from trainer.ds_config import build_ds_config
+    from trainer.optim import BF16MomentsAdamW, client_optimizer
 
     cfg = job(tiny_data, "parallel=dp", "precision.adam_moments_dtype=bf16")
     layout = validate(cfg, world_size=1, device="cpu")
@@ -135,9 +135,9 @@ def test_ds_config_and_client_optimizer_follow_bf16_moments(tiny_data):
 
 
 def test_engine_applies_fp8_before_deepspeed(tiny_data):
-    """trainer.engine: the emulated backend on the FP8 layers of the model the DeepSpeed engine holds."""
-    from model.fp8 import EmulatedFP8Backend
-    from trainer.engine import apply_precision, build_model
+    """trainer.build: the emulated backend on the FP8 layers of the model the DeepSpeed engine holds."""
+    from model.fp8.emulated import EmulatedFP8Backend
+    from trainer.build import apply_precision, build_model
 
     cfg = job(tiny_data, "parallel=dp", "precision=fp8", "precision.fp8.backend=emulated",
               "precision.fp8.recipe=current")

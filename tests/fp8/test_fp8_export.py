@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.fp8 import fp8_layers, quantize_dequantize
+from model.fp8.factory import fp8_layers
+from model.fp8.numerics import quantize_dequantize
 from model.hf import FP8_QUANT_CONFIG, SAFE_NAME, export_hf, hf_name, import_hf
 from tests.model.test_hf_parity import ids, random_model, tiny_cfg
 

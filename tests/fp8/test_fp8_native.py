@@ -1,4 +1,4 @@
-"""The torch FP8 backend (model/fp8_native.py): real FP8 GEMMs through torch._scaled_mm.
+"""The torch FP8 backend (model/fp8/scaled_mm.py): real FP8 GEMMs through torch._scaled_mm.
 
 On CPU (where torch._scaled_mm runs tensor-wise and row-wise scaled GEMMs): the GEMMs see exactly the
 emulation's E4M3 values, so they agree with EmulatedFP8Backend to fp32 reassociation, and with fp32 to one
@@ -13,9 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import fp8_native as nat
-from model.fp8 import EmulatedFP8Backend, apply_fp8, make_fp8_backend, quantize_dequantize
-from model.fp8_native import NativeFP8Unavailable, ScaledMMFP8Backend, check_native
+from model.fp8 import scaled_mm as nat
+from model.fp8.emulated import EmulatedFP8Backend
+from model.fp8.factory import apply_fp8, make_fp8_backend
+from model.fp8.numerics import quantize_dequantize
+from model.fp8.scaled_mm import NativeFP8Unavailable, ScaledMMFP8Backend, check_native
 from model.gemm import GroupedLinear, Linear
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fp8 import BF16MomentsAdamW, optimizer_state_bytes
 from tests.distributed_harness import run_ranks
 from tests.fp8.fp8_optim_workers import run_zero1_bf16_moments
+from trainer.optim import BF16MomentsAdamW, optimizer_state_bytes
 
 
 def test_bf16_moments_follow_adamw_and_halve_the_state():

@@ -6,17 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fp8 import (
-    E4M3_MAX,
-    RECIPES,
-    EmulatedFP8Backend,
-    dequantize_dispatch,
-    fp8_error,
-    quantize,
-    quantize_dequantize,
-    quantize_dispatch,
-    recipe_scaling,
-)
+from model.fp8.emulated import EmulatedFP8Backend
+from model.fp8.numerics import E4M3_MAX, RECIPES, fp8_error, quantize, quantize_dequantize, recipe_scaling
+from parallel.all_to_all import dequantize_dispatch, quantize_dispatch
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest is off by at most 2^-4 relative to a value in the normal
 # range; on Gaussian data the relative Frobenius error is about 2^-4 / sqrt(3) ~ 3.6% once scaled well.

@@ -16,7 +16,7 @@ def _hopper_with_te() -> str | None:
         return "no CUDA GPU"
     if torch.cuda.get_device_capability() < (9, 0):
         return f"{torch.cuda.get_device_name()} is older than Hopper"
-    from model.te_backend import TEUnavailable, check_te
+    from model.fp8.te import TEUnavailable, check_te
 
     try:
         check_te("blockwise")
@@ -40,9 +40,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @needs_hopper
 @pytest.mark.parametrize("recipe", ["blockwise", "current", "delayed"])
 def test_te_linear_matches_emulation_and_keeps_our_parameter(recipe):
-    from model.fp8 import EmulatedFP8Backend
+    from model.fp8.emulated import EmulatedFP8Backend
+    from model.fp8.te import TEBackend
     from model.gemm import Linear
-    from model.te_backend import TEBackend
 
     torch.manual_seed(0)
     layer = Linear(1024, 512).cuda().bfloat16()
@@ -59,8 +59,8 @@ def test_te_linear_matches_emulation_and_keeps_our_parameter(recipe):
 
 @needs_hopper
 def test_te_grouped_linear_pads_ragged_splits():
+    from model.fp8.te import TEBackend
     from model.gemm import GroupedLinear
-    from model.te_backend import TEBackend
 
     torch.manual_seed(0)
     layer = GroupedLinear(4, 512, 256).cuda().bfloat16()
@@ -82,8 +82,8 @@ def test_te_grouped_linear_pads_ragged_splits():
 @needs_hopper
 def test_te_model_step_close_to_bf16_and_under_checkpointing():
     from model.config import ModelConfig
-    from model.fp8 import apply_fp8
-    from model.te_backend import TEBackend
+    from model.fp8.factory import apply_fp8
+    from model.fp8.te import TEBackend
     from model.transformer import DeepseekV3
 
     cfg = dict(vocab_size=1024, hidden_size=512, num_hidden_layers=2, first_k_dense_replace=1,

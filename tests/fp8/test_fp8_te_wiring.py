@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fp8 import apply_fp8
+from model.fp8.factory import apply_fp8
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
 
@@ -90,7 +90,7 @@ class FakeTE:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_te_backend_computes_with_our_parameters(monkeypatch, checkpointing):
-    from model.te_backend import TEBackend, autocast_context
+    from model.fp8.te import TEBackend, autocast_context
 
     fake = FakeTE(multiple=16)
     fake.install(monkeypatch)
@@ -125,8 +125,8 @@ def test_te_backend_computes_with_our_parameters(monkeypatch, checkpointing):
 
 
 def test_grouped_padding_to_the_recipe_multiple(monkeypatch):
+    from model.fp8.te import TEBackend
     from model.gemm import GroupedLinear
-    from model.te_backend import TEBackend
 
     fake = FakeTE(multiple=128)
     fake.install(monkeypatch)

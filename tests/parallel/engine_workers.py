@@ -66,7 +66,7 @@ def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int,
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.pipeline_engine import PipelineSchedule
+    from parallel.dualpipe_engine import PipelineSchedule
     from parallel.topology import PipelineTopology
     from trainer.load_balance import moe_routers, update_router_biases
 

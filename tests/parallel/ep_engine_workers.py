@@ -69,11 +69,12 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.ep import build_expert_groups, gather_expert_state, mark_expert_params, shard_experts
+    from parallel.expert_groups import build_expert_groups, mark_expert_params
+    from parallel.expert_shard import gather_expert_state, shard_experts
     from parallel.step_schedule import build_schedule
     from trainer.checkpoint import Checkpointer
-    from trainer.ds_config import param_groups
     from trainer.load_balance import moe_routers, update_router_biases
+    from trainer.optim import param_groups
 
     cfg = tiny_config()
     groups = build_expert_groups(ep)
@@ -166,13 +167,13 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.ep import gather_expert_state
-    from parallel.pipeline_engine import PipelineSchedule
+    from parallel.dualpipe_engine import PipelineSchedule
+    from parallel.expert_shard import gather_expert_state
     from parallel.topology import PipelineTopology
     from tests.parallel.engine_workers import ds_config as pipe_ds_config
     from tests.parallel.pipeline_workers import SEQ
-    from trainer.ds_config import param_groups
     from trainer.load_balance import moe_routers, update_router_biases
+    from trainer.optim import param_groups
 
     cfg = tiny_config(num_hidden_layers=layers)
     dp = world // pp
@@ -226,7 +227,7 @@ def run_pipeline_ep_grads(rank: int, world: int, schedule: str, pp: int, ep: int
     EP blocks as overlapped sub-steps and once sequential: per-microbatch losses and the full model's gradients
     (expert shards gathered, DualPipe mirror copies and data ranks summed), against the single-process model."""
     from model.gemm import defer_weight_grads
-    from parallel.ep import gather_expert_state, is_expert_key, shard_experts
+    from parallel.expert_shard import gather_expert_state, is_expert_key, shard_experts
     from parallel.instructions import Placement
     from parallel.p2p import P2P
     from parallel.runtime import PipelineRuntime

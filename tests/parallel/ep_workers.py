@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from model.moe import MoE
 from model.transformer import DeepseekV3
-from parallel.ep import AllToAllDispatcher, is_expert_key, overlapped_moe_forward, shard_experts
+from parallel.dispatcher import AllToAllDispatcher, overlapped_moe_forward
+from parallel.expert_shard import is_expert_key, shard_experts
 from tests.conftest import tiny_config
 
 # skewed router biases (selection only: sigmoid scores lie in (0, 1), so +-10 decides): per scenario, which
@@ -150,7 +151,7 @@ def run_fp8_dispatch(rank: int, world: int) -> dict:
     """ep=2 MoE layer with the dispatch rows sent in FP8: the output and input gradient against the
     full-precision dispatch (FP8 rounding, not more), and which transfers the trace saw (values and scales for
     the dispatch only)."""
-    from parallel.ep import set_fp8_dispatch
+    from parallel.dispatcher import set_fp8_dispatch
 
     cfg = tiny_config()
     g = torch.Generator().manual_seed(3 + rank)

@@ -10,9 +10,8 @@ import torch
 
 from model.moe import LocalDispatcher, MoE
 from model.transformer import DeepseekV3
-from parallel.ep import (
-    AllToAllDispatcher,
-    expert_major_permutation,
+from parallel.dispatcher import AllToAllDispatcher, expert_major_permutation
+from parallel.expert_shard import (
     gather_expert_state,
     is_expert_key,
     node_limited_groups,

@@ -8,12 +8,13 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
-from parallel.ep import is_expert_key
+from parallel.expert_shard import is_expert_key
 from tests.distributed_harness import run_ranks
 from tests.parallel.engine_workers import assert_params_close
 from tests.parallel.ep_engine_workers import run_ep_engine
 from trainer.checkpoint import load_module_state
-from trainer.reshard import checkpoint_ep_size, expert_file, main, reshard
+from trainer.expert_files import checkpoint_ep_size, expert_file
+from trainer.reshard import main, reshard
 
 # Tolerances and their reasoning as in test_pipeline_engine.py: expert gradients reach their rank through the
 # all-to-all and are summed in another order than in one process (fp32 reassociation); AdamW's 1/sqrt(v)

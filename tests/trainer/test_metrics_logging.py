@@ -12,21 +12,23 @@ import torch
 from PIL import Image
 
 from model.config import ModelConfig
-from trainer.metrics import (
-    PEAK_FLOPS,
-    Throughput,
+from model.info import (
     activated_params_breakdown,
     activated_params_per_token,
     attention_flops_per_token,
+    training_flops_per_token,
+)
+from trainer.report.metrics import (
+    PEAK_FLOPS,
+    Throughput,
     expert_load_stats,
     gpu_key,
     max_violation,
     mfu,
     peak_flops,
     peak_memory_bytes,
-    training_flops_per_token,
 )
-from trainer.run_logger import RunLogger, redact_secrets
+from trainer.report.run_logger import RunLogger, redact_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 

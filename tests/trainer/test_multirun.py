@@ -1,5 +1,5 @@
 """Hydra multirun (-m) with the basic launcher: 2 jobs, each on 2 ranks, each with its own run directory,
-the sweep as their wandb group, and the sweep's summary table (trainer/sweep.py) at the end."""
+the sweep as their wandb group, and the sweep's summary table (trainer/cluster/sweep.py) at the end."""
 
 from __future__ import annotations
 

@@ -21,8 +21,9 @@ from trainer.checkpoint import (
 )
 from trainer.config import JobConfig, OptimConfig, config_hash, launch_id
 from trainer.distributed import prepare_argv
-from trainer.ds_config import build_ds_config, param_groups
+from trainer.ds_config import build_ds_config
 from trainer.lr_schedule import lr_multiplier, make_lr_lambda
+from trainer.optim import param_groups
 from trainer.validate import Layout
 
 

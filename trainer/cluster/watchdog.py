@@ -39,11 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.exit_codes import EXIT_PEER_FAILED
+from trainer.cluster.exit_codes import EXIT_PEER_FAILED
 
-_ROOT = str(Path(__file__).resolve().parents[1]) + os.sep
+_ROOT = str(Path(__file__).resolve().parents[2]) + os.sep
 _GENERATION = 0  # a fresh key space per job (a Hydra multirun runs several jobs in one process group)
-_COMM_PATHS = ("torch/distributed/", "deepspeed/comm/", "parallel/p2p.py", "parallel/ep.py")
+_COMM_PATHS = ("torch/distributed/", "deepspeed/comm/", "parallel/p2p.py", "parallel/all_to_all.py")
 _COMM_CALL = re.compile(r"\.wait\(|barrier\(|all_reduce|all_gather|reduce_scatter|broadcast|all_to_all|recv\(")
 
 

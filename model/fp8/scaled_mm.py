@@ -2,7 +2,7 @@
 `torch._scaled_mm` / `torch.nn.functional.scaled_mm`, no Transformer Engine needed (`precision.fp8.backend=torch`).
 
 Every operand of fprop (y = x W^T), dgrad (dX = dY W) and wgrad (dW = dY^T X) is E4M3, quantized with the
-emulation's arithmetic (model/fp8.py: scale = amax / 448 of the tile, values rounded to float8_e4m3fn), so
+emulation's arithmetic (model/fp8/numerics.py: scale = amax / 448 of the tile, values rounded to float8_e4m3fn), so
 the values the GEMM sees are bit-for-bit the emulation's; only the accumulation differs (the GEMM kernel's).
 Scaling, per `recipe`:
 - `current`: one scale per tensor (per expert for routed experts) from its current amax; tensor-wise
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fp8 import E4M3_MAX, Quantized
+from model.fp8.numerics import E4M3_MAX, Quantized
 from model.gemm import GemmBackend
 
 NATIVE_RECIPES = ("blockwise", "current")

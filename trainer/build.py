@@ -16,8 +16,9 @@ from model.gemm import GemmBackend
 from model.transformer import DeepseekV3
 from parallel.step_schedule import PIPELINES, StepSchedule, build_pipeline_schedule, build_schedule
 from trainer.config import JobConfig
-from trainer.ds_config import build_ds_config, client_optimizer, param_groups
+from trainer.ds_config import build_ds_config
 from trainer.lr_schedule import make_lr_lambda
+from trainer.optim import client_optimizer, param_groups
 from trainer.validate import Layout
 
 
@@ -28,7 +29,7 @@ def build_model(cfg: JobConfig) -> DeepseekV3:
 
 def fp8_backend(cfg: JobConfig, amax_group: object = None) -> GemmBackend | None:
     """The FP8 GEMM backend `precision.fp8` asks for (None: FP8 off). TE amaxes reduce over `amax_group`."""
-    from model.fp8 import make_fp8_backend
+    from model.fp8.factory import make_fp8_backend
 
     return make_fp8_backend(cfg.precision.fp8, amax_group)
 
@@ -36,7 +37,7 @@ def fp8_backend(cfg: JobConfig, amax_group: object = None) -> GemmBackend | None
 def apply_precision(model: torch.nn.Module, cfg: JobConfig, layout: Layout, amax_group: object = None) -> None:
     """FP8 on the layers that take it. TE modules are built around the parameters, so those are cast to bf16
     first (DeepSpeed's own cast later is then a no-op)."""
-    from model.fp8 import apply_fp8
+    from model.fp8.factory import apply_fp8
 
     backend = fp8_backend(cfg, amax_group)
     if backend is None:
@@ -46,7 +47,7 @@ def apply_precision(model: torch.nn.Module, cfg: JobConfig, layout: Layout, amax
         model.restore_router_precision()
     apply_fp8(model, backend)
     if cfg.precision.fp8.dispatch:  # expert parallelism: the dispatch rows travel in FP8
-        from parallel.ep import set_fp8_dispatch
+        from parallel.dispatcher import set_fp8_dispatch
 
         set_fp8_dispatch(model, True)
 
@@ -57,8 +58,9 @@ def build_engine(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule, dict]:
     if cfg.parallel.schedule in PIPELINES:
         return build_pipeline_engine(cfg, layout)
     model = build_model(cfg)
-    if layout.ep > 1:  # expert parallelism: this rank keeps its E/ep experts (parallel/ep.py)
-        from parallel.ep import build_expert_groups, mark_expert_params, shard_experts
+    if layout.ep > 1:  # expert parallelism: this rank keeps its E/ep experts (parallel/expert_shard.py)
+        from parallel.expert_groups import build_expert_groups, mark_expert_params
+        from parallel.expert_shard import shard_experts
 
         ep = build_expert_groups(layout.ep)
         shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group, overlap=True)
@@ -106,7 +108,7 @@ def _pipeline_precision(cfg: JobConfig, layout: Layout, dp_group: object) -> dic
         return out
     out["gemm_backend_fn"] = lambda model: apply_precision(model, cfg, layout, dp_group)
     if cfg.precision.fp8.backend == "te":
-        from model.te_backend import autocast_context
+        from model.fp8.te import autocast_context
 
         out["precision_context"] = autocast_context(cfg.precision.fp8.recipe, dp_group)
     return out

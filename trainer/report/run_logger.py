@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.plots import plot_expert_load, plot_loss_curve, read_jsonl
+from trainer.report.plots import plot_expert_load, plot_loss_curve, read_jsonl
 
 # A config key whose name contains one of these (case-insensitive) is dropped before the config reaches wandb.
 SECRET_WORDS = ("key", "token", "secret", "password")

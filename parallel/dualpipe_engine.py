@@ -96,13 +96,8 @@ class PipelineSchedule:
         model = model.to(device=device, dtype=dtype)
         model.restore_router_precision()
         if topo.ep > 1:  # this rank keeps its E/ep experts of every MoE layer it holds
-            from parallel.ep import (
-                ExpertShardRole,
-                mark_expert_params,
-                register_expert_groups,
-                set_expert_shard_role,
-                shard_experts,
-            )
+            from parallel.expert_groups import mark_expert_params, register_expert_groups
+            from parallel.expert_shard import ExpertShardRole, set_expert_shard_role, shard_experts
 
             ep = register_expert_groups(topo.ep, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
                                         (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
@@ -128,7 +123,7 @@ class PipelineSchedule:
         if lr_lambda is not None:
             def scheduler(optimizer):
                 return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        from parallel.ep import deepspeed_moe_support, finish_deepspeed_moe
+        from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
 
         with deepspeed_moe_support(model):  # expert parameters: ZeRO-1 over the expert-DP groups
             self.engine, _, _, _ = deepspeed.initialize(
@@ -252,7 +247,7 @@ class PipelineSchedule:
         return sorted(events, key=lambda e: e.start)
 
     def _dispatchers(self) -> list:
-        from parallel.ep import AllToAllDispatcher
+        from parallel.dispatcher import AllToAllDispatcher
 
         return [m.dispatcher for m in self.module.modules()
                 if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]

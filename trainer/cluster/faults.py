@@ -54,7 +54,7 @@ def parse(spec: str) -> Fault | None:
             return Fault("checkpoint_save", int(p[1]))
     except ValueError:
         pass
-    raise ValueError(f"{FAULT_ENV}={spec!r}: not a fault spec (see trainer/faults.py)")
+    raise ValueError(f"{FAULT_ENV}={spec!r}: not a fault spec (see trainer/cluster/faults.py)")
 
 
 class FaultInjector:

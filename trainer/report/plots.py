@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from trainer.metrics import max_violation, stack_counts  # noqa: E402
+from trainer.report.metrics import max_violation, stack_counts  # noqa: E402
 
 # Metric names the loss plot looks for, first match wins (see docs/metrics.md).
 TRAIN_LM_KEYS = ("train/lm_loss", "train/loss")

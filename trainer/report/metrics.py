@@ -4,6 +4,7 @@ Everything here is pure bookkeeping: no distributed calls, no model instantiatio
 out in docs/metrics.md; keep the two in step.
 """
 
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from model.config import ModelConfig
 
 TFLOPS = 1e12
 
@@ -136,82 +135,6 @@ def peak_flops(device_name: str | None, dtype: str, override: float | None = Non
     if key is None:
         return None
     return PEAK_FLOPS[key].get(canon)
-
-
-# ---- model FLOPs ---------------------------------------------------------------------------------------
-
-
-def _attention_params(cfg: ModelConfig) -> int:
-    """MLA projection weights of one layer (all used by every token in the expanded training form)."""
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
-    q_out = heads * cfg.qk_head_dim
-    q = h * q_out if cfg.q_lora_rank is None else h * cfg.q_lora_rank + cfg.q_lora_rank * q_out
-    kv_a = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    kv_b = cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    o = heads * cfg.v_head_dim * h
-    return q + kv_a + kv_b + o
-
-
-def _ffn_params(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
-    """Matmul weights one token passes through in the FFN of layer `layer_idx` (SwiGLU: 3 matrices)."""
-    h = cfg.hidden_size
-    if not cfg.is_moe_layer(layer_idx):
-        return {"dense_mlp": 3 * h * cfg.intermediate_size}
-    expert = 3 * h * cfg.moe_intermediate_size
-    return {
-        "router": h * cfg.n_routed_experts,  # scores for every expert, before top-k
-        "shared_experts": cfg.n_shared_experts * expert,
-        "routed_experts": cfg.num_experts_per_tok * expert,  # only the top-k are computed
-    }
-
-
-def activated_params_breakdown(cfg: ModelConfig, include_mtp: bool = True) -> dict[str, int]:
-    """Matmul parameters touched per token, by part. The embedding lookup is excluded (a gather, no FLOPs).
-
-    The output head is counted once per use: the main head plus once per MTP module, which reuses it.
-    """
-    parts = {"attention": 0, "dense_mlp": 0, "router": 0, "shared_experts": 0, "routed_experts": 0,
-             "head": cfg.hidden_size * cfg.vocab_size, "mtp": 0}
-    for i in range(cfg.num_hidden_layers):
-        parts["attention"] += _attention_params(cfg)
-        for k, v in _ffn_params(cfg, i).items():
-            parts[k] += v
-    if include_mtp:
-        for k in range(cfg.num_nextn_predict_layers):
-            layer = cfg.num_hidden_layers + k  # MTP blocks continue the layer numbering (so they are MoE)
-            parts["mtp"] += (
-                2 * cfg.hidden_size * cfg.hidden_size  # eh_proj
-                + _attention_params(cfg)
-                + sum(_ffn_params(cfg, layer).values())
-                + cfg.hidden_size * cfg.vocab_size  # the shared head, applied again
-            )
-    return parts
-
-
-def activated_params_per_token(cfg: ModelConfig, include_mtp: bool = True) -> int:
-    """Sum of `activated_params_breakdown`: the N in "6 N FLOPs per token"."""
-    return sum(activated_params_breakdown(cfg, include_mtp).values())
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Score (QK^T) and value (PV) FLOPs per token, forward + backward, causal, all layers incl. MTP blocks.
-
-    Forward per token and layer: 2 * heads * (qk_head_dim + v_head_dim) * seq_len / 2 (a query sees on average
-    half the sequence); backward is twice the forward, so x3.
-    """
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    per_layer_fwd = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
-    return 3.0 * layers * per_layer_fwd
-
-
-def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs to train on one token: 6 x activated matmul params + causal attention (docs/metrics.md).
-
-    Model FLOPs, not hardware FLOPs: activation recompute is not counted, so MFU stays comparable across runs.
-    """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    return 6.0 * activated_params_per_token(cfg) + attention_flops_per_token(cfg, seq_len)
 
 
 def mfu(

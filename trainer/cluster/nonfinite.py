@@ -27,7 +27,7 @@ POLICIES = ("skip", "stop")
 
 
 class NonFiniteLoss(Exception):
-    """The run stops on a non-finite loss or gradient (exit code 4, see trainer/exit_codes.py)."""
+    """The run stops on a non-finite loss or gradient (exit code 4, see trainer/cluster/exit_codes.py)."""
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
     with RunGuard(job.train, env) as guard:   # after init_process_group
         ... build, resume, train ...           # guard.preemption.requested, guard.watchdog.step_done(step)
 
-- installs the preemption handler (trainer/preemption.py) and starts the watchdog (trainer/watchdog.py);
-- turns the ways a job ends into exit codes (trainer/exit_codes.py): a non-finite stop prints its `error:`
+- installs the preemption handler (trainer/cluster/preemption.py) and starts the watchdog (trainer/cluster/watchdog.py);
+- turns the ways a job ends into exit codes (trainer/cluster/exit_codes.py): a non-finite stop prints its `error:`
   line and exits 4; a preempted run (`guard.exit_preempted`) exits 75; ends every rank takes together
   (success, user errors, those two) mark this rank done for the watchdog; any other exception first lets
   the watchdog explain it (a dead peer: exit 3 with the peer's rank), else keeps its traceback;
@@ -18,17 +18,17 @@ import socket
 import sys
 from typing import Any
 
+from trainer.cluster.exit_codes import EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.cluster.nonfinite import NonFiniteLoss
+from trainer.cluster.preemption import PreemptionHandler
+from trainer.cluster.watchdog import Watchdog
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
-from trainer.exit_codes import EXIT_NONFINITE, EXIT_PREEMPTED
-from trainer.nonfinite import NonFiniteLoss
-from trainer.preemption import PreemptionHandler
-from trainer.watchdog import Watchdog
 
 
 def check_config(train: Any) -> None:
     """The cluster keys of `train.*` (called before any process group exists)."""
-    from trainer.nonfinite import POLICIES
+    from trainer.cluster.nonfinite import POLICIES
 
     if train.on_nonfinite not in POLICIES:
         raise UserError("train.on_nonfinite", f"unknown policy {train.on_nonfinite!r}", "use stop or skip")
