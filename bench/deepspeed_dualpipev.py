@@ -1,22 +1,19 @@
-"""DeepSpeed's own DualPipeVEngine on our model: a peer in bench/pipeline.py (the trainer never runs it)."""
+"""DeepSpeed's own DualPipeVEngine on our model: a peer in bench/pipeline.py (the trainer never runs it).
 
+Rank r holds stages r and 2pp-1-r; rank 0 has the embedding and the head, so the tied embedding needs no traffic.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch import nn
-
 from model.config import ModelConfig
+from model.transformer import DeepseekV3
 from parallel.deepspeed_1f1b import DeepSpeedPipeSchedule
-from parallel.topology import PipelineTopology
+from parallel.rank_model import RankStages, build_stage_model
+from parallel.step_schedule import PipelineSpec
 
 
 class DeepSpeedDualPipeVSchedule(DeepSpeedPipeSchedule):
-    """DeepSpeed's own DualPipeVEngine on the same layers (a peer in bench/pipeline.py): rank r holds stages r
-    and 2pp-1-r; rank 0 has embedding and head, so the tied embedding needs no traffic."""
+    """DeepSpeed's DualPipeVEngine behind the same interface as our schedules (microbatches >= 2 * pp)."""
 
     kind = "dualpipev"
 
@@ -35,19 +32,7 @@ class DeepSpeedDualPipeVSchedule(DeepSpeedPipeSchedule):
         return DualPipeVModule
 
 
-def build_deepspeed_dualpipev_schedule(
-    cfg: ModelConfig,
-    topo: PipelineTopology | tuple[int, int],
-    microbatches: int,
-    micro_batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    ds_config: dict[str, Any],
-    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
-    lr_lambda: Callable[[int], float] | None = None,
-    record_timeline: bool = False,
-) -> DeepSpeedDualPipeVSchedule:
-    """DeepSpeed's DualPipeVEngine on our model (microbatches >= 2 * pp)."""
-    return DeepSpeedDualPipeVSchedule(cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config,
-                                      param_groups_fn, lr_lambda, record_timeline)
+def dualpipev_rank_model(cfg: ModelConfig, spec: PipelineSpec) -> DeepseekV3:
+    """This rank's two stages for DeepSpeed's DualPipeV (single-process weights and names)."""
+    pp, r = spec.topo.pp, spec.topo.pipe_rank
+    return build_stage_model(cfg, RankStages((r, 2 * pp - 1 - r), 2 * pp), spec.device, spec.dtype)

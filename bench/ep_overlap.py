@@ -143,14 +143,17 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
 
     from model.mlp import SwiGLU
     from model.moe import MoE
-    from parallel import ep as ep_mod
     from parallel.dispatcher import overlapped_moe_forward
-    from parallel.expert_groups import build_expert_groups
+    from parallel.expert_groups import register_expert_groups
     from parallel.expert_shard import shard_experts
+    from parallel.topology import PipelineTopology
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     cfg = _config()
-    groups = build_expert_groups(EP)
+    topo = PipelineTopology(pp=1, dp=world, rank=rank, ep=EP)
+    topo.build_groups()
+    groups = register_expert_groups(EP, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
+                                    (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
     torch.manual_seed(0)
     ours = shard_experts(MoE(cfg).train(), groups.ep_rank, EP, groups.ep_group)
     g = torch.Generator().manual_seed(rank)
@@ -182,7 +185,7 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
         return [(sorted(t)[n // 2], sorted(b)[n // 2]) for t, b in zip(times, blocked)]
 
     n = max(3, 3 * repeats)
-    with mock.patch.object(ep_mod.dist, "all_to_all_single", timer):
+    with mock.patch.object(dist, "all_to_all_single", timer):
         (sync_s, sync_a2a), (over_s, over_a2a) = measure([ours, lambda xi: overlapped_moe_forward(ours, xi)], n)
 
     # DeepSpeed's MoE at ep=2, same expert width, plus the same shared expert
@@ -205,7 +208,7 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
 
 
 def run(repeats: int) -> dict[str, Any]:
-    from tests.distributed_harness import run_ranks
+    from parallel.spawn import run_ranks
 
     reports = run_ranks(EP, _worker, repeats, timeout=400.0)
     worst = {k: max(r[k] for r in reports) for k in reports[0]}  # a step ends when the slowest rank is done

@@ -41,10 +41,8 @@ import dataclasses
 import io
 import os
 import re
-import socket
 import statistics
 import time
-import traceback
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -52,6 +50,7 @@ import torch
 
 from bench.common import RESULTS_DIR, result
 from parallel.instructions import Instr, Kind, Placement
+from parallel.spawn import run_ranks
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -182,15 +181,25 @@ def _ops(events: list, waits: dict[int, list[tuple[float, float]]]) -> list[Op]:
     return out
 
 
-def _ours(name: str, cfg, rank: int) -> Runner:
-    from parallel.dualpipe_engine import PipelineSchedule
+def _spec(name: str, rank: int):
+    from parallel.step_schedule import PipelineSpec
     from parallel.topology import PipelineTopology
-    from trainer.load_balance import moe_routers, update_router_biases
 
     topo = PipelineTopology(pp=PP, dp=1, rank=rank, dualpipe=name == "dualpipe")
     topo.build_groups()
-    sched = PipelineSchedule(name, cfg, topo, MICROBATCHES, MICRO, SEQ, torch.device("cpu"), torch.float32,
-                             ds_config(), param_groups)
+    return PipelineSpec(name=name, topo=topo, microbatches=MICROBATCHES, micro_batch_size=MICRO, seq_len=SEQ,
+                        ds_config=ds_config())
+
+
+def _ours(name: str, cfg, rank: int) -> Runner:
+    from parallel.rank_model import build_rank_model
+    from parallel.registry import build_step_schedule
+    from trainer.load_balance import moe_routers, update_router_biases
+
+    spec = _spec(name, rank)
+    model = build_rank_model(cfg, spec)
+    spec.param_groups = param_groups(model)
+    sched = build_step_schedule(model, spec)
     routers = moe_routers(sched.module)
 
     def step(batches):
@@ -202,13 +211,18 @@ def _ours(name: str, cfg, rank: int) -> Runner:
 
 
 def _deepspeed(name: str, cfg, rank: int) -> Runner:
-    from bench.deepspeed_dualpipev import build_deepspeed_dualpipev_schedule
-    from parallel.deepspeed_1f1b import build_1f1b_schedule
+    from bench.deepspeed_dualpipev import DeepSpeedDualPipeVSchedule, dualpipev_rank_model
+    from parallel.deepspeed_1f1b import OneFOneBSchedule
+    from parallel.rank_model import build_rank_model
     from trainer.load_balance import moe_routers, update_router_biases
 
-    build = build_1f1b_schedule if name == "1f1b" else build_deepspeed_dualpipev_schedule
-    sched = build(cfg, (PP, 1), MICROBATCHES, MICRO, SEQ, torch.device("cpu"), torch.float32, ds_config(),
-                  param_groups)
+    spec = _spec("1f1b", rank)  # DeepSpeed builds its own groups; the spec carries sizes and config
+    if name == "1f1b":
+        model, cls = build_rank_model(cfg, spec), OneFOneBSchedule
+    else:
+        model, cls = dualpipev_rank_model(cfg, spec), DeepSpeedDualPipeVSchedule
+    spec.param_groups = param_groups(model)
+    sched = cls(model, spec)
     routers = moe_routers(sched.module)
 
     def step(batches):
@@ -256,11 +270,12 @@ def _torch_dualpipev(cfg, rank: int) -> Runner:
     from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
     from model.transformer import MicroBatch
-    from parallel.deepspeed_1f1b import RankState, build_rank_model
+    from parallel.deepspeed_1f1b import RankState
+    from parallel.rank_model import RankStages, build_stage_model
 
     stages_total = 2 * PP
     held = [rank, stages_total - 1 - rank]
-    model = build_rank_model(cfg, held, stages_total, torch.device("cpu"), torch.float32)
+    model = build_stage_model(cfg, RankStages(tuple(held), stages_total))
     state = RankState()
     # the head lives in loss_fn, outside every stage module, so torch's scale_grads (which divides the stage
     # modules' gradients by M) would miss it: scale the loss and the balance seeds by 1/M instead
@@ -424,52 +439,6 @@ def _worker(rank: int, world: int, repeats: int) -> dict:
             "timelines": dict(timelines)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)  # one core per rank
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        queue.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException:  # the parent raises it
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, fn, *args, timeout: float = 600.0) -> list:
-    """fn(rank, world, *args) on `world` fresh gloo processes; their results in rank order."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "error":
-                raise RuntimeError(f"bench pipeline: rank {rank} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
-
-
 # ---------------------------------------------------------------------------------------------- analysis
 
 def bubble_fraction(ops: list[Op]) -> float:
@@ -531,10 +500,10 @@ def _lookup_costs(lookup, fallback):
 
 def simulated(schedule: str, pp: int, m: int, costs, defer_w: bool = True) -> dict:
     """Bubble fraction and makespan of `schedule` under `costs` (instructions tagged with their rank)."""
-    from parallel.schedules import build_schedule
+    from parallel.schedules import build_instructions
     from parallel.simulate import simulate
 
-    tl = simulate(_tag_ranks(build_schedule(schedule, pp, m, defer_w=defer_w)), Placement(schedule, pp), costs)
+    tl = simulate(_tag_ranks(build_instructions(schedule, pp, m, defer_w=defer_w)), Placement(schedule, pp), costs)
     return {"bubble_fraction": tl.bubble / tl.makespan, "makespan": tl.makespan}
 
 
@@ -683,7 +652,7 @@ def _write_traces(timelines: dict[str, list[list[Op]]]) -> str:
 
 
 def run(repeats: int) -> dict:
-    reports = spawn(PP, _worker, repeats)
+    reports = run_ranks(PP, _worker, repeats, timeout=600.0, join_timeout=30.0)
     overhead = runtime_overhead(max(60, 30 * repeats))
     rank0 = reports[0]
     cfg = bench_config()

@@ -49,7 +49,7 @@ def run(repeats: int = 5) -> dict:
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
-        from trainer.distributed import free_port
+        from parallel.spawn import free_port
 
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--num_gpus",
                str(NPROC), "--master_port", str(free_port()), "--module", "bench.train_e2e", "--worker",
@@ -121,7 +121,7 @@ def worker(rounds: int, out: str) -> None:
     import torch.distributed as dist
 
     from model.info import training_flops_per_token
-    from trainer.build import build_engine
+    from trainer.build import build_rank
     from trainer.data import train_stream
     from trainer.distributed import dp_rank, init_process_group, prepare_argv, prepare_env
     from trainer.load_balance import moe_routers, update_router_biases
@@ -139,13 +139,13 @@ def worker(rounds: int, out: str) -> None:
     init_process_group(env)
 
     def ours_step_fn(cfg):
-        schedule, _ = build_engine(cfg, layout)
+        schedule, _ = build_rank(cfg, layout)
         routers = moe_routers(schedule.module)
         data = train_stream(cfg, layout, dp_rank(env, layout.pp))
 
         def step() -> None:  # what trainer/loop.py runs per step
             schedule.train_batch(data)
-            update_router_biases(routers, group=getattr(schedule, "counts_group", None))
+            update_router_biases(routers, group=schedule.counts_group)
 
         return step
 

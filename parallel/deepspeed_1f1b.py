@@ -25,9 +25,9 @@ How the model becomes a list of `LayerSpec`s:
   balance losses: each rank returns the same `StepLosses` as `PipelineSchedule` does.
 - Timeline: DeepSpeed's ForwardPass / BackwardPass instructions are timed (`record_next_step`).
 
-Weights: the rank builds `DeepseekV3` on the meta device, keeps only the pieces of its stages, then
-materialises and initialises them; per-parameter seeding gives exactly the single-process weights, and
-`schedule.model` keeps the single-process parameter names (the layers hold the same parameter objects).
+Weights: the schedule receives this rank's `DeepseekV3` from parallel/rank_model.py (its stage, plus the tied
+embedding copy on the last stage when MTP is on), so `schedule.model` keeps the single-process parameter names
+(the pipeline layers hold the same parameter objects).
 """
 
 
@@ -43,18 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.config import ModelConfig
 from model.transformer import BlockPiece, DeepseekV3, EmbeddingPiece, HeadPiece, MicroBatch
-from parallel.runtime import StepResult, TimelineEvent
-from parallel.stages import check_divisible
-from parallel.step_schedule import StepLosses
-from parallel.topology import PipelineTopology
+from parallel.runtime import TimelineEvent
+from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSchedule
 
 PARTITION_METHOD = "type:BlockLayer"
-
-
-class _Absent(nn.Module):
-    """Stands in for a piece another pipeline rank holds."""
 
 
 class RankState:
@@ -175,30 +168,6 @@ class HeadLayer(nn.Module):
         return loss
 
 
-def build_rank_model(cfg: ModelConfig, held_stages: list[int], num_stages: int, device: torch.device,
-                     dtype: torch.dtype) -> DeepseekV3:
-    """`DeepseekV3` with only the pieces of `held_stages` materialised (single-process weights and names).
-    The last stage also keeps the embedding when MTP is on (the tied copy)."""
-    check_divisible(cfg, num_stages)
-    with torch.device("meta"):
-        model = DeepseekV3(cfg)
-    per = cfg.num_hidden_layers // num_stages
-    held = {i for s in held_stages for i in range(s * per, (s + 1) * per)}
-    for i in range(cfg.num_hidden_layers):
-        if i not in held:
-            model.layers[i] = _Absent()
-    last = num_stages - 1 in held_stages
-    if 0 not in held_stages and not (last and cfg.num_nextn_predict_layers):
-        model.embed = _Absent()
-    if not last:
-        model.head = _Absent()
-    model.to_empty(device=torch.device("cpu"))
-    model.reset_parameters()
-    model = model.to(device=device, dtype=dtype)
-    model.restore_router_precision()
-    return model
-
-
 def layer_specs(model: DeepseekV3, held_stages: list[int], num_stages: int, seq_len: int,
                 state: RankState) -> list:
     """The LayerSpecs of the whole model; only the held stages' specs are ever built (by DeepSpeed)."""
@@ -230,72 +199,52 @@ def _to_engine_batch(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor
     return inputs, tokens  # labels: unused (the head computes the loss) but the last stage loads them
 
 
-class DeepSpeedPipeSchedule:
-    """DeepSpeed's PipelineEngine (or DualPipeVEngine) behind the interface of PipelineSchedule: `train_batch`,
-    `forward_only`, `engine`, `module`, `topo`, `pipe_group`, `counts_group`, `record_next_step` /
-    `take_timeline`; `model` is this rank's `DeepseekV3` (single-process parameter names)."""
+class DeepSpeedPipeSchedule(StepSchedule):
+    """DeepSpeed's PipelineEngine (or, in bench/, its DualPipeVEngine) behind `StepSchedule`; `model` is this
+    rank's `DeepseekV3` (single-process parameter names) whose pieces the pipeline layers wrap."""
 
     kind = "1f1b"
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        topo: PipelineTopology | tuple[int, int],
-        microbatches: int,
-        micro_batch_size: int,
-        seq_len: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        ds_config: dict[str, Any],
-        param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
-        lr_lambda: Callable[[int], float] | None = None,
-        record_timeline: bool = False,
-    ) -> None:
+    def __init__(self, model: DeepseekV3, spec: PipelineSpec) -> None:
         import deepspeed
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
         # PipelineModule talks to deepspeed.comm before deepspeed.initialize would set it up; with torch's
         # process group already running this only wraps it
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        if not isinstance(topo, PipelineTopology):  # (pp, dp): DeepSpeed builds the groups it needs itself
-            topo = PipelineTopology(pp=topo[0], dp=topo[1], rank=dist.get_rank())
+        topo = spec.topo
         pp, dp = topo.pp, topo.dp
-        if pp * dp != dist.get_world_size():
-            raise ValueError(f"parallel.pp={pp} x dp={dp} != world size {dist.get_world_size()}")
-        self.topo = topo
-        self.cfg, self.microbatches, self.pp, self.dp = cfg, microbatches, pp, dp
-        pipe_rank = dist.get_rank() // dp  # pipe-major, like PipeDataParallelTopology and PipelineTopology
+        self.spec, self.topo, self.cfg, self.microbatches, self.pp, self.dp = (
+            spec, topo, model.cfg, spec.microbatches, pp, dp)
         num_stages = self._num_stages(pp)
-        self.held_stages = self._held_stages(pipe_rank, pp)
+        self.held_stages = self._held_stages(topo.pipe_rank, pp)
         self.state = RankState()
-        self.model = build_rank_model(cfg, self.held_stages, num_stages, device, dtype)
-        specs = layer_specs(self.model, self.held_stages, num_stages, seq_len, self.state)
+        self.model = model
+        specs = layer_specs(model, self.held_stages, num_stages, spec.seq_len, self.state)
         # no_grad: DeepSpeed broadcasts the tied weights in place while building; recorded by autograd, that
         # broadcast would become part of the embedding's backward graph (torch warns on every step).
         # stdout: DeepSpeed prints the layer partition; it is fixed here (L/S blocks per stage, checked below)
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             module = self._module_cls()(specs, topology=PipeDataParallelTopology(num_pp=pp, num_dp=dp),
                                         partition_method=PARTITION_METHOD)
-        per = cfg.num_hidden_layers // num_stages
+        per = model.cfg.num_hidden_layers // num_stages
         want = [0, *(1 + per * s for s in range(1, num_stages)), len(specs)]  # spec 0 is the embedding
-        if [int(p) for p in module.parts] != want:  # the pruning above assumed this cut
+        if [int(p) for p in module.parts] != want:  # the pruning of the rank model assumed this cut
             raise RuntimeError(f"DeepSpeed partitioned the layers as {module.parts}, expected {want}")
 
-        ds_config = dict(ds_config)
-        ds_config.update(train_batch_size=micro_batch_size * microbatches * dp,
-                         train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=microbatches)
-        scheduler = None
-        if lr_lambda is not None:
-            def scheduler(optimizer):
-                return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        ds_config = dict(spec.ds_config)
+        ds_config.update(train_batch_size=spec.micro_batch_size * spec.microbatches * dp,
+                         train_micro_batch_size_per_gpu=spec.micro_batch_size,
+                         gradient_accumulation_steps=spec.microbatches)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=param_groups_fn(module), config=ds_config, lr_scheduler=scheduler,
+            model=module, model_parameters=_in_module_order(spec.param_groups, module), config=ds_config,
+            lr_scheduler=spec.lr_scheduler(),
         )
         # what DeepSpeed seeds the last stage's loss with: loss / gradient_accumulation_steps
         self.state.grad_scale = lambda: 1.0 / self.engine.gradient_accumulation_steps()
-        self.pipe_rank, self.device = pipe_rank, device
+        self.pipe_rank, self.device = topo.pipe_rank, spec.device
         self.timeline_events: list[TimelineEvent] = []
-        self.recording = record_timeline
+        self.recording = spec.record_timeline
         self._time_instructions()
 
     # ---- what differs between DeepSpeed's two pipeline engines ----------------------------------------
@@ -314,14 +263,6 @@ class DeepSpeedPipeSchedule:
         return PipelineModule
 
     # ---- the StepSchedule interface ----------------------------------------------------------------------
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module
-
-    @property
-    def pipe_group(self):
-        return self.engine.grid.get_pipe_parallel_group() if self.pp > 1 else None
-
     @property
     def counts_group(self):
         """The data-parallel group of this pipe rank: it holds the same routers."""
@@ -357,9 +298,8 @@ class DeepSpeedPipeSchedule:
         )
 
     @torch.no_grad()
-    def forward_only(self, batches: list[dict[str, torch.Tensor]], on_last_stage=None) -> StepResult:
-        """Evaluation through DeepSpeed's inference schedule. `on_last_stage(mb, MicroBatch)` sees each
-        microbatch's logits on the loss stage; the result holds the losses the loss stage computed."""
+    def forward_only(self, batches: list[dict[str, torch.Tensor]], on_last_stage: OnLastStage) -> None:
+        """Evaluation through DeepSpeed's inference schedule."""
         state, recording = self.state, self.recording
         state.reset()
         state.on_last_stage, self.recording = on_last_stage, False  # the timeline is of training steps
@@ -368,11 +308,6 @@ class DeepSpeedPipeSchedule:
                                    bcast_loss=False)
         finally:
             state.on_last_stage, self.recording = None, recording
-        result = StepResult()
-        for mb, (loss, lm, mtp) in enumerate(zip(state.loss, state.lm, state.mtp)):
-            result.loss[mb], result.lm_loss[mb] = float(loss), float(lm)
-            result.mtp_losses[mb] = [float(m) for m in mtp]
-        return result
 
     # ---- timeline --------------------------------------------------------------------------------------
     def record_next_step(self) -> None:
@@ -429,19 +364,8 @@ class OneFOneBSchedule(DeepSpeedPipeSchedule):
     """`parallel.schedule=1f1b`: DeepSpeed's PipelineEngine (TrainSchedule), one stage per pipe rank."""
 
 
-def build_1f1b_schedule(
-    cfg: ModelConfig,
-    topo: PipelineTopology | tuple[int, int],
-    microbatches: int,
-    micro_batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    ds_config: dict[str, Any],
-    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
-    lr_lambda: Callable[[int], float] | None = None,
-    record_timeline: bool = False,
-) -> OneFOneBSchedule:
-    """`parallel.schedule=1f1b`. `topo`: a PipelineTopology or (pp, dp); ranks are pipe-major."""
-    return OneFOneBSchedule(cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config,
-                            param_groups_fn, lr_lambda, record_timeline)
+def _in_module_order(groups: list[dict[str, Any]], module: nn.Module) -> list[dict[str, Any]]:
+    """The optimizer groups with their parameters in the pipeline module's order (ZeRO-1 flattens each group
+    in the order given; DeepSpeed's own examples hand it the module's parameters)."""
+    index = {id(p): i for i, p in enumerate(module.parameters())}
+    return [{**g, "params": sorted(g["params"], key=lambda p: index[id(p)])} for g in groups]

@@ -21,9 +21,9 @@ from parallel.expert_shard import ep_layout, is_expert_key
 # ---- DeepSpeed: expert groups, expert parameters, ZeRO-1 ---------------------------------------------------
 @dataclass
 class ExpertGroups:
-    """The groups of `parallel.ep` inside the data-parallel group (pp=1): EP group = ep consecutive ranks
-    (rank // ep), expert-DP group = the dp/ep ranks with the same ep rank (rank % ep). `name` is DeepSpeed's
-    group name, which the expert parameters and their optimizer groups carry."""
+    """The groups of `parallel.ep` inside a stage's data-parallel group (parallel/topology.py): EP group = ep
+    consecutive data ranks, expert-DP group = the data ranks with the same ep rank. `name` is DeepSpeed's group
+    name, which the expert parameters and their optimizer groups carry."""
 
     name: str
     ep_size: int
@@ -36,33 +36,11 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"  # what deepspeed.utils.groups names them
 
 
-def build_expert_groups(ep_size: int) -> ExpertGroups:
-    """Create (collectively) and register the EP / expert-DP groups in deepspeed.utils.groups, where the ZeRO
-    optimizer and the model broadcast of `deepspeed.initialize` look them up. DeepSpeed's default (E + D)
-    ordering is exactly ours: EP groups [0..ep-1], [ep..2ep-1], ...; expert-DP groups {i, i+ep, ...}."""
-    import deepspeed.comm as ds_comm
-    from deepspeed.utils import groups
-
-    if not ds_comm.is_initialized():
-        ds_comm.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-    world = dist.get_world_size()
-    if world % ep_size:
-        raise ValueError(f"ep={ep_size} does not divide the {world} data-parallel ranks")
-    name = expert_group_name(ep_size)
-    groups._create_expert_and_data_parallel(ep_size)
-    rank = dist.get_rank()
-    first = rank - rank % ep_size
-    if list(groups._get_expert_parallel_group_ranks(name)) != list(range(first, first + ep_size)):
-        raise RuntimeError(f"DeepSpeed's EP group of rank {rank} is not ranks [{first}, {first + ep_size})")
-    return ExpertGroups(name, ep_size, rank % ep_size, groups._get_expert_parallel_group(name),
-                        groups._get_expert_data_parallel_group(name))
-
-
 def register_expert_groups(ep_size: int, ep_rank: int, ep: tuple[Any, list[int]],
                            expert_data: tuple[Any, list[int]]) -> ExpertGroups:
-    """Register groups built elsewhere (a pipeline topology's `ep` / `expert_data`, each (group, ranks)) in
-    deepspeed.utils.groups under DeepSpeed's name, where ZeRO and the model broadcast look them up. DeepSpeed's
-    own group builder assumes the whole world is data parallel, which a pipeline's world is not."""
+    """Register the topology's `ep` / `expert_data` groups (each (group, ranks)) in deepspeed.utils.groups under
+    DeepSpeed's name, where ZeRO and the model broadcast look them up. DeepSpeed's own group builder assumes the
+    whole world is data parallel, which a pipeline's world is not: one way for every schedule."""
     import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
 
@@ -102,7 +80,7 @@ def _deepspeed_moe_marker(num_experts: int, ep_size: int, group_name: str) -> nn
             self.num_local_experts = num_experts // ep_size
 
         def set_deepspeed_parallelism(self, *args: Any, **kwargs: Any) -> None:
-            pass  # our groups are built by build_expert_groups
+            pass  # our groups are registered by register_expert_groups
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("the DeepSpeed MoE marker is not a layer")

@@ -46,7 +46,7 @@ class StepResult:
 PrecisionContext = Callable[[int, int], contextlib.AbstractContextManager]
 
 
-def _no_context(chunk: int, mb: int) -> contextlib.AbstractContextManager:
+def no_context(chunk: int, mb: int) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -72,7 +72,7 @@ class PipelineRuntime:
         dtype: torch.dtype,
         device: torch.device,
         seq_len: int,
-        precision_context: PrecisionContext = _no_context,
+        precision_context: PrecisionContext = no_context,
         on_reduce_grads: Callable[[], None] | None = None,
         on_step: Callable[[], None] | None = None,
         record_timeline: bool = False,

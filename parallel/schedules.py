@@ -1,6 +1,6 @@
 """Pipeline schedules as per-rank instruction lists: 1F1B, ZB1P (ZB-H1), DualPipe and DualPipeV.
 
-`build_schedule` is pure: it turns (schedule, pp, microbatches) into one list of `Instr` per rank, using the
+`build_instructions` is pure: it turns (schedule, pp, microbatches) into one list of `Instr` per rank, using the
 chunk / microbatch / communication semantics of `parallel.instructions`. The DualPipe and DualPipeV orders
 follow the reference design (deepseek-ai/DualPipe): eight phases per rank, see `_dualpipe`.
 `verify_schedule` checks any such lists (pairing, deadlock freedom, counts, dependencies).
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from parallel.instructions import COMM, COMPUTE, Instr, Kind, Placement
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+# the instruction generators (the simulator knows zb1p too; what the trainer runs is parallel/step_schedule.py)
+INSTRUCTION_SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
 class ScheduleError(ValueError):
@@ -25,8 +26,8 @@ class ScheduleError(ValueError):
 
 def check_args(schedule: str, pp: int, microbatches: int) -> None:
     """Raise ScheduleError with one line naming the problem and the fix."""
-    if schedule not in SCHEDULES:
-        raise ScheduleError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule not in INSTRUCTION_SCHEDULES:
+        raise ScheduleError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(INSTRUCTION_SCHEDULES)}")
     if pp < 1:
         raise ScheduleError(f"pp={pp}: the pipeline needs at least one rank")
     if microbatches < 1:
@@ -42,7 +43,7 @@ def check_args(schedule: str, pp: int, microbatches: int) -> None:
         raise ScheduleError(f"dualpipev needs microbatches >= 2*pp={2 * pp}, got {microbatches}")
 
 
-def build_schedule(schedule: str, pp: int, microbatches: int, *, defer_w: bool = True) -> list[list[Instr]]:
+def build_instructions(schedule: str, pp: int, microbatches: int, *, defer_w: bool = True) -> list[list[Instr]]:
     """One instruction list per rank. `defer_w=False`: same order, every B a full backward, no W."""
     check_args(schedule, pp, microbatches)
     placement = Placement(schedule, pp)

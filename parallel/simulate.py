@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from parallel.instructions import COMPUTE, Instr, Kind, Placement
-from parallel.schedules import ScheduleError, build_schedule, check_args, needed_sends
+from parallel.schedules import ScheduleError, build_instructions, check_args, needed_sends
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScheduleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lists = build_schedule(schedule, pp, m, defer_w=defer_w)
+    lists = build_instructions(schedule, pp, m, defer_w=defer_w)
     tl = simulate(lists, Placement(schedule, pp), costs, comm_latency=latency)
     formula = formula_bubble(schedule, pp, costs.f, costs.b, costs.w, costs.pair)
     print(f"schedule: {schedule} pp={pp} microbatches={m} f={_fmt(costs.f)} b={_fmt(costs.b)} "

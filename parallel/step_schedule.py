@@ -1,30 +1,72 @@
-"""How one training step runs: the `parallel.schedule` switch.
+"""How one training step runs: the interface every `parallel.schedule` implements, and the record it is built from.
 
-    none       the plain DeepSpeedEngine: every rank holds the whole model; data parallel with ZeRO-1;
-               gradient accumulation over the step's microbatches (`build_schedule`).
+    none       the plain DeepSpeedEngine: every rank holds the whole model (or its expert shard); data parallel
+               with ZeRO-1, gradient accumulation over the step's microbatches (parallel/data_parallel.py)
     1f1b       DeepSpeed's own PipelineEngine, one stage per pipe rank (parallel/deepspeed_1f1b.py)
     dualpipe   bidirectional DualPipe: two stage copies per rank (parallel/dualpipe_engine.py)
     dualpipev  DualPipeV: stages r and 2pp-1-r on rank r (parallel/dualpipe_engine.py)
 
-The pipeline schedules are built by `build_pipeline_schedule`. Every schedule offers the same small
-interface (`StepSchedule`):
-`engine` (the DeepSpeed engine: checkpoints, learning rate, grad norm), `module` (this rank's model) and
-`train_batch(batches)`, which runs one global step (all microbatches, backward, optimizer step) and returns
-this rank's mean losses. The trainer does the rest (router bias update, metrics, evaluation, checkpoints)
-identically for every schedule.
+`SCHEDULES` is the one list of what the trainer can run (the instruction generators of parallel/schedules.py
+also know `zb1p`, which only the simulator uses). A schedule is built from this rank's model, already cut,
+sharded and given its numerics (parallel/rank_model.py), and one `PipelineSpec`; parallel/registry.py maps
+names to classes. The trainer then drives every schedule through `StepSchedule` alone.
 """
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from model.transformer import MicroBatch
+from parallel.runtime import PrecisionContext, TimelineEvent, no_context
+from parallel.topology import PipelineTopology
+
 SCHEDULES = ("none", "1f1b", "dualpipe", "dualpipev")
-PIPELINES = ("1f1b", "dualpipe", "dualpipev")
+PIPELINES = ("1f1b", "dualpipe", "dualpipev")  # the schedules that cut the model into stages
+DUALPIPES = ("dualpipe", "dualpipev")  # ours: split backward, overlapped F&B pairs, EP sub-steps, FP8
+
+
+@dataclass
+class PipelineSpec:
+    """Everything a step schedule needs besides the model, as plain values.
+
+    `param_groups` are the optimizer groups of this rank's model (decay / no decay / expert groups); `optimizer`
+    is a client optimizer factory (groups -> Optimizer) or None for the DeepSpeed config's own;
+    `precision_context(chunk, microbatch)` wraps every forward piece (Transformer Engine's autocast per stage
+    per microbatch)."""
+
+    name: str
+    topo: PipelineTopology
+    microbatches: int  # per step and pipeline replica (gradient accumulation steps under `none`)
+    micro_batch_size: int
+    seq_len: int
+    ds_config: dict[str, Any]
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    lr_lambda: Callable[[int], float] | None = None
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    defer_w: bool = True  # dualpipe / dualpipev: weight-gradients deferred to fill bubbles
+    overlap_ep: bool = True  # dualpipe / dualpipev: EP blocks as overlapped sub-steps (False: the plain layers)
+    record_timeline: bool = False
+    precision_context: PrecisionContext = no_context
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"parallel.schedule: unknown schedule {self.name!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def lr_scheduler(self) -> Callable[[torch.optim.Optimizer], Any] | None:
+        """What `deepspeed.initialize(lr_scheduler=...)` takes: a LambdaLR factory, or None."""
+        if self.lr_lambda is None:
+            return None
+        lr_lambda = self.lr_lambda
+        return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
 @dataclass
@@ -39,16 +81,56 @@ class StepLosses:
     microbatches: int
 
 
-class StepSchedule(Protocol):
-    engine: Any  # the DeepSpeed engine (save/load checkpoints, lr, grad norm, global_steps)
+OnLastStage = Callable[[int, MicroBatch], None]
+
+
+class StepSchedule(ABC):
+    """What the trainer's loop, evaluation and checkpoints use of a schedule, and nothing else.
+
+    `engine` is the DeepSpeed engine (checkpoints, learning rate, grad norm, global steps); `module` this rank's
+    `DeepseekV3` (single-process parameter names; only this rank's stages and experts are materialised)."""
+
+    engine: Any
+    topo: PipelineTopology
+    spec: PipelineSpec
 
     @property
-    def module(self) -> nn.Module: ...
+    def module(self) -> nn.Module:
+        return self.engine.module
 
-    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses: ...
+    @abstractmethod
+    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
+        """One global step: this rank's microbatches, backward, gradient reduction, optimizer step."""
+
+    @abstractmethod
+    def forward_only(self, batches: list[dict[str, torch.Tensor]], on_last_stage: OnLastStage) -> None:
+        """Evaluation: every microbatch forward (no gradients, routers not counting); `on_last_stage(i, mb)`
+        sees microbatch i with its logits (`mb.logits`) on the rank that computes its loss."""
+
+    def eval_microbatches(self, n: int) -> int:
+        """How many microbatches `forward_only` takes for n real ones (the caller pads with masked copies)."""
+        return n
+
+    @abstractmethod
+    def record_next_step(self) -> None:
+        """Time the next `train_batch` (see `take_timeline`)."""
+
+    @abstractmethod
+    def take_timeline(self) -> list[TimelineEvent]:
+        """The recorded events of this rank, sorted by start; recording off again."""
+
+    @property
+    def counts_group(self) -> Any:
+        """The ranks holding the same routers: their step counts are summed before the bias update."""
+        return self.topo.groups["copies"]
+
+    @property
+    def pipe_group(self) -> Any:
+        """The ranks of one pipeline replica (None without a pipeline): per-layer counts are gathered there."""
+        return self.topo.groups["pipe"] if self.topo.pp > 1 else None
 
 
-def _mean_losses(outputs: list[Any]) -> StepLosses:
+def mean_losses(outputs: list[Any]) -> StepLosses:
     """Average ModelOutput losses over microbatches (detached, on the model's device)."""
     n = len(outputs)
     device = outputs[0].loss.device
@@ -67,99 +149,24 @@ def _mean_losses(outputs: list[Any]) -> StepLosses:
     )
 
 
-class DataParallelSchedule:
-    """`none`: forward/backward of each microbatch through the DeepSpeedEngine, which accumulates gradients,
-    reduces them over data-parallel ranks (ZeRO-1) and steps the optimizer at the last microbatch."""
+class EventClock:
+    """Host-clock timing of named compute intervals while recording (schedules without a runtime timeline)."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.device = next(engine.module.parameters()).device
+    def __init__(self, rank: int) -> None:
+        self.rank, self.recording, self.events = rank, False, []
 
-    @property
-    def module(self) -> nn.Module:
-        return self.engine.module
+    def time(self, label: str, kind: str, chunk: int, fn: Callable[[], Any]) -> Any:
+        if not self.recording:
+            return fn()
+        start = time.perf_counter()
+        out = fn()
+        self.events.append(TimelineEvent(self.rank, start, time.perf_counter(), label, kind, chunk))
+        return out
 
-    def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
-        engine = self.engine
-        engine.train()
-        outputs = []
-        for _ in range(engine.gradient_accumulation_steps()):
-            mb = next(batches)
-            out = engine(mb["tokens"].to(self.device), mb["loss_mask"].to(self.device))
-            engine.backward(out.loss)
-            engine.step()  # an optimizer step only at the gradient-accumulation boundary
-            outputs.append(out)
-        return _mean_losses(outputs)
+    def start(self) -> None:
+        self.events, self.recording = [], True
 
-
-def build_schedule(
-    name: str,
-    model: nn.Module,
-    ds_config: dict[str, Any],
-    param_groups: list[dict[str, Any]],
-    lr_lambda: Callable[[int], float],
-    optimizer: Any = None,
-) -> StepSchedule:
-    """The engine and step runner for `parallel.schedule=name` (validated beforehand by the trainer).
-    `optimizer`: a client optimizer (or a callable of the parameter groups) instead of the config's."""
-    import deepspeed
-
-    if name == "none":
-        def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-
-        from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
-
-        # expert parallelism (a model sharded by parallel.expert_shard.shard_experts, expert params marked): the ZeRO
-        # optimizer gets DeepSpeed's expert groups; a full model initializes exactly as before
-        with deepspeed_moe_support(model):
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler,
-                optimizer=optimizer,
-            )
-        if getattr(engine, "has_moe_layers", False):
-            finish_deepspeed_moe(engine)
-        return DataParallelSchedule(engine)
-    if name in PIPELINES:
-        raise ValueError(f"parallel.schedule={name} is a pipeline: build it with build_pipeline_schedule")
-    raise ValueError(f"unknown parallel.schedule {name!r}; one of {SCHEDULES}")
-
-
-def build_pipeline_schedule(
-    name: str,
-    model_cfg: Any,
-    topo: Any,
-    microbatches: int,
-    micro_batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    ds_config: dict[str, Any],
-    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]],
-    lr_lambda: Callable[[int], float],
-    record_timeline: bool = False,
-    defer_w: bool = True,
-    gemm_backend_fn: Callable[[nn.Module], object] | None = None,
-    precision_context: Callable[[int, int], Any] | None = None,
-    optimizer: Any = None,
-) -> StepSchedule:
-    """The engine and step runner of a pipeline schedule; `topo` is a built `PipelineTopology`. The rank builds
-    only its own stages (per-parameter seeding gives the single-process weights). `gemm_backend_fn(model)`
-    sets the GEMM numerics of the stage model (FP8), `precision_context(chunk, mb)` wraps every forward
-    piece (FP8 autocast), `optimizer` replaces the config's (dualpipe / dualpipev only)."""
-    args = (model_cfg, topo, microbatches, micro_batch_size, seq_len, device, dtype, ds_config, param_groups_fn,
-            lr_lambda)
-    if name == "1f1b":
-        from parallel.deepspeed_1f1b import build_1f1b_schedule
-
-        if gemm_backend_fn is not None or precision_context is not None or optimizer is not None:
-            raise ValueError("parallel.schedule=1f1b takes no GEMM backend, precision context or client optimizer")
-        return build_1f1b_schedule(*args, record_timeline=record_timeline)
-    if name in ("dualpipe", "dualpipev"):
-        from parallel.dualpipe_engine import PipelineSchedule
-        from parallel.runtime import _no_context
-
-        return PipelineSchedule(name, *args, record_timeline=record_timeline, defer_w=defer_w,
-                                precision_context=precision_context or _no_context,
-                                gemm_backend_fn=gemm_backend_fn, optimizer=optimizer)
-    raise ValueError(f"parallel.schedule={name} is not a pipeline schedule; one of {PIPELINES}")
+    def take(self) -> list[TimelineEvent]:
+        self.recording = False
+        events, self.events = self.events, []
+        return sorted(events, key=lambda e: e.start)

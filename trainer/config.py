@@ -18,7 +18,6 @@ from typing import Any
 from model.config import ModelConfig
 
 SCHEMA_NAME = "trainer_schema"
-SCHEDULES = ("none", "1f1b", "dualpipe", "dualpipev")
 DTYPES = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 RESUME_MODES = ("auto", "never")  # or a checkpoint path
@@ -37,11 +36,9 @@ class ParallelConfig:
     ep_ranks_per_node: int | None = None
     zero_stage: int = 1  # ZeRO stage of the optimizer states (0 or 1; pipelines need <= 1)
     defer_w: bool = True  # dualpipe/dualpipev: split backward, weight-gradients deferred to fill bubbles
-    timeline_step: int = 0  # pipelines: record this step's per-rank timeline (Chrome trace + PNG); 0: off
+    timeline_step: int = 0  # record this step's per-rank timeline (Chrome trace + PNG); 0: off
 
 
-FP8_BACKENDS = ("te", "emulated", "torch")
-FP8_RECIPES = ("blockwise", "current", "delayed", "mxfp8")
 MOMENT_DTYPES = ("fp32", "bf16")
 
 

@@ -8,9 +8,10 @@ Order matters and is fixed by `trainer/train.py`: `prepare_argv` (before Hydra p
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass
+
+from parallel.spawn import free_port
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
@@ -51,12 +52,6 @@ def map_slurm_env() -> None:
     from trainer.cluster.slurm import slurm_rank_env
 
     os.environ.update(slurm_rank_env(os.environ))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from model.transformer import MicroBatch
+from parallel.step_schedule import StepSchedule
 
 
 def microbatch_sums(mb: MicroBatch, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,32 +43,14 @@ def microbatch_sums(mb: MicroBatch, tokens: torch.Tensor, mask: torch.Tensor) ->
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], group: Any = None) -> dict[str, float]:
-    """The whole model on this rank (data parallel)."""
-    was_training = model.training
-    model.eval()  # also keeps the routers from counting these tokens
-    device = next(model.parameters()).device
-    depth = model.cfg.num_nextn_predict_layers
-    sums = torch.zeros(6, dtype=torch.float64)
-    for batch in batches:
-        tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device).float()
-        mb = MicroBatch(tokens=tokens, seq_len=tokens.shape[1] - 1 - depth, loss_mask=mask, keep_logits=True)
-        model.run_pieces(mb)
-        sums += microbatch_sums(mb, tokens, mask)
-    model.train(was_training)
-    return summarize(sums, group)
-
-
-@torch.no_grad()
-def evaluate_pipeline(schedule: Any, batches: Iterable[dict[str, torch.Tensor]], group: Any = None) -> dict[str, float]:
-    """Through a pipeline's forward-only schedule: each microbatch is scored on the rank holding its last
-    stage. The list is padded with fully masked copies up to a count the schedule accepts."""
+def evaluate_schedule(schedule: StepSchedule, batches: Iterable[dict[str, torch.Tensor]],
+                      group: Any = None) -> dict[str, float]:
+    """Every schedule the same way: its forward-only pass scores each microbatch on the rank that computes its
+    loss. The list is padded with fully masked copies up to a count the schedule accepts."""
     real = list(batches)
     sums = torch.zeros(6, dtype=torch.float64)
     if real:
-        pp = schedule.topo.pp
-        count = max(len(real), 2 * pp)
-        count += count % 2  # dualpipe splits the microbatches between its two directions
+        count = schedule.eval_microbatches(len(real))
         padded = real + [{"tokens": real[0]["tokens"], "loss_mask": torch.zeros_like(real[0]["loss_mask"])}
                          for _ in range(count - len(real))]
 
@@ -78,13 +60,6 @@ def evaluate_pipeline(schedule: Any, batches: Iterable[dict[str, torch.Tensor]],
 
         schedule.forward_only(padded, on_last_stage=score)
     return summarize(sums, group)
-
-
-def evaluate_schedule(schedule: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Whichever way the schedule holds the model: a pipeline scores through its forward-only schedule."""
-    if hasattr(schedule, "forward_only"):
-        return evaluate_pipeline(schedule, batches)
-    return evaluate(schedule.module, batches)
 
 
 def summarize(sums: torch.Tensor, group: Any = None) -> dict[str, float]:

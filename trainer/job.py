@@ -128,7 +128,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
          guard: RunGuard) -> dict[str, Any]:
     import numpy as np
 
-    from trainer.build import build_engine
+    from trainer.build import build_rank
     from trainer.checkpoint import Checkpointer, find_latest, read_meta, tag_for
     from trainer.cluster.faults import FaultInjector
     from trainer.cluster.nonfinite import NonFiniteGuard
@@ -169,7 +169,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         resume_id=meta.get("wandb_run_id"), total_steps=job.train.steps, show_progress=job.logging.progress,
         resume_step=(meta["step"] + 1) if meta else None,
     )
-    schedule, ds_config = build_engine(job, layout)
+    schedule, ds_config = build_rank(job, layout)
     if env.is_main:
         (paths.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
     stream = train_stream(job, layout, my_dp_rank)

@@ -89,7 +89,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
     throughput = M.Throughput(window=20)
     eval_every, ckpt_every = t.eval_interval, cfg.checkpoint.interval
 
-    timeline_step = getattr(cfg.parallel, "timeline_step", 0) if hasattr(schedule, "record_next_step") else 0
+    timeline_step = cfg.parallel.timeline_step
     if hooks.step_done is not None:
         hooks.step_done(state.step)
     while state.step < t.steps:
@@ -106,8 +106,8 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
                 router.step_counts.zero_()
             counts = {}
         else:
-            counts = gather_layer_counts(update_router_biases(routers, group=getattr(schedule, "counts_group", None)),
-                                         getattr(schedule, "pipe_group", None))
+            counts = gather_layer_counts(update_router_biases(routers, group=schedule.counts_group),
+                                         schedule.pipe_group)
         step_seconds = time.perf_counter() - start
         state.step += 1
         state.tokens_seen += tokens_per_step

@@ -1,5 +1,5 @@
-"""`python -m trainer.plan`: the capacity planner, whose code lives in trainer/cluster/plan.py. This entry point stays where the
-docs, scripts and users' job files call it."""
+"""`python -m trainer.plan`: the capacity planner (the code lives in trainer/cluster/plan.py).
+This entry point stays where the docs, scripts and users' job files call it."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""`python -m trainer.slurm`: the Slurm helpers, whose code lives in trainer/cluster/slurm.py. This entry point stays where the
-docs, scripts and users' job files call it."""
+"""`python -m trainer.slurm`: the Slurm helpers (the code lives in trainer/cluster/slurm.py).
+This entry point stays where the docs, scripts and users' job files call it."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""`python -m trainer.sweep`: the sweep summary, whose code lives in trainer/cluster/sweep.py. This entry point stays where the
-docs, scripts and users' job files call it."""
+"""`python -m trainer.sweep`: the sweep summary (the code lives in trainer/cluster/sweep.py).
+This entry point stays where the docs, scripts and users' job files call it."""
 
 import sys
 

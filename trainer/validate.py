@@ -10,21 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.fp8.factory import FP8_BACKENDS, FP8_RECIPES
+from parallel.step_schedule import DUALPIPES, PIPELINES, SCHEDULES
 from trainer.config import (
     DTYPES,
-    FP8_BACKENDS,
-    FP8_RECIPES,
     LR_SCHEDULES,
     MOMENT_DTYPES,
     RESUME_MODES,
-    SCHEDULES,
     WANDB_MODES,
     JobConfig,
 )
 from trainer.errors import UserError
-
-PIPELINE_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
-DUALPIPE_SCHEDULES = ("dualpipe", "dualpipev")
 
 
 @dataclass(frozen=True)
@@ -135,7 +131,7 @@ def _batch_sizes(cfg: JobConfig, dp: int, pp: int) -> int:
         _need(t.grad_accum == accum, "train.grad_accum",
               f"global batch {t.global_batch_size} != micro {t.micro_batch_size} x accumulation {t.grad_accum} "
               f"x dp {dp}", f"set train.grad_accum={accum} or null (derived)")
-    if cfg.parallel.schedule in DUALPIPE_SCHEDULES:
+    if cfg.parallel.schedule in DUALPIPES:
         _need(accum >= 2 * pp, "train.global_batch_size",
               f"DualPipe needs >= 2 x pp = {2 * pp} microbatches per step, got {accum}",
               f"raise train.global_batch_size to >= {2 * pp * per_step}")
@@ -190,7 +186,7 @@ def _check_pipeline(cfg: JobConfig, pp: int, microbatches: int) -> None:
     schedule = cfg.parallel.schedule
     _need(cfg.parallel.timeline_step >= 0, "parallel.timeline_step", f"must be >= 0, got {cfg.parallel.timeline_step}",
           "use 0 to record no timeline")
-    if schedule not in PIPELINE_SCHEDULES:
+    if schedule not in PIPELINES:
         _need(pp == 1, "parallel.pp", f"pp={pp} needs a pipeline schedule, but parallel.schedule={schedule}",
               "set parallel.pp=1, or parallel.schedule=dualpipe|dualpipev|1f1b")
         return

@@ -8,9 +8,11 @@ from typing import Any
 from torch import nn
 
 from model.fp8.emulated import EmulatedFP8Backend
+from model.fp8.numerics import RECIPES
 from model.gemm import GemmBackend, GroupedLinear, Linear
 
-FP8_BACKENDS = ("te", "emulated", "torch")  # Transformer Engine | this module's emulation | model/fp8/scaled_mm.py
+FP8_BACKENDS = ("te", "emulated", "torch")  # Transformer Engine | model/fp8/emulated.py | model/fp8/scaled_mm.py
+FP8_RECIPES = RECIPES  # blockwise | current | delayed | mxfp8 (model/fp8/numerics.py defines them)
 
 
 def make_fp8_backend(fp8: Any, amax_group: object = None) -> GemmBackend | None:

@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.trainer.conftest import ROOT, base_overrides, free_port, losses, rows, tiny_data  # noqa: F401
+from parallel.spawn import free_port
+from tests.trainer.conftest import ROOT, base_overrides, losses, rows, tiny_data  # noqa: F401
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 FAST = ["train.eval_interval=0", "parallel.timeline_step=0"]

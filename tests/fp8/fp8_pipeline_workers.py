@@ -13,7 +13,7 @@ from model.transformer import DeepseekV3
 from parallel.instructions import Placement
 from parallel.p2p import P2P
 from parallel.runtime import PipelineRuntime
-from parallel.schedules import build_schedule
+from parallel.schedules import build_instructions
 from parallel.stages import build_stage
 from parallel.weight_grad import WeightGradStore
 from tests.conftest import tiny_config
@@ -48,7 +48,7 @@ def run_fp8_pipeline(rank: int, world: int, schedule: str, microbatches: int, cf
         placement, rank, stages, P2P(list(range(world))) if world > 1 else None, store,
         activation_shape=(MICRO, SEQ, cfg.hidden_size), dtype=torch.float32, device=torch.device("cpu"), seq_len=SEQ,
     )
-    result = runtime.run(build_schedule(schedule, world, microbatches, defer_w=True)[rank], batches,
+    result = runtime.run(build_instructions(schedule, world, microbatches, defer_w=True)[rank], batches,
                          loss_scale=1.0 / microbatches)
     held = {id(p) for s in stages.values() for p in s.parameters()}
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))

@@ -134,16 +134,21 @@ def test_ds_config_and_client_optimizer_follow_bf16_moments(tiny_data):
     assert client_optimizer(plain) is None and "optimizer" in build_ds_config(plain, layout)
 
 
-def test_engine_applies_fp8_before_deepspeed(tiny_data):
-    """trainer.build: the emulated backend on the FP8 layers of the model the DeepSpeed engine holds."""
+def test_rank_model_gets_fp8_before_deepspeed(tiny_data):
+    """The rank model the trainer builds (parallel/rank_model.py): the emulated backend the config names on the
+    FP8 layers, the head left in high precision."""
     from model.fp8.emulated import EmulatedFP8Backend
-    from trainer.build import apply_precision, build_model
+    from model.fp8.factory import make_fp8_backend
+    from parallel.rank_model import build_rank_model
+    from parallel.step_schedule import PipelineSpec
+    from parallel.topology import PipelineTopology
 
     cfg = job(tiny_data, "parallel=dp", "precision=fp8", "precision.fp8.backend=emulated",
               "precision.fp8.recipe=current")
     layout = validate(cfg, world_size=1, device="cpu")
-    model = build_model(cfg)
-    apply_precision(model, cfg, layout)
+    spec = PipelineSpec(name="none", topo=PipelineTopology(pp=1, dp=1, rank=0), microbatches=layout.grad_accum,
+                        micro_batch_size=layout.micro_batch_size, seq_len=cfg.train.seq_len, ds_config={})
+    model = build_rank_model(cfg.model, spec, make_fp8_backend(cfg.precision.fp8))
     backend = model.layers[0].block.self_attn.o_proj.backend
     assert isinstance(backend, EmulatedFP8Backend) and backend.recipe == "current"
     assert not isinstance(model.head.lm_head.backend, EmulatedFP8Backend)

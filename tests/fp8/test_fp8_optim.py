@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed_harness import run_ranks
+from parallel.spawn import run_ranks
 from tests.fp8.fp8_optim_workers import run_zero1_bf16_moments
 from trainer.optim import BF16MomentsAdamW, optimizer_state_bytes
 

@@ -3,7 +3,7 @@ losses and gradients of the single-process FP8 model (no pipeline, no checkpoint
 
 import pytest
 
-from tests.distributed_harness import run_ranks
+from parallel.spawn import run_ranks
 from tests.fp8.fp8_pipeline_workers import run_fp8_pipeline
 
 # Losses: every stage quantizes the same tensors with the same tiles and computes the same products in the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -88,12 +89,74 @@ def test_absorbed_equals_expanded_in_chunks(variant: str, prefill: int) -> None:
     assert (got - expected).abs().max().item() <= ATOL
 
 
-def test_absorbed_cache_holds_only_latents() -> None:
-    """The cache stores kv_lora + rope values per token, independent of the number of heads."""
-    mla, cfg = make_mla()
-    cache = LatentCache.empty(cfg, 1, 8, torch.device("cpu"), torch.float32)
-    assert cache.kv.shape == (1, 8, cfg.kv_lora_rank)
-    assert cache.pe.shape == (1, 8, cfg.qk_rope_head_dim)
+def tensor_state(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor a module tree holds: parameters, buffers and plain tensor attributes, by name and shape."""
+    state = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                state[f"{prefix}.{attr}"] = tuple(value.shape)
+    return state
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "yarn"])
+def test_absorbed_cache_holds_only_latents(variant: str) -> None:
+    """After a real generation, each layer's cache holds, at the filled positions, exactly the normed kv latent
+    and the roped key of its attention input (recomputed here from the expanded forward), zeros elsewhere, and
+    nothing else: (kv_lora_rank + qk_rope_head_dim) x element size bytes per token per layer, the expanded
+    per-head keys and values stored nowhere."""
+    from model.generate import generate
+    from model.rope import apply_rope
+
+    model = make_model(**VARIANTS[variant])
+    cfg = model.cfg
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    new_tokens = 4
+    caches: list[list[LatentCache]] = []
+    real_new_cache = model.new_cache
+    model.new_cache = lambda b, n: caches.append(real_new_cache(b, n)) or caches[-1]  # keep what generate uses
+    before = tensor_state(model)
+    tokens = generate(model, prompt, new_tokens).tokens
+    assert tensor_state(model) == before  # the cached forwards left no tensor behind in the model
+    (cache,) = caches
+    assert len(cache) == cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+
+    # bytes: two tensors per layer, kv_lora + rope values per token, nothing per head
+    b, max_len = prompt.shape[0], prompt.shape[1] + new_tokens
+    elem = model.embed.embed_tokens.weight.element_size()
+    for layer in cache:
+        assert [f.name for f in dataclasses.fields(layer)] == ["kv", "pe"]
+        held = sum(t.untyped_storage().nbytes() for t in (layer.kv, layer.pe))  # allocated, not viewed
+        assert held == b * max_len * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem
+    expanded = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)  # what a plain KV cache would hold
+    assert cfg.kv_lora_rank + cfg.qk_rope_head_dim < expanded / 4
+
+    # contents: the attention inputs of the fed positions (every token but the last generated one), from the
+    # expanded forward, through kv_a_proj_with_mqa + kv_a_layernorm (latent) and RoPE (shared key)
+    fed = tokens[:, :-1]
+    inputs: list[torch.Tensor] = []
+    hooks = [piece.block.self_attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+             for piece in model.layers]
+    with torch.no_grad():
+        model.logits(fed)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == cfg.num_hidden_layers
+    t = fed.shape[1]
+    for i, (x, layer) in enumerate(zip(inputs, cache)):
+        attn = model.layers[i].block.self_attn
+        c_kv, k_pe = (x @ attn.kv_a_proj_with_mqa.weight.T).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
+        norm = attn.kv_a_layernorm
+        latent = norm.weight * c_kv * torch.rsqrt(c_kv.pow(2).mean(-1, keepdim=True) + norm.eps)
+        cos, sin = attn.rope.cos_sin(0, t, x.device)
+        roped = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]
+        assert latent.abs().max() > 0.5 and roped.abs().max() > 0.1  # not a comparison of near-zeros
+        # the deeper layers' inputs went through absorbed vs expanded attention: equal to fp32 rounding
+        torch.testing.assert_close(layer.kv[:, :t], latent, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(layer.pe[:, :t], roped, rtol=1e-4, atol=ATOL)
+        assert not layer.kv[:, t:].any() and not layer.pe[:, t:].any()  # never written
+    for layer in cache[cfg.num_hidden_layers :]:  # plain decoding never runs the MTP modules
+        assert not layer.kv.any() and not layer.pe.any()
 
 
 def make_model(**overrides) -> DeepseekV3:

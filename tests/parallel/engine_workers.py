@@ -40,6 +40,21 @@ def param_groups(model):
     return [g for g in ({"params": decay, "weight_decay": WD}, {"params": keep, "weight_decay": 0.0}) if g["params"]]
 
 
+def build_schedule(name: str, cfg, topo, microbatches: int, ds_config: dict, groups_fn=param_groups,
+                   gemm_backend=None, **spec_fields):
+    """This rank's model and step schedule as the trainer builds them (parallel/rank_model.py, registry.py)."""
+    from parallel.rank_model import build_rank_model
+    from parallel.registry import build_step_schedule
+    from parallel.step_schedule import PipelineSpec
+
+    spec = PipelineSpec(name=name, topo=topo, microbatches=microbatches, micro_batch_size=MICRO, seq_len=SEQ,
+                        ds_config=ds_config, **spec_fields)
+    torch.manual_seed(0)
+    model = build_rank_model(cfg, spec, gemm_backend)
+    spec.param_groups = groups_fn(model)
+    return build_step_schedule(model, spec)
+
+
 def reference_steps(cfg, batches_per_step, clip: float):
     torch.manual_seed(0)
     model = DeepseekV3(cfg).train()
@@ -66,7 +81,6 @@ def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int,
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.dualpipe_engine import PipelineSchedule
     from parallel.topology import PipelineTopology
     from trainer.load_balance import moe_routers, update_router_biases
 
@@ -74,9 +88,7 @@ def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int,
     dp = world // pp
     topo = PipelineTopology(pp=pp, dp=dp, rank=rank, dualpipe=schedule == "dualpipe")
     topo.build_groups()
-    torch.manual_seed(0)
-    sched = PipelineSchedule(schedule, cfg, topo, microbatches, MICRO, SEQ, torch.device("cpu"), torch.float32,
-                             ds_config(clip), param_groups)
+    sched = build_schedule(schedule, cfg, topo, microbatches, ds_config(clip))
     all_batches = make_batches(cfg, steps * microbatches * dp)
     # global batch of a step: dp x microbatches samples; data rank d takes its contiguous slice
     per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]

@@ -69,21 +69,28 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.expert_groups import build_expert_groups, mark_expert_params
-    from parallel.expert_shard import gather_expert_state, shard_experts
-    from parallel.step_schedule import build_schedule
+    from parallel.expert_groups import is_expert_param
+    from parallel.expert_shard import gather_expert_state
+    from parallel.topology import PipelineTopology
+    from tests.parallel.engine_workers import build_schedule
     from trainer.checkpoint import Checkpointer
     from trainer.load_balance import moe_routers, update_router_biases
     from trainer.optim import param_groups
 
     cfg = tiny_config()
-    groups = build_expert_groups(ep)
-    torch.manual_seed(0)
-    model = skewed_model(cfg)
-    shard_experts(model, groups.ep_rank, ep, groups.ep_group, overlap=True)
-    n_marked = mark_expert_params(model, groups.name)
-    sched = build_schedule("none", model, ds_config(world, microbatches, clip), param_groups(model, WD),
-                           lambda step: 1.0)
+    topo = PipelineTopology(pp=1, dp=world, rank=rank, ep=ep)
+    topo.build_groups()
+
+    def schedule(seed: int):
+        with mock.patch.object(torch, "manual_seed", lambda _: torch.random.manual_seed(seed)):
+            sched = build_schedule("none", cfg, topo, microbatches, ds_config(world, microbatches, clip),
+                                   lambda m: param_groups(m, WD), lr_lambda=lambda step: 1.0)
+        with torch.no_grad():
+            skew(sched.module)
+        return sched
+
+    sched = schedule(0)
+    n_marked = sum(is_expert_param(p) for p in sched.module.parameters())
     all_batches = make_batches(cfg, steps * microbatches * world)
     per_step = [all_batches[s * microbatches * world:(s + 1) * microbatches * world] for s in range(steps)]
     routers = moe_routers(sched.module)
@@ -120,12 +127,7 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
         logits = sched.module(probe, return_logits=True).logits
 
     # resume: a fresh engine (other weights) loads the checkpoint; every parameter, experts included, restored
-    torch.manual_seed(1)
-    fresh = DeepseekV3(cfg)
-    shard_experts(fresh, groups.ep_rank, ep, groups.ep_group, overlap=True)
-    mark_expert_params(fresh, groups.name)
-    sched2 = build_schedule("none", fresh, ds_config(world, microbatches, clip), param_groups(fresh, WD),
-                            lambda step: 1.0)
+    sched2 = schedule(1)
     Checkpointer(ckpt, rank, rank, keep_last=2).load(sched2.engine, saved)
     resumed = sched2.module.state_dict()
     resume_diffs = {n: float((resumed[n] - t).abs().max()) for n, t in state.items() if t.is_floating_point()}
@@ -167,11 +169,10 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.dualpipe_engine import PipelineSchedule
     from parallel.expert_shard import gather_expert_state
     from parallel.topology import PipelineTopology
+    from tests.parallel.engine_workers import build_schedule
     from tests.parallel.engine_workers import ds_config as pipe_ds_config
-    from tests.parallel.pipeline_workers import SEQ
     from trainer.load_balance import moe_routers, update_router_biases
     from trainer.optim import param_groups
 
@@ -179,9 +180,8 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     dp = world // pp
     topo = PipelineTopology(pp=pp, dp=dp, rank=rank, dualpipe=schedule == "dualpipe", ep=ep)
     topo.build_groups()
-    torch.manual_seed(0)
-    sched = PipelineSchedule(schedule, cfg, topo, microbatches, MICRO, SEQ, torch.device("cpu"), torch.float32,
-                             pipe_ds_config(clip), lambda m: param_groups(m, WD), overlap_ep=overlap)
+    sched = build_schedule(schedule, cfg, topo, microbatches, pipe_ds_config(clip), lambda m: param_groups(m, WD),
+                           overlap_ep=overlap)
     with torch.no_grad():
         skew(sched.module)
     all_batches = make_batches(cfg, steps * microbatches * dp)
@@ -231,7 +231,7 @@ def run_pipeline_ep_grads(rank: int, world: int, schedule: str, pp: int, ep: int
     from parallel.instructions import Placement
     from parallel.p2p import P2P
     from parallel.runtime import PipelineRuntime
-    from parallel.schedules import build_schedule
+    from parallel.schedules import build_instructions
     from parallel.stages import Stage, stage_pieces
     from parallel.topology import PipelineTopology
     from parallel.weight_grad import WeightGradStore
@@ -256,7 +256,7 @@ def run_pipeline_ep_grads(rank: int, world: int, schedule: str, pp: int, ep: int
                   for c in range(placement.chunks_per_rank)}
         runtime = PipelineRuntime(placement, topo.pipe_rank, stages, P2P(topo.pipe_ranks(), topo.groups["pipe"]),
                                   store, (MICRO, SEQ, cfg.hidden_size), torch.float32, torch.device("cpu"), SEQ)
-        instrs = build_schedule(schedule, pp, microbatches, defer_w=True)[topo.pipe_rank]
+        instrs = build_instructions(schedule, pp, microbatches, defer_w=True)[topo.pipe_rank]
         result = runtime.run(instrs, mine, loss_scale=1.0 / microbatches)
         held = {id(p) for s in stages.values() for p in s.parameters()}
         grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))

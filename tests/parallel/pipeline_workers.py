@@ -10,7 +10,7 @@ from model.transformer import DeepseekV3
 from parallel.instructions import Placement
 from parallel.p2p import P2P
 from parallel.runtime import PipelineRuntime
-from parallel.schedules import build_schedule
+from parallel.schedules import build_instructions
 from parallel.stages import build_stage
 from parallel.weight_grad import WeightGradStore
 from tests.conftest import tiny_config
@@ -52,7 +52,7 @@ def run_pipeline(rank: int, world: int, schedule: str, microbatches: int, cfg_ov
         placement, rank, stages, P2P(list(range(world))) if world > 1 else None, store,
         activation_shape=(MICRO, SEQ, cfg.hidden_size), dtype=torch.float32, device=torch.device("cpu"), seq_len=SEQ,
     )
-    instrs = build_schedule(schedule, world, microbatches, defer_w=defer_w)[rank]
+    instrs = build_instructions(schedule, world, microbatches, defer_w=defer_w)[rank]
     result = runtime.run(instrs, batches, loss_scale=1.0 / microbatches)
 
     # gradients of the parameters this rank holds, by their full-model name; a DualPipe stage exists on two

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from parallel.spawn import run_ranks
 from tests.conftest import tiny_config
-from tests.distributed_harness import run_ranks
-from tests.parallel.engine_workers import assert_params_close, ds_config, param_groups, reference_steps
+from tests.parallel.engine_workers import assert_params_close, ds_config, reference_steps
 from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
 
 
@@ -19,17 +19,15 @@ def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
     from model.transformer import DeepseekV3
-    from parallel.deepspeed_1f1b import build_1f1b_schedule
     from parallel.topology import PipelineTopology
+    from tests.parallel.engine_workers import build_schedule
     from trainer.load_balance import moe_routers, update_router_biases
 
     cfg = tiny_config(num_hidden_layers=layers)
     dp = world // pp
     topo = PipelineTopology(pp=pp, dp=dp, rank=rank)
     topo.build_groups()
-    torch.manual_seed(0)
-    sched = build_1f1b_schedule(cfg, topo, microbatches, MICRO, SEQ, torch.device("cpu"), torch.float32,
-                                ds_config(clip), param_groups)
+    sched = build_schedule("1f1b", cfg, topo, microbatches, ds_config(clip))
     all_batches = make_batches(cfg, steps * microbatches * dp)
     per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
     dp_rank = rank % dp
@@ -48,16 +46,19 @@ def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip
     diffs = torch.cat([(t - ref_state[n]).abs().flatten().double() for n, t in state.items()])
 
     # evaluation through the pipeline: the trained weights' losses (and logits) against the reference model's
-    logits = {}
-    evaluated = sched.forward_only(per_step[0][:microbatches], lambda mb, ctx: logits.update({mb: ctx.logits.shape}))
+    logits, lm_losses = {}, {}
+
+    def seen(mb: int, ctx) -> None:
+        logits[mb], lm_losses[mb] = ctx.logits.shape, float(ctx.lm_loss)
+
+    sched.forward_only(per_step[0][:microbatches], seen)
     ref = DeepseekV3(cfg)
     ref.load_state_dict(ref_state)
     ref.eval()
     eval_pairs = {}
     with torch.no_grad():
-        for mb, loss in evaluated.loss.items():
-            out = ref(per_step[0][mb]["tokens"])
-            eval_pairs[mb] = (loss, float(out.loss - (out.balance_loss if out.balance_loss is not None else 0)))
+        for mb, loss in lm_losses.items():
+            eval_pairs[mb] = (loss, float(ref(per_step[0][mb]["tokens"]).lm_loss))
     return {"losses": losses, "lm": lm, "ref_losses": ref_losses, "max_param_diff": float(diffs.max()),
             "outliers": int((diffs > 1e-4).sum()), "numel": diffs.numel(), "mean_param_diff": float(diffs.mean()),
             "names": sorted(state), "eval": eval_pairs,
@@ -89,8 +90,8 @@ def test_1f1b_steps_equal_single_process():
 
 
 def test_1f1b_needs_layers_divisible_by_pp():
-    from parallel.deepspeed_1f1b import build_rank_model
+    from parallel.rank_model import RankStages, build_stage_model
     from parallel.stages import StageError
 
     with pytest.raises(StageError, match=r"^parallel\.pp: 3 decoder layers do not split into 2"):
-        build_rank_model(tiny_config(num_hidden_layers=3), [0], 2, torch.device("cpu"), torch.float32)
+        build_stage_model(tiny_config(num_hidden_layers=3), RankStages((0,), 2))

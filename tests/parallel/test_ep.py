@@ -18,8 +18,8 @@ from parallel.expert_shard import (
     shard_experts,
     slice_expert_state,
 )
+from parallel.spawn import run_ranks
 from tests.conftest import tiny_config
-from tests.distributed_harness import run_ranks
 from tests.parallel.ep_workers import SKEWS, run_ep, run_fp8_dispatch
 
 TOL = 1e-6  # relative, fp32

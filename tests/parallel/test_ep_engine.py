@@ -9,7 +9,7 @@ import torch
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
 from parallel.expert_shard import is_expert_key
-from tests.distributed_harness import run_ranks
+from parallel.spawn import run_ranks
 from tests.parallel.engine_workers import assert_params_close
 from tests.parallel.ep_engine_workers import run_ep_engine
 from trainer.checkpoint import load_module_state

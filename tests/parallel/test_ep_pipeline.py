@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_harness import run_ranks
+from parallel.spawn import run_ranks
 from tests.parallel.engine_workers import assert_params_close
 from tests.parallel.ep_engine_workers import run_ep_engine, run_pipeline_ep, run_pipeline_ep_grads
 

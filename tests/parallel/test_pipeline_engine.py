@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.distributed_harness import run_ranks
+from parallel.spawn import run_ranks
 from tests.parallel.engine_workers import assert_params_close, run_engine
 
 # Gradients are summed in another order than in the single-process model (microbatches interleave, W runs

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.distributed_harness import run_ranks
+from parallel.spawn import run_ranks
 from tests.parallel.pipeline_workers import run_pipeline
 
 # Gradients: each parameter sums the same per-microbatch terms as the single-process model but in another

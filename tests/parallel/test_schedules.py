@@ -10,7 +10,7 @@ import pytest
 from parallel.instructions import COMM, Instr, Kind, Placement
 from parallel.schedules import (
     ScheduleError,
-    build_schedule,
+    build_instructions,
     chunk_microbatches,
     verify_schedule,
 )
@@ -29,7 +29,7 @@ def compute_str(ops: list[Instr]) -> list[str]:
 @pytest.mark.parametrize("defer_w", [True, False])
 @pytest.mark.parametrize("schedule,pp,m", CASES)
 def test_valid_schedules_verify(schedule: str, pp: int, m: int, defer_w: bool) -> None:
-    lists = build_schedule(schedule, pp, m, defer_w=defer_w)
+    lists = build_instructions(schedule, pp, m, defer_w=defer_w)
     verify_schedule(schedule, pp, m, lists)
     ops = [i for rank in lists for i in rank]
     if not defer_w:
@@ -41,7 +41,7 @@ def test_valid_schedules_verify(schedule: str, pp: int, m: int, defer_w: bool) -
 @pytest.mark.parametrize("schedule,pp,m", [("dualpipe", 4, 10), ("dualpipev", 3, 7), ("zb1p", 4, 9)])
 def test_each_microbatch_once_per_chunk(schedule: str, pp: int, m: int) -> None:
     pl = Placement(schedule, pp)
-    for ops in build_schedule(schedule, pp, m):
+    for ops in build_instructions(schedule, pp, m):
         for chunk in range(pl.chunks_per_rank):
             fs = Counter(i.mb for i in ops if i.kind in (Kind.F, Kind.FB) and i.chunk == chunk)
             bs = Counter(i.mb if i.kind == Kind.B else i.b_mb for i in ops
@@ -52,8 +52,8 @@ def test_each_microbatch_once_per_chunk(schedule: str, pp: int, m: int) -> None:
 
 @pytest.mark.parametrize("schedule,pp,m", [("dualpipe", 4, 10), ("dualpipev", 3, 7), ("zb1p", 4, 9)])
 def test_defer_w_false_is_the_same_order(schedule: str, pp: int, m: int) -> None:
-    deferred = build_schedule(schedule, pp, m, defer_w=True)
-    full = build_schedule(schedule, pp, m, defer_w=False)
+    deferred = build_instructions(schedule, pp, m, defer_w=True)
+    full = build_instructions(schedule, pp, m, defer_w=False)
     for a, b in zip(deferred, full):
         stripped = [Instr(i.kind, i.chunk, i.mb, i.peer, i.b_chunk, i.b_mb) for i in a if i.kind != Kind.W]
         assert stripped == b
@@ -62,7 +62,7 @@ def test_defer_w_false_is_the_same_order(schedule: str, pp: int, m: int) -> None
 def test_dualpipe_pp4_phases_follow_reference() -> None:
     # pp=4, 8 microbatches: 0-3 go down (chunk 0), 4-7 go up (chunk 1). Rank 0: nF0 = 2, nF0F1 = 1,
     # nB1W1F1 = 1, main loop 1 iteration, nB1F1B0 = 1, nB1B0 = 1, nWB0 = 1, nW = 1.
-    lists = build_schedule("dualpipe", 4, 8)
+    lists = build_instructions("dualpipe", 4, 8)
     assert compute_str(lists[0]) == [
         "F0.0", "F0.1", "F0.2", "F1.4", "B1.4,zb", "W1.4", "F1.5", "FB(F0.3,B1.5)", "FB(F1.6,B0.0)",
         "B1.6", "FB(F1.7,B0.1)", "B1.7", "B0.2,zb", "W0.2", "B0.3,zb", "W0.3",
@@ -82,7 +82,7 @@ def test_dualpipe_pp4_phases_follow_reference() -> None:
 def test_dualpipe_comm_placement_middle_rank() -> None:
     # rank 1 at pp=4: recvs are posted before the compute that needs them, sends right after the compute
     # that produced them, except that the middle rank holds its last nF0F1 send for the first main pair.
-    ops = [str(i) for i in build_schedule("dualpipe", 4, 8)[1]]
+    ops = [str(i) for i in build_instructions("dualpipe", 4, 8)[1]]
     assert ops[:17] == [
         "RECV_F(0.0<->0)", "F0.0", "SEND_F(0.0<->2)", "RECV_F(0.1<->0)", "RECV_F(1.4<->2)", "F1.4",
         "SEND_F(1.4<->0)", "F0.1", "SEND_F(0.1<->2)", "RECV_F(0.2<->0)", "RECV_F(1.5<->2)", "F1.5",
@@ -92,7 +92,7 @@ def test_dualpipe_comm_placement_middle_rank() -> None:
 
 
 def test_dualpipev_phases_and_local_turn() -> None:
-    lists = build_schedule("dualpipev", 4, 8)
+    lists = build_instructions("dualpipev", 4, 8)
     # rank 0: nF0 = 2*(4-0-1) = 6 forwards of chunk 0 before its first chunk-1 forward
     assert compute_str(lists[0])[:8] == ["F0.0", "F0.1", "F0.2", "F0.3", "F0.4", "F0.5", "F0.6", "F1.0"]
     # last rank: alternate chunk 0 / chunk 1 forwards, then the unoverlapped first pair
@@ -107,15 +107,15 @@ def test_dualpipev_phases_and_local_turn() -> None:
 
 
 def test_one_f_one_b_and_zb1p_orders() -> None:
-    assert compute_str(build_schedule("1f1b", 4, 6)[0]) == [
+    assert compute_str(build_instructions("1f1b", 4, 6)[0]) == [
         "F0.0", "F0.1", "F0.2", "F0.3", "B0.0", "F0.4", "B0.1", "F0.5", "B0.2", "B0.3", "B0.4", "B0.5",
     ]
     # ZB-H1: the last rank keeps pp-1 = 3 weight-gradients queued, spending them at the end
-    assert compute_str(build_schedule("zb1p", 4, 6)[3]) == [
+    assert compute_str(build_instructions("zb1p", 4, 6)[3]) == [
         "F0.0", "B0.0,zb", "F0.1", "B0.1,zb", "F0.2", "B0.2,zb", "F0.3", "B0.3,zb", "W0.0", "F0.4", "B0.4,zb",
         "W0.1", "F0.5", "B0.5,zb", "W0.2", "W0.3", "W0.4", "W0.5",
     ]
-    assert compute_str(build_schedule("1f1b", 1, 2)[0]) == ["F0.0", "B0.0", "F0.1", "B0.1"]
+    assert compute_str(build_instructions("1f1b", 1, 2)[0]) == ["F0.0", "B0.0", "F0.1", "B0.1"]
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_one_f_one_b_and_zb1p_orders() -> None:
 )
 def test_bad_input_one_line_error(args: tuple, match: str) -> None:
     with pytest.raises(ScheduleError, match=match) as err:
-        build_schedule(*args)
+        build_instructions(*args)
     assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
 
 
@@ -145,7 +145,7 @@ def _without(ops: list[Instr], pred) -> list[Instr]:
 
 
 def test_checker_catches_dropped_recv() -> None:
-    lists = build_schedule("dualpipe", 4, 8)
+    lists = build_instructions("dualpipe", 4, 8)
     lists[2] = _without(lists[2], lambda i: i.kind == Kind.RECV_B)
     with pytest.raises(AssertionError, match="1 SEND, 0 RECV"):
         verify_schedule("dualpipe", 4, 8, lists)
@@ -153,7 +153,7 @@ def test_checker_catches_dropped_recv() -> None:
 
 def test_checker_catches_deadlock() -> None:
     # rank 0 waits for the gradient of mb 0 before sending mb 0's activation: a cycle with rank 1
-    lists = build_schedule("1f1b", 2, 1)
+    lists = build_instructions("1f1b", 2, 1)
     send = next(i for i in lists[0] if i.kind == Kind.SEND_F)
     ops = [i for i in lists[0] if i != send]
     ops.insert(ops.index(Instr(Kind.B, 0, 0)) + 1, send)
@@ -163,7 +163,7 @@ def test_checker_catches_deadlock() -> None:
 
 
 def test_checker_catches_swapped_w_and_missing_dependency() -> None:
-    lists = build_schedule("dualpipe", 4, 8)
+    lists = build_instructions("dualpipe", 4, 8)
     ops = lists[1]
     a, b = len(ops) - 4, len(ops) - 3  # the final "W1.7 W0.3"
     assert ops[a].kind == ops[b].kind == Kind.W
@@ -171,7 +171,7 @@ def test_checker_catches_swapped_w_and_missing_dependency() -> None:
     with pytest.raises(AssertionError, match="FIFO"):
         verify_schedule("dualpipe", 4, 8, lists)
 
-    lists = build_schedule("zb1p", 2, 3)
+    lists = build_instructions("zb1p", 2, 3)
     first_b = next(k for k, i in enumerate(lists[1]) if i.kind == Kind.B)
     lists[1].insert(0, lists[1].pop(first_b))  # B before its F
     with pytest.raises(AssertionError, match="backward before its forward"):
@@ -179,14 +179,14 @@ def test_checker_catches_swapped_w_and_missing_dependency() -> None:
 
 
 def test_checker_catches_wrong_peer_and_duplicate() -> None:
-    lists = build_schedule("dualpipev", 3, 6)
+    lists = build_instructions("dualpipev", 3, 6)
     k = next(k for k, i in enumerate(lists[0]) if i.kind == Kind.SEND_F)
     i = lists[0][k]
     lists[0][k] = Instr(i.kind, i.chunk, i.mb, peer=2)
     with pytest.raises(AssertionError, match="peer is not the chunk's hop"):
         verify_schedule("dualpipev", 3, 6, lists)
 
-    lists = build_schedule("1f1b", 1, 3)
+    lists = build_instructions("1f1b", 1, 3)
     lists[0].insert(1, Instr(Kind.F, 0, 0))
     with pytest.raises(AssertionError, match="forward twice"):
         verify_schedule("1f1b", 1, 3, lists)

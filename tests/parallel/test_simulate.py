@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from parallel.instructions import Instr, Kind, Placement
-from parallel.schedules import build_schedule
+from parallel.schedules import build_instructions
 from parallel.simulate import Costs, draw_timeline, formula_bubble, main, simulate
 
 PAPER = Costs(f=1, b=2, w=1, fb=3)
 
 
 def sim(schedule: str, pp: int, m: int, costs: Costs = PAPER, latency: float = 0.0, defer_w: bool = True):
-    return simulate(build_schedule(schedule, pp, m, defer_w=defer_w), Placement(schedule, pp), costs, latency)
+    return simulate(build_instructions(schedule, pp, m, defer_w=defer_w), Placement(schedule, pp), costs, latency)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_large_pipeline_is_fast() -> None:
 
 
 def test_deadlocked_lists_raise() -> None:
-    lists = build_schedule("1f1b", 2, 1)
+    lists = build_instructions("1f1b", 2, 1)
     lists[0] = [i for i in lists[0] if i.kind != Kind.SEND_F]
     with pytest.raises(RuntimeError, match="deadlocks: rank 0 at B0.0; rank 1 at F0.0"):
         simulate(lists, Placement("1f1b", 2), PAPER)
@@ -131,10 +131,52 @@ def test_cli_errors(argv: list[str], msg: str, capsys: pytest.CaptureFixture[str
     assert msg in err and err.count("\n") == 1
 
 
-def test_draw_timeline_takes_plain_records(tmp_path: Path) -> None:
-    # what the runtime passes: measured (rank, start, end, label, kind, chunk)
+def test_draw_timeline_places_one_box_per_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain (rank, start, end, label, kind, chunk) records, as the runtime measures them: every record is one
+    box on its rank's row spanning [start, end] (an FB pair two half-height boxes: the forward's chunk on top,
+    the backward's, the other chunk, below), one colour per (kind, chunk), each label at its box's centre."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     records = [(0, 0.0, 1.2, "0", "F", 0), (1, 1.3, 2.1, "0", "F", 0), (1, 2.1, 4.0, "0", "B", 0),
-               (0, 4.2, 5.0, "0", "B", 0), (0, 5.0, 5.5, "0", "W", 0), (1, 5.0, 8.0, "1/2", "FB", 1)]
+               (0, 4.2, 5.0, "0", "B", 0), (0, 5.0, 5.5, "0", "W", 0), (0, 5.5, 6.5, "2", "F", 1),
+               (1, 5.0, 8.0, "1/2", "FB", 1), (2, 0.5, 3.0, "1", "B", 1)]
+    figures: list[Figure] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k)))
     out = tmp_path / "measured.png"
     draw_timeline(records, str(out), "measured")
-    assert out.stat().st_size > 1000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = figures[0].axes
+
+    def r(x: float) -> float:
+        return round(x, 6)
+
+    # (rank row, x0, x1, top or bottom half or whole) -> face colour; y grows downwards (rank 0 on top)
+    drawn = {}
+    for box in ax.patches:
+        assert isinstance(box, Rectangle)
+        y_mid = box.get_y() + box.get_height() / 2
+        rank = round(y_mid)
+        half = "whole" if box.get_height() > 0.5 else ("top" if y_mid < rank else "bottom")
+        drawn[(rank, r(box.get_x()), r(box.get_x() + box.get_width()), half)] = box.get_facecolor()
+    expected = {}
+    for rank, start, end, _label, kind, chunk in records:
+        if kind == "FB":
+            expected[(rank, r(start), r(end), "top")] = ("F", chunk)
+            expected[(rank, r(start), r(end), "bottom")] = ("B", 1 - chunk)
+        else:
+            expected[(rank, r(start), r(end), "whole")] = (kind, chunk)
+    assert len(ax.patches) == len(expected) == len(records) + 1
+    assert drawn.keys() == expected.keys()
+    colour = {}  # one colour per (kind, chunk), distinct ones for distinct keys
+    for where, key in expected.items():
+        assert colour.setdefault(key, drawn[where]) == drawn[where], key
+    assert len(set(colour.values())) == len(colour) == 5
+    assert ax.get_ylim() == (2.5, -0.5) and ax.get_xlim() == (0.0, 8.0)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0", "rank 1", "rank 2"]
+    # boxes of at least half a time unit on an 8-unit axis are wide enough for their label
+    labels = sorted((r(t.get_position()[0]), t.get_position()[1], t.get_text()) for t in ax.texts)
+    assert labels == sorted((r((s + e) / 2), rank, lab) for rank, s, e, lab, _k, _c in records)
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == [
+        "B chunk 0", "B chunk 1", "F chunk 0", "F chunk 1", "W chunk 0"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from parallel.runtime import TimelineEvent
+from parallel.spawn import run_ranks
 from parallel.trace import chrome_trace, draw_measured_timeline, gather_timeline, write_chrome_trace
 from tests.conftest import tiny_config
-from tests.distributed_harness import run_ranks
 
 
 def record_dualpipev(rank: int, world: int) -> list[TimelineEvent]:
@@ -19,7 +19,7 @@ def record_dualpipev(rank: int, world: int) -> list[TimelineEvent]:
     from model.transformer import DeepseekV3
     from parallel.instructions import Placement
     from parallel.runtime import PipelineRuntime
-    from parallel.schedules import build_schedule
+    from parallel.schedules import build_instructions
     from parallel.stages import build_stage
     from parallel.weight_grad import WeightGradStore
     from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
@@ -31,7 +31,7 @@ def record_dualpipev(rank: int, world: int) -> list[TimelineEvent]:
     stages = {c: build_stage(model, placement.stage(rank, c), placement.num_stages) for c in range(2)}
     runtime = PipelineRuntime(placement, rank, stages, None, store, activation_shape=(MICRO, SEQ, cfg.hidden_size),
                               dtype=torch.float32, device=torch.device("cpu"), seq_len=SEQ, record_timeline=True)
-    runtime.run(build_schedule("dualpipev", 1, 2)[rank], make_batches(cfg, 2), loss_scale=0.5)
+    runtime.run(build_instructions("dualpipev", 1, 2)[rank], make_batches(cfg, 2), loss_scale=0.5)
     return gather_timeline(runtime.timeline)
 
 

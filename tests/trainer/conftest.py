@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from parallel.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 512
@@ -54,12 +55,6 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["val"]["num_tokens"] > 2000, "the fixture needs a usable validation split"
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:

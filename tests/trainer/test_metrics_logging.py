@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,6 @@ from trainer.report.metrics import (
     max_violation,
     mfu,
     peak_flops,
-    peak_memory_bytes,
 )
 from trainer.report.run_logger import RunLogger, redact_secrets
 
@@ -169,8 +171,35 @@ def test_throughput_window():
     assert t.total_tokens == 5000
 
 
-def test_peak_memory_bytes():
-    assert peak_memory_bytes() > 10 * 2**20  # this process holds torch: well over 10 MiB resident
+PEAK_PROBE = """
+import json, torch
+from trainer.report.metrics import peak_memory_bytes
+torch.ones(1024).sum()  # torch's first op (thread pool, allocator) before the baseline
+before = peak_memory_bytes()
+buffer = torch.ones({n} // 4)  # every page written: all of it resident
+print(json.dumps({{"before": before, "after": peak_memory_bytes()}}))
+"""
+# On Linux a process's ru_maxrss starts at the high-water mark of the memory image its exec replaced, and
+# subprocess uses vfork: a direct child of pytest would start at pytest's own peak. A small intermediate
+# interpreter (-S: no site imports) starts the probe, so the probe's baseline is its own.
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+
+
+def test_peak_memory_bytes_sees_a_touched_buffer():
+    """A fresh process allocates and writes 200 MiB: the reported peak rises by that much, within 8 MiB.
+
+    On CPU the peak is ru_maxrss, a high-water mark. It can rise by less than the buffer only by the gap between
+    the process's earlier peak and its resident set just before the allocation (memory the imports touched and
+    released: under 1 MiB in a fresh process) plus KiB rounding, and by more only by what torch allocates
+    besides the buffer (a few pages). 8 MiB covers both with room; a function that reported the virtual size,
+    another process's peak or a constant would miss the window."""
+    n = 200 * 2**20
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-S", "-c", LAUNCHER, sys.executable, "-c", PEAK_PROBE.format(n=n)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert peak["before"] > 10 * 2**20  # the process holds torch: well over 10 MiB resident
+    assert n - 8 * 2**20 <= peak["after"] - peak["before"] <= n + 8 * 2**20, peak
 
 
 # ---- RunLogger ----------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parallel.spawn import run_ranks
 from tests.conftest import tiny_config
-from tests.distributed_harness import run_ranks
 
 pytestmark = pytest.mark.multiprocess
 

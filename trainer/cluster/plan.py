@@ -381,7 +381,7 @@ def _check(cfg: PlanConfig) -> tuple[int, int]:
 def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
     from model.info import activated_params_per_token, training_flops_per_token
     from parallel.instructions import Placement
-    from parallel.schedules import build_schedule
+    from parallel.schedules import build_instructions
     from parallel.simulate import Costs, formula_bubble, simulate
 
     mc = model_cfg if model_cfg is not None else load_model_config(cfg.model)
@@ -453,7 +453,7 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
     f_comp, b_comp, w_comp, comm_pass = c["f"], c["b_in"] + c["w"], c["w"], c["comm"]
     costs = Costs(f=f_comp + comm_pass, b=b_comp + comm_pass, w=w_comp,
                   fb=max(f_comp + b_comp, 2 * comm_pass))
-    tl = simulate(build_schedule(p.schedule, p.pp, m), Placement(p.schedule, p.pp), costs)
+    tl = simulate(build_instructions(p.schedule, p.pp, m), Placement(p.schedule, p.pp), costs)
     formula = formula_bubble("zb1p" if p.schedule == "zb1p" else p.schedule, p.pp, costs.f, costs.b, costs.w,
                              costs.pair)
 
