@@ -3,9 +3,10 @@
     for each step:
         losses = schedule.train_batch(stream)       # all microbatches, backward, optimizer step
         counts = update_router_biases(routers, dp)   # global expert counts -> bias update
-        metrics (reduced over dp) -> logger; eval every N; checkpoint every N
-        stop on: train.steps, train.max_seconds, a preemption signal (checkpoint, no eval), a non-finite step
-        (train.on_nonfinite, trainer/cluster/nonfinite.py); the stop flags are summed over all ranks with the losses
+        metrics (reduced over dp) -> logger; checkpoint every N, then eval every N (a failing evaluation
+        never costs training); stop on: train.steps, train.max_seconds, a preemption signal (checkpoint, no
+        eval), a non-finite step (train.on_nonfinite, trainer/cluster/nonfinite.py); the stop flags are summed
+        over all ranks with the losses
 """
 
 from __future__ import annotations
@@ -140,13 +141,14 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
             raise NonFiniteLoss(bad.message)  # before any checkpoint of this step: `latest` stays the last good one
 
         last = state.step == t.steps or stop
+        # the checkpoint first: an evaluation that fails (bad validation data, a lost peer) costs no training
+        if (ckpt_every and state.step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or preempt:
+            hooks.save(state)
         # a preempted run has seconds left: it checkpoints and goes, evaluation waits for the resumed run
         if t.eval_batches > 0 and not preempt and ((eval_every and state.step % eval_every == 0) or last):
             state.last_eval = hooks.evaluate()
             state.last_eval_step = state.step
             hooks.log(state.step, state.last_eval, "eval")
-        if (ckpt_every and state.step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or preempt:
-            hooks.save(state)
         if hooks.step_done is not None:
             hooks.step_done(state.step)
         if stop:

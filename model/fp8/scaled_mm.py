@@ -26,7 +26,8 @@ backend; the backend keeps no numerical state (same inputs, same outputs).
 
 `compile=True` runs the quantizers through `torch.compile` (one fused pass instead of about five elementwise
 kernels: on a GPU the unfused quantization costs about as much as the FP8 GEMM saves); if compiling fails
-the eager quantizers are used and `COMPILE_ERROR` says why.
+the eager quantizers are used and `COMPILE_ERROR` says why. On CPU the compile is keyed on the vector ISA
+(`_compile_options`: inductor's FX graph cache would otherwise serve one ISA's kernels to another).
 
 On CPU `torch._scaled_mm` runs (torch >= 2.13: tensor-wise and row-wise, a reference kernel); the trainer
 still asks for a GPU (validation), the tests use it to check the numerics.
@@ -135,20 +136,35 @@ def quantize_tiles(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor,
 
 
 COMPILE_ERROR: str | None = None  # why torch.compile of the quantizers failed (None: not tried or fine)
-_compiled: dict[tuple[int, int], object] = {}
+_compiled: dict[tuple[int, int, str], object] = {}
+
+
+def _compile_options(device: torch.device) -> dict:
+    """Inductor options for compiling on `device`. On CPU: `cpp.simdlen` = the width of the vector ISA inductor
+    picks here. Inductor's FX graph cache key (torch 2.13) omits that ISA, so a cached graph written under
+    AVX-512 (e.g. natively, or on another machine sharing TORCHINDUCTOR_CACHE_DIR) was rebuilt under AVX2 with
+    half of every vector unprocessed (wrong E4M3 bytes and scales, rows ending in zeros) and under
+    ATEN_CPU_CAPABILITY=default failed to compile; the config is part of the key, so the width keys each entry
+    to its ISA (repro: scripts/repro_inductor_isa_cache.py, avx512 -> avx2 in one cache dir)."""
+    if device.type != "cpu":
+        return {}
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"cpp.simdlen": pick_vec_isa().bit_width()}  # the same ISA pick_vec_isa() returns (0: scalar code)
 
 
 def _quantize(x: torch.Tensor, rows: int, cols: int, compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
     global COMPILE_ERROR
     if compile and COMPILE_ERROR is None:
-        fn = _compiled.get((rows, cols))
-        if fn is None:
-
-            def tiles(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return quantize_tiles(t, rows, cols)
-
-            fn = _compiled[(rows, cols)] = torch.compile(tiles, dynamic=True)
         try:
+            key = (rows, cols, x.device.type)
+            fn = _compiled.get(key)
+            if fn is None:
+
+                def tiles(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    return quantize_tiles(t, rows, cols)
+
+                fn = _compiled[key] = torch.compile(tiles, dynamic=True, options=_compile_options(x.device))
             return fn(x)
         except Exception as e:  # no triton / no C compiler / an inductor bug: the eager quantizers still work
             COMPILE_ERROR = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"

@@ -1,9 +1,10 @@
 """A default is declared once: a conf/ preset holds only what it changes relative to the schema.
 
-Every option of every group of the job schema (conf/<group>/<option>.yaml) and the top level of
-conf/config.yaml are read as plain YAML; a key that repeats the schema's default fails, as does a key the
-schema lacks (Hydra would reject it at compose time anyway). The composed job for each option must equal the
-schema with that preset's keys applied, so the presets change nothing beyond what they say.
+Every option of every group of the job schema (conf/<group>/<option>.yaml), the top level of conf/config.yaml
+and conf/data_prep/config.yaml (schema: data_prep/config.py) are read as plain YAML; a key that repeats the
+schema's default fails, as does a key the schema lacks (Hydra would reject it at compose time anyway). The
+composed job for each option must equal the schema with that preset's keys applied, so the presets change
+nothing beyond what they say.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def test_config_yaml_sets_no_job_key_to_its_default():
     top = yaml.safe_load((CONF / "config.yaml").read_text())
     own = flatten({k: v for k, v in top.items() if k not in ("defaults", "hydra")})
     assert not [k for k, v in own.items() if k in SCHEMA and v == SCHEMA[k]]
+
+
+def test_data_prep_config_sets_no_key_to_its_default():
+    from data_prep.config import PrepConfig
+
+    schema = flatten(OmegaConf.to_container(OmegaConf.structured(PrepConfig)))
+    top = yaml.safe_load((CONF / "data_prep" / "config.yaml").read_text())
+    own = flatten({k: v for k, v in top.items() if k not in ("defaults", "hydra")})
+    assert not sorted(set(own) - set(schema)), "not PrepConfig keys"
+    assert not [k for k, v in own.items() if v == schema[k]], "repeats of data_prep/config.py defaults"
 
 
 def test_the_repeat_check_can_fail():
