@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ConfigError, ModelConfig
@@ -53,7 +53,30 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class HFCheckpointError(ValueError):
-    """A checkpoint directory that does not match the config: the message names the tensor and the fix."""
+    """A checkpoint directory that does not match the config, or a damaged file in it: the message names the
+    tensor or the file, and the fix (the CLIs print it as one line, exit code 2)."""
+
+
+_REEXPORT = "the file is cut or corrupt: export or download the model again"
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the checkpoint; a cut or corrupt one is an HFCheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise HFCheckpointError(f"{path}: unreadable JSON ({_short(e)}); {_REEXPORT}") from None
+
+
+def _open_safetensors(path: Path, stack: ExitStack) -> Any:
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except (SafetensorError, OSError) as e:
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({_short(e)}); {_REEXPORT}") from None
+
+
+def _short(e: BaseException) -> str:
+    return (" ".join(str(e).split()) or type(e).__name__)[:160]
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -386,11 +409,16 @@ class _SafetensorsDir(Mapping[str, torch.Tensor]):
     def __init__(self, path: Path, stack: ExitStack) -> None:
         index = path / INDEX_NAME
         weight_map: dict[str, str]
+        self._path = path
+        self._files: dict[str, Any] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            data = _read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise HFCheckpointError(f"{index}: no weight_map in it; {_REEXPORT}")
         elif (path / SAFE_NAME).is_file():
-            with safe_open(str(path / SAFE_NAME), framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SAFE_NAME)
+            self._files[SAFE_NAME] = _open_safetensors(path / SAFE_NAME, stack)
+            weight_map = dict.fromkeys(self._files[SAFE_NAME].keys(), SAFE_NAME)
         else:
             found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
             raise HFCheckpointError(
@@ -398,14 +426,18 @@ class _SafetensorsDir(Mapping[str, torch.Tensor]):
                 "only safetensors checkpoints are read"
             )
         self._map = weight_map
-        self._files: dict[str, Any] = {}
-        for fname in sorted(set(weight_map.values())):
+        for fname in sorted(set(weight_map.values()) - set(self._files)):
             if not (path / fname).is_file():
                 raise HFCheckpointError(f"{path}: {INDEX_NAME} names shard {fname}, which does not exist")
-            self._files[fname] = stack.enter_context(safe_open(str(path / fname), framework="pt"))
+            self._files[fname] = _open_safetensors(path / fname, stack)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._files[self._map[name]].get_tensor(name)
+        fname = self._map[name]
+        try:
+            return self._files[fname].get_tensor(name)
+        except SafetensorError as e:
+            raise HFCheckpointError(f"{self._path / fname}: tensor {name!r} unreadable ({_short(e)}); "
+                                    f"{_REEXPORT}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._map)
@@ -554,7 +586,9 @@ def import_hf(
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise HFCheckpointError(f"{path}: no config.json")
-    hf = json.loads(cfg_file.read_text())
+    hf = _read_json(cfg_file)
+    if not isinstance(hf, dict):
+        raise HFCheckpointError(f"{cfg_file}: not a JSON object; {_REEXPORT}")
     cfg = model_config_from_json(hf)
     block: tuple[int, int] | None = None
     quant = hf.get("quantization_config")

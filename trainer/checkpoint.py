@@ -9,13 +9,17 @@ Layout of `checkpoint.dir` (default <run_dir>/checkpoints):
         rng/rank<r>.pt               torch / numpy / python RNG states of global rank r
         model_config.json            the ModelConfig (export and sampling need no Hydra)
         config.yaml                  the resolved job config
+        manifest.json                every other file with its size and sha256 (trainer/checkpoint_manifest.py)
         meta.json                    step, tokens, data reader position, config hash, wandb id; written last
     .tmp-step00000200/           a save in progress, or one a crash interrupted (removed on the next start)
 
-Atomic save: every rank writes into `.tmp-<tag>` and fsyncs its files; after a barrier rank 0 writes
-meta.json, renames the directory to `<tag>` and only then replaces `latest` (write a temp file, fsync,
-os.replace, fsync the directory). A crash at any point leaves `latest` on the previous complete checkpoint.
-A directory counts as complete only if it has meta.json, so `resume=auto` never picks a torn one.
+Atomic save: every rank writes into `.tmp-<tag>`, fsyncs and hashes its files; after a barrier rank 0 writes
+manifest.json, then meta.json, renames the directory to `<tag>` and only then replaces `latest` (write a temp
+file, fsync, os.replace, fsync the directory). A crash at any point leaves `latest` on the previous complete
+checkpoint. A directory counts as complete only if it has meta.json, so `resume=auto` never picks a torn one.
+
+Resume takes the newest checkpoint that verifies (`find_intact`: meta.json readable, every file of the
+manifest with its size and sha256); a damaged one is reported in one line and the one before it is used.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from trainer.checkpoint_manifest import MANIFEST_FILE, hash_files, list_files, verify, write_manifest
+from trainer.errors import UserError
 
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
@@ -116,6 +123,19 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).is_file()
 
 
+def meta_problem(path: Path) -> str | None:
+    """Why meta.json does not make `path` a usable checkpoint (missing, cut, corrupt), or None."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {META_FILE}"
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"{META_FILE}: unreadable ({_short(e)})"
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        return f"{META_FILE}: no step in it"
+    return None
+
+
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints under ckpt_dir, oldest first."""
     if not ckpt_dir.is_dir():
@@ -124,15 +144,74 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_latest(ckpt_dir: Path) -> Path | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+def candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints with a meta.json (readable or not), the one `latest` names first, then newest first."""
+    found = complete_checkpoints(ckpt_dir)[::-1]
     latest = ckpt_dir / LATEST_FILE
     if latest.is_file():
-        candidate = ckpt_dir / latest.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-    found = complete_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+        named = ckpt_dir / latest.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one, else None.
+
+    Cheap (no hashing; a meta.json that does not parse makes a checkpoint incomplete): for export, sampling
+    and messages. Resume uses `find_intact`, which also checks the files against the manifest."""
+    return next((c for c in candidates(ckpt_dir) if meta_problem(c) is None), None)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Collective (every rank calls it): None if the checkpoint is intact, else 'incomplete (<why>)' or
+    'damaged (<file>: <why>)', the same on every rank."""
+    meta = _on_rank0(lambda: meta_problem(path))
+    if meta is not None:
+        return f"incomplete ({meta})"
+    found = verify(path, exclude=(META_FILE,))
+    return None if found is None else f"damaged ({found})"
+
+
+def find_intact(ckpt_dir: Path, say: Any = None) -> Path | None:
+    """Collective: the newest checkpoint under ckpt_dir that verifies (see `candidates`), None if there is none
+    at all. Each damaged or incomplete one skipped costs one warning line (rank 0); when every one is damaged,
+    a UserError says which and how to start over."""
+    say = say or _say_rank0
+    skipped: list[tuple[Path, str]] = []
+    for path in _on_rank0(lambda: candidates(ckpt_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in skipped:
+                say(f"warning: {bad} is {why}; resuming from {path.name}")
+            return path
+        skipped.append((path, problem))
+    if not skipped:
+        return None
+    listing = "; ".join(f"{bad.name} is {why}" for bad, why in skipped)
+    raise UserError("train.resume", f"no intact checkpoint in {ckpt_dir}: {listing}",
+                    "restore the damaged files, or start over with train.resume=never (it overwrites the run)")
+
+
+def resolve_intact(path: str | Path, say: Any = None) -> Path:
+    """Collective: like `resolve_checkpoint`, for resume: a checkpoint directory must verify; a run or checkpoints
+    directory gives its newest intact checkpoint (`find_intact`). FileNotFoundError if there is none."""
+    p = Path(path)
+    if is_complete(p):
+        problem = checkpoint_problem(p)
+        if problem is not None:
+            earlier = _earlier(p)
+            raise UserError("train.resume", f"{p} is {problem}",
+                            f"pass an earlier checkpoint{f' ({earlier})' if earlier else ''}, or start over with "
+                            "train.resume=never")
+        return p
+    for base in (p, p / "checkpoints"):
+        if base.is_dir() and complete_checkpoints(base):
+            found = find_intact(base, say)
+            if found is not None:
+                return found
+    return resolve_checkpoint(p)  # raises the FileNotFoundError that says where it looked
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -151,7 +230,62 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    problem = meta_problem(path)
+    if problem is not None:
+        why = problem.removeprefix(META_FILE + ": ")
+        raise UserError(str(path / META_FILE), f"the checkpoint is incomplete ({why})", _fix_for(path))
     return json.loads((path / META_FILE).read_text())
+
+
+# model settings that change a tensor's shape: a checkpoint loads only into the same values
+SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "first_k_dense_replace", "intermediate_size",
+    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_nextn_predict_layers",
+)  # fmt: skip
+
+
+def model_shape_changes(path: Path, model: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every shape-defining model setting that differs from the
+    checkpoint's model_config.json (none if the checkpoint has no such file)."""
+    f = path / "model_config.json"
+    if not f.is_file():
+        return []
+    try:
+        saved = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(str(f), f"unreadable, the file is cut or corrupt ({_short(e)})", _fix_for(path)) from None
+    return [(k, saved[k], model.get(k)) for k in SHAPE_KEYS if k in saved and saved[k] != model.get(k)]
+
+
+def load_file(path: Path, fix: str | None = None, **kwargs: Any) -> Any:
+    """torch.load that names the file when it cannot be read (truncated, corrupt): a UserError, no traceback."""
+    try:
+        return torch.load(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # RuntimeError (zip reader), EOFError, UnpicklingError, ...: the bytes are bad
+        raise damaged_file(path, f"unreadable, the file is truncated or corrupt ({_short(e)})", fix) from None
+
+
+def damaged_file(path: Path, problem: str, fix: str | None = None) -> UserError:
+    ckpt = next((p for p in Path(path).parents if (p / META_FILE).is_file() or step_of(p) is not None), None)
+    return UserError(str(path), problem, fix or (_fix_for(ckpt) if ckpt is not None else "restore the file"))
+
+
+def _earlier(path: Path) -> Path | None:
+    """The newest complete checkpoint before `path` in its directory, if any."""
+    step = step_of(path)
+    if step is None:
+        return None
+    older = [c for c in complete_checkpoints(path.parent) if (step_of(c) or 0) < step and meta_problem(c) is None]
+    return older[-1] if older else None
+
+
+def _fix_for(path: Path) -> str:
+    earlier = _earlier(path)
+    use = f"use the checkpoint before it ({earlier})" if earlier else "restore the file from a copy"
+    return f"the checkpoint {path.name} is damaged: {use}, or start over with train.resume=never"
 
 
 # ---- save / load -----------------------------------------------------------------------------------------
@@ -207,6 +341,8 @@ class Checkpointer:
             error = e
             _barrier()  # DeepSpeed's closing barrier, where the ranks whose writes succeeded are waiting
 
+        hashed: dict[str, Any] = {}
+
         def own_files() -> None:
             rng_dir = tmp / "rng"
             rng_dir.mkdir(exist_ok=True)
@@ -214,13 +350,14 @@ class Checkpointer:
             from trainer.expert_files import save_expert_shard
 
             expert_file = save_expert_shard(engine.module, tmp)
-            if expert_file is not None:
-                fsync_file(expert_file)
-            self._fsync_own_files(tmp)
+            mine = self._own_files(tmp, engine) + ([expert_file] if expert_file is not None else [])
+            for path in mine:
+                fsync_file(path)
+            hashed.update(hash_files(tmp, mine))  # read back while the page cache still holds it
 
         error = error or _attempt(own_files)
         _maybe_fault(step)
-        self._agree(error, tag, tmp)
+        entries = self._agree(error, tag, tmp, hashed)
 
         def publish() -> None:
             if self.rank != 0:
@@ -228,6 +365,11 @@ class Checkpointer:
             for name, text in extra_files.items():
                 (tmp / name).write_text(text)
                 fsync_file(tmp / name)
+            manifest = {k: v for rank_entries in entries for k, v in (rank_entries or {}).items()}
+            # rank 0's extra files, and any file no rank claimed (a layout this code does not know)
+            unclaimed = [tmp / rel for rel in list_files(tmp, (META_FILE, MANIFEST_FILE)) if rel not in manifest]
+            manifest.update(hash_files(tmp, unclaimed))
+            write_manifest(tmp, manifest)
             atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, default=str) + "\n")
             fsync_dir(tmp / "rng")
             fsync_dir(tmp)
@@ -236,54 +378,68 @@ class Checkpointer:
             os.rename(tmp, final)
             fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST_FILE, tag)
-            self._prune()
+            self._prune(step)
 
         self._agree(_attempt(publish), tag, tmp)
         self.last_saved_step = step
         return final
 
-    def _agree(self, error: BaseException | None, tag: str, tmp: Path) -> None:
-        """Collective: raise the same UserError on every rank if any rank's part of the save failed."""
-        mine = None if error is None else _describe(error)
+    def _agree(self, error: BaseException | None, tag: str, tmp: Path, payload: Any = None) -> list[Any]:
+        """Collective: raise the same UserError on every rank if any rank's part of the save failed; else
+        every rank's `payload` (the same round carries the manifest entries each rank hashed)."""
+        mine = (None if error is None else _describe(error), payload)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everyone: list[str | None] = [None] * dist.get_world_size()
+            everyone: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
         else:
             everyone = [mine]
-        failed = [(r, m) for r, m in enumerate(everyone) if m is not None]
+        failed = [(r, m) for r, (m, _) in enumerate(everyone) if m is not None]
         if not failed:
-            return
+            return [p for _, p in everyone]
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         rank, what = failed[0]
         latest = self.dir / LATEST_FILE
         kept = f"`latest` still names {latest.read_text().strip()}, which is intact" if latest.is_file() else \
             "no earlier checkpoint exists"
-        from trainer.errors import UserError
-
         raise UserError("checkpoint.dir", f"rank {rank} could not write checkpoint {tag}: {what}",
                         f"free space on that filesystem or fix its permissions, or set checkpoint.dir to a writable "
                         f"directory, then resume; {kept}")
 
-    def _fsync_own_files(self, tmp: Path) -> None:
-        mine = [tmp / "rng" / f"rank{self.rank}.pt", *tmp.glob(f"zero_pp_rank_{self.dp_rank}_*")]
+    def _own_files(self, tmp: Path, engine: Any) -> list[Path]:
+        """The files this rank wrote (DeepSpeed names them by pipeline rank `mp_rank_<p>`)."""
+        mp = "mp_rank_*"
+        try:
+            mp = f"mp_rank_{int(engine.mpu.get_model_parallel_rank()):02d}"
+        except (AttributeError, TypeError, ValueError):  # no pipeline (no mpu): one mp rank
+            pass
+        mine = [tmp / "rng" / f"rank{self.rank}.pt", *tmp.glob(f"zero_pp_rank_{self.dp_rank}_{mp}_*")]
         if self.dp_rank == 0:  # data-parallel rank 0 of each pipeline rank writes that rank's weights
-            mine += list(tmp.glob("mp_rank_*_model_states.pt"))
-        for path in mine:
-            if path.is_file():
-                fsync_file(path)
+            mine += list(tmp.glob(f"{mp}_model_states.pt"))
+        return [p for p in mine if p.is_file()]
 
-    def _prune(self) -> None:
-        done = complete_checkpoints(self.dir)
+    def _prune(self, step: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to `step`; newer ones (left by a run that resumed from an
+        earlier checkpoint because they were damaged) are replaced when the run reaches their step."""
+        done = [c for c in complete_checkpoints(self.dir) if (step_of(c) or 0) <= step]
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine: Any, path: Path) -> ResumePoint:
         """Load weights, optimizer, LR scheduler (DeepSpeed) and this rank's RNG state from `path`."""
         meta = read_meta(path)
-        load_path, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            load_path, _ = engine.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except Exception:
+            # DeepSpeed's message rarely names the file: find it (a checkpoint without a manifest is checked
+            # only by `find_intact`'s zip test, which a file damaged inside passes)
+            found = verify(path, exclude=(META_FILE,), only=[rel for rel in list_files(path) if rel.endswith(".pt")])
+            if found is None:
+                raise
+            name, _, why = found.partition(": ")
+            raise damaged_file(path / name, why) from None
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
         from trainer.expert_files import load_expert_shard
@@ -291,7 +447,7 @@ class Checkpointer:
         load_expert_shard(engine.module, path)
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_file(rng_file, weights_only=True))
         return ResumePoint(path=path, step=int(meta["step"]), meta=meta)
 
 
@@ -317,6 +473,24 @@ def _describe(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+def _short(e: BaseException) -> str:
+    return (" ".join(str(e).split()) or type(e).__name__)[:160]
+
+
+def _say_rank0(line: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line, flush=True)
+
+
+def _on_rank0(fn: Any) -> Any:
+    """fn() on rank 0, its result on every rank (the ranks decide on the same view of the filesystem)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _maybe_fault(step: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     if spec == f"checkpoint_save:{step}":
@@ -329,13 +503,31 @@ def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    # the files read here against the manifest (size and sha256): a flipped bit loads silently otherwise
+    reads = [f.name for f in files] + ["model_config.json"]
+    reads += [f"experts/{f.name}" for f in (ckpt / "experts").glob("*.pt")]
+    found = verify(ckpt, exclude=(META_FILE,), only=reads)
+    if found is not None:
+        name, _, why = found.partition(": ")
+        raise damaged_file(ckpt / name, why, _export_fix(ckpt))
     # one file per pipeline rank, each with the single-process names of the stages it holds; DualPipe's
     # two copies of a stage are identical, so the union is the whole model
     module: dict[str, torch.Tensor] = {}
     for f in files:
-        module.update(torch.load(f, map_location="cpu", weights_only=True)["module"])
+        module.update(load_file(f, _export_fix(ckpt), map_location="cpu", weights_only=True)["module"])
     from trainer.expert_files import gather_expert_files  # an ep > 1 checkpoint: experts from experts/ep_rank_*.pt
 
     module = gather_expert_files(ckpt, module)
-    model_cfg = json.loads((ckpt / "model_config.json").read_text())
+    cfg_file = ckpt / "model_config.json"
+    try:
+        model_cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        why = f"unreadable, the file is cut or corrupt ({_short(e)})"
+        raise damaged_file(cfg_file, why, _export_fix(ckpt)) from None
     return module, model_cfg
+
+
+def _export_fix(ckpt: Path) -> str:
+    earlier = _earlier(ckpt)
+    return f"the checkpoint {ckpt.name} is damaged: " + (f"pass the one before it ({earlier})" if earlier else
+                                                        "restore the file from a copy")

@@ -130,7 +130,7 @@ class CheckpointConfig:
 @dataclass
 class JobConfig:
     name: str = "default"  # run name (wandb name, run directory runs/<name>)
-    run_dir: str | None = None  # null: Hydra's output directory (runs/<name>, multirun/<name>/<launch>/<job>)
+    run_dir: str | None = None  # null: runs/<name>; in a sweep, the job's directory multirun/<name>/<launch>/<job>
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -2,8 +2,9 @@
 
 Config mistakes come from four places: the trainer's own cross-field checks (`UserError`), the model's
 `ConfigError`, data_prep's `DataError`, and Hydra/OmegaConf while composing (unknown key, wrong type, bad
-override syntax, missing group option). `user_error_line` turns each of them into the one line; anything
-else is an internal bug and keeps its traceback.
+override syntax, missing group option). A Hugging Face directory that does not fit or is damaged (model/hf.py's
+`HFCheckpointError`, which names the file or tensor) is one too. `user_error_line` turns each of them into the
+one line; anything else is an internal bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def user_error_line(exc: BaseException) -> str | None:
         return _first_line(str(exc))
     if isinstance(exc, DataError):
         return "data: " + _first_line(str(exc))
+    hf = sys.modules.get("model.hf")  # only raised once model.hf is imported; importing it here costs seconds
+    if hf is not None and isinstance(exc, hf.HFCheckpointError):  # already "<path>: <problem>; <fix>"
+        return _first_line(str(exc))
     try:
         from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
         from omegaconf.errors import OmegaConfBaseException

@@ -20,7 +20,10 @@ from trainer.cluster.run_guard import RunGuard
 from trainer.cluster.run_guard import check_config as check_cluster_config
 from trainer.config import JobConfig, config_hash, training_identity
 from trainer.distributed import DistEnv, dp_rank, init_process_group, prepare_env
+from trainer.ds_config import deep_merge
 from trainer.errors import UserError
+from trainer.redaction import env_paths, redact, redact_override
+from trainer.schema_checks import check_finite, check_known_keys
 from trainer.validate import Layout, validate
 
 
@@ -43,7 +46,7 @@ def _hydra_paths(cfg: DictConfig) -> tuple[str | None, str | None, str | None]:
         return None, None, None
     if hc.mode == RunMode.MULTIRUN:
         return hc.runtime.output_dir, str(hc.sweep.dir), str(hc.job.num)
-    return hc.runtime.output_dir, None, None
+    return None, None, None  # a single run: run_dir, else runs/<name> (stable, so resume=auto finds it)
 
 
 def resolve_paths(cfg: DictConfig) -> RunPaths:
@@ -73,8 +76,11 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
     paths = resolve_paths(cfg)
     cfg.run_dir = str(paths.run_dir)
     cfg.checkpoint.dir = str(paths.ckpt_dir)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_known_keys(cfg, JobConfig)  # before to_object, which drops keys the schema lacks
+    # what the run writes (config.yaml, checkpoints, wandb, meta, summary): secrets redacted (trainer/redaction.py)
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True), env_paths(cfg))
     job: JobConfig = OmegaConf.to_object(cfg)  # builds ModelConfig, which validates itself
+    check_finite(job)
     layout = validate(job, env.world_size, env.device)
     check_cluster_config(job.train)
     return job, resolved, layout, env, paths
@@ -170,6 +176,9 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         resume_step=(meta["step"] + 1) if meta else None,
     )
     schedule, ds_config = build_rank(job, layout)
+    # DeepSpeed embeds its config in every checkpoint: the pass-through section as written, secrets redacted
+    schedule.engine.config = redact(deep_merge(schedule.engine.config, resolved["deepspeed"]))
+    ds_config = redact(deep_merge(ds_config, resolved["deepspeed"]))
     if env.is_main:
         (paths.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
     stream = train_stream(job, layout, my_dp_rank)
@@ -239,7 +248,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         "val_ppl": state.last_eval.get("ppl"), "val_mtp_acceptance": state.last_eval.get("mtp_acceptance"),
         "unigram_entropy": entropy, "tokens_per_s": state.last_train.get("tokens_per_s"),
         "checkpoint": str(paths.ckpt_dir / "latest"), "run_dir": str(paths.run_dir),
-        "skipped_steps": state.skipped_steps, "overrides": _task_overrides(),
+        "skipped_steps": state.skipped_steps, "overrides": [redact_override(o) for o in _task_overrides()],
     }
     if job.checkpoint.export_hf and env.is_main and checkpointer.last_saved_step is not None:
         from trainer.export_hf import export

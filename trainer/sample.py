@@ -37,15 +37,14 @@ def load(path: str) -> tuple[torch.nn.Module, Path | None, int | None]:
 
 
 def sample(args: argparse.Namespace) -> str:
-    from tokenizers import Tokenizer
-
     from model.generate import generate, generate_speculative_mtp
+    from trainer.export_hf import read_tokenizer
 
     model, tok_path, eos = load(args.path)
     tokenizer_path = args.tokenizer or tok_path
     if tokenizer_path is None:
         raise UserError("--tokenizer", "no tokenizer.json found beside the model", "pass --tokenizer PATH")
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok = read_tokenizer(Path(tokenizer_path))
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise UserError("--prompt", "the prompt encodes to no tokens", "give a non-empty prompt")

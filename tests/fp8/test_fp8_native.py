@@ -280,6 +280,63 @@ def test_compiled_quantizer_equals_eager():
         assert torch.equal(v.view(torch.uint8), v2.view(torch.uint8)) and torch.equal(s, s2)
 
 
+
+_ISA_CHILD = r"""
+import torch
+from model.fp8 import scaled_mm as nat
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+bad = []
+for rows in (256, 384):
+    x = torch.randn(rows, 384, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(rows))
+    v, s = nat._quantize(x, 1, 128, True)
+    v2, s2 = nat.quantize_tiles(x, 1, 128)
+    if nat.COMPILE_ERROR is not None:
+        bad.append(nat.COMPILE_ERROR.replace(" ", "_")[:80])
+    elif not (torch.equal(v.view(torch.uint8), v2.view(torch.uint8)) and torch.equal(s, s2)):
+        bad.append(f"rows={rows}:different_bytes_or_scales")
+print(pick_vec_isa().bit_width(), " ".join(bad) or "ok")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_quantizer_ignores_an_inductor_cache_from_another_isa(tmp_path):
+    """Inductor's FX graph cache is not keyed on the CPU vector ISA: a graph cached under AVX-512 was served under
+    AVX2 (ATEN_CPU_CAPABILITY=avx2, or another machine sharing the cache dir) and gave wrong bytes, under
+    ATEN_CPU_CAPABILITY=default a compile error. Populate one cache dir natively, then quantize under a narrower
+    ISA: bit-equal to eager (scripts/repro_inductor_isa_cache.py is the torch-only repro). ~40 s on CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def child(capability):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", _ISA_CHILD], env=env, cwd=root, capture_output=True, text=True,
+                             timeout=400)
+        assert out.returncode == 0, out.stderr[-2000:]
+        width, result = out.stdout.strip().splitlines()[-1].split(" ", 1)
+        return int(width), result
+
+    width, result = child(None)
+    if result.startswith("BackendCompilerFailed") or "Error" in result:
+        pytest.skip(f"torch.compile unavailable: {result}")
+    assert result == "ok"
+    if width == 0:
+        pytest.skip("no CPU vector ISA for inductor here: nothing to mix up")
+    narrower = "avx2" if width == 512 and "avx2" in str(_valid_isas()) else "default"
+    assert child(narrower) == ((256 if narrower == "avx2" else 0), "ok"), narrower
+
+
+def _valid_isas():
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return [str(isa) for isa in valid_vec_isa_list()]
+
 # ---- errors and wiring ------------------------------------------------------------------------------------------
 def test_errors_are_one_line():
     with pytest.raises(NativeFP8Unavailable) as e:

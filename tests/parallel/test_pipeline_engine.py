@@ -3,16 +3,13 @@
 import pytest
 
 from parallel.spawn import run_ranks
-from tests.parallel.engine_workers import assert_params_close, run_engine
+from tests.parallel.engine_workers import assert_matches, run_engine
 
-# Gradients are summed in another order than in the single-process model (microbatches interleave, W runs
-# late, mirror copies add up), so they agree to fp32 reassociation (checked to 1e-5 in
-# test_pipeline_runtime.py). AdamW divides by sqrt(v), so for gradient entries that are sums of nearly
-# cancelling terms (e.g. the rope-key rows at init, where attention is almost uniform) reassociation noise
-# becomes part of the update. Parameters are therefore checked two ways: on average to 1e-6 (a wrong or
-# missing gradient, or a grad norm that misses a stage, moves whole tensors: 5e-5 was seen for the latter)
-# and element-wise: a handful of entries may take the opposite Adam step (see assert_params_close). Losses:
-# step 1 sees identical weights (1e-6 relative); step 2 inherits the parameter tolerance (1e-5 relative).
+# Gradients are summed in another order than in the single-process model (microbatches interleave, W runs late,
+# mirror copies add up), so they agree to fp32 reassociation: the first step's gradients as ZeRO-1 hands them to
+# the optimizer and the grad norm it clips by are compared directly, the parameters after two AdamW steps through
+# an eps that keeps the update Lipschitz in the gradient, the losses to first order (tests/parallel/engine_workers).
+# A missing mirror sum halves a stage's gradients; a stage counted twice in the norm moves it by ~10%.
 
 
 @pytest.mark.multiprocess
@@ -27,8 +24,4 @@ from tests.parallel.engine_workers import assert_params_close, run_engine
 def test_engine_steps_equal_single_process(schedule, world, pp, microbatches, clip, layers):
     reports = run_ranks(world, run_engine, schedule, pp, microbatches, 2, clip, layers)
     for rep in reports:
-        assert rep["n"] > 0
-        (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
-        assert abs(got1 - want1) <= 1e-6 * abs(want1), (rep["losses"], rep["ref_losses"])
-        assert abs(got2 - want2) <= 1e-5 * abs(want2), (rep["losses"], rep["ref_losses"])
-        assert_params_close(rep)
+        assert_matches(rep)
