@@ -46,6 +46,9 @@ class ShardInfo:
     end_doc: int
     end_offset: int
     max_doc_tokens: int  # longest document finished so far in the split (running maximum)
+    # The largest token id in NAME.bin (-1 if empty), so a reader can refuse ids its model cannot embed
+    # without reading the shard. None in manifests written before it was recorded: the reader computes it.
+    max_id: int | None = None
 
     @property
     def bin_file(self) -> str:

@@ -192,7 +192,9 @@ class _Preparation:
         remove_tmp_files(self.out)
         prev, manifest = self._previous()
         if manifest is not None and self._all_intact(manifest):
+            self._record_max_ids(manifest)
             self.log(f"{self.out} is up to date ({manifest.splits['train'].num_tokens:,} train tokens)")
+            self._warn_empty_val(manifest)
             return manifest
         # From here on the directory is being changed: it must not look finished to a reader.
         (self.out / MANIFEST_FILE).unlink(missing_ok=True)
@@ -263,7 +265,32 @@ class _Preparation:
             f"tokens in {len(splits['train'].shards)}+{len(splits['val'].shards)} shards, "
             f"{elapsed:.1f} s ({rate:,.0f} tokens/s tokenizing)"
         )
+        self._warn_empty_val(manifest)
         return manifest
+
+    def _warn_empty_val(self, m: Manifest) -> None:
+        """val_fraction > 0 that selected no document: say so (the trainer refuses it when it evaluates)."""
+        val = m.splits.get("val")
+        if self.cfg.val_fraction > 0 and (val is None or val.num_tokens == 0):
+            print(
+                f"data_prep: warning: val_fraction={self.cfg.val_fraction} selected none of the "
+                f"{m.splits['train'].num_docs} documents, so {self.out} has an empty validation split (training "
+                "with train.eval_batches>0 refuses it): use a corpus of more documents or a larger val_fraction",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _record_max_ids(self, m: Manifest) -> None:
+        """A manifest written before shards recorded their largest token id gets them (a cheap read)."""
+        missing = [s for split in m.splits.values() for s in split.shards if s.max_id is None]
+        if not missing:
+            return
+        dtype = np.dtype(m.dtype).newbyteorder("<")
+        for s in missing:
+            tokens = np.fromfile(self.out / s.bin_file, dtype=dtype)
+            s.max_id = int(tokens.max()) if len(tokens) else -1
+        write_manifest(self.out, m)
+        self.log(f"recorded the largest token id of {len(missing)} shard(s) in {self.out / MANIFEST_FILE}")
 
     def _all_intact(self, m: Manifest) -> bool:
         if _file_sha(Path(m.tokenizer_path)) != m.tokenizer_sha256:

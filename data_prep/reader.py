@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from data_prep.errors import DataError
-from data_prep.manifest import check_vocab
 from data_prep.order import Blend, EpochOrder
 from data_prep.sources import TokenSource, open_source
 
@@ -193,17 +192,17 @@ def _open_all(
         raise DataError("no data directories given: set data_dirs=[<prepared dir>, ...]")
     if weights is not None and len(weights) != len(data_dirs):
         raise DataError(f"{len(weights)} weights for {len(data_dirs)} data directories: give one weight each")
-    sources = [open_source(d, split, verify) for d in data_dirs]
+    # each source refuses a tokenizer larger than the model, and shards recording ids it cannot embed
+    sources = [open_source(d, split, verify, model_vocab_size=model_vocab_size) for d in data_dirs]
     shas = {s.tokenizer_sha256 for s in sources if s.tokenizer_sha256}
     if len(shas) > 1:
         names = ", ".join(s.name for s in sources)
         raise DataError(
             f"datasets {names} were tokenized with different tokenizers: prepare them all with the same tokenizer.path"
         )
-    for s in sources:
-        manifest = getattr(s, "manifest", None)
-        if manifest is not None:
-            check_vocab(manifest, model_vocab_size)
+    if verify == "full":  # every shard hashed and its ids scanned now, so nothing surfaces mid-run
+        for s in sources:
+            s.verify_all()
     return sources
 
 

@@ -102,6 +102,7 @@ class ShardWriter:
             end_doc=self.end[0],
             end_offset=self.end[1],
             max_doc_tokens=self.max_doc_tokens,
+            max_id=int(tokens.max()) if len(tokens) else -1,
         )
         self.fill = 0
         self.doc_starts = []

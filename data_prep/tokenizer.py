@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,61 @@ _COMMON = {
     "bos": ["<|bos|>", "<s>", "<bos>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>"],
     "pad": ["<|pad|>", "<pad>", "[PAD]", "<｜▁pad▁｜>"],
 }
+
+
+# Texts longer than this many characters are given to a tokenizer in pieces (`split_text`). A tokenizer's
+# working state costs ~100x the text it is handed (per-byte alignments, then per-token strings, offsets and
+# masks), so one 42 MB line took 4-7 GB whole; in pieces the transient is ~25 MB per call whatever the line.
+# Cuts fall on pre-token boundaries, so tokens and shards are those of whole documents (checked on the stdlib,
+# whose 760k-character pydoc_data/topics.py is cut in three).
+PIECE_CHARS = 1 << 18
+
+# The last space that follows a non-whitespace character, searched backwards from the end (greedy `.*`).
+_LAST_CUT = re.compile(r"(?s).*\S( )")
+
+
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` as consecutive pieces of at most `max_chars` characters ("".join(pieces) == text).
+
+    Each cut goes just before a space that follows a non-whitespace character: there, GPT-2 / tiktoken-style
+    regex pre-tokenizers and Metaspace always start a new pre-token (a space only ever leads a pre-token or
+    belongs to a run of whitespace), and BPE never merges across pre-tokens, so the pieces' tokens
+    concatenate to the whole text's tokens (`splits_cleanly` checks a tokenizer for it). A stretch of
+    `max_chars` characters without such a space is cut at `max_chars`.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        m = _LAST_CUT.match(text, start, end + 1)
+        cut = m.start(1) if m else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+_PROBE = (
+    "def f(x, y=2):\n    return x  +  y # it's 'quoted', they've 12345 and 3.14\n\n\tclass A:  pass\r\n"
+    "Ünïcödé wörds, 漢字 かな and emoji 🙂 ; end.  \n  trailing   spaces   here "
+)
+
+
+def splits_cleanly(tok: Tokenizer) -> bool:
+    """Whether cutting text as `split_text` does leaves this tokenizer's output unchanged.
+
+    True for byte-level BPEs (GPT-2, tiktoken-style, DeepSeek) and Metaspace ones; False e.g. for
+    sentencepiece conversions that prepend "▁" in the normalizer (every piece would gain one).
+    """
+    if tok.pre_tokenizer is None:  # the whole text is one word: merges may cross spaces
+        return False
+    cuts = [m.start() for m in re.finditer(r"(?<=\S) ", _PROBE)]
+    pieces = [_PROBE[a:b] for a, b in zip([0, *cuts], [*cuts, len(_PROBE)])]
+    whole = tok.encode(_PROBE, add_special_tokens=False).ids
+    parts = [i for e in tok.encode_batch(pieces, add_special_tokens=False) for i in e.ids]
+    return whole == parts
 
 
 @dataclass
@@ -47,7 +103,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    # long texts in pieces (cut at pre-token boundaries, so the word counts are the same): bounded memory
+    tok.train_from_iterator((p for t in texts for p in split_text(t)), trainer)
     return _info(tok, {"bos": BOS, "eos": EOS, "pad": PAD}, "trained")
 
 

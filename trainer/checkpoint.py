@@ -39,7 +39,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint_manifest import MANIFEST_FILE, hash_files, list_files, verify, write_manifest
+from trainer.checkpoint_manifest import (
+    MANIFEST_FILE,
+    DamagedFile,
+    hash_files,
+    list_files,
+    load_torch,
+    verify,
+    write_manifest,
+)
 from trainer.errors import UserError
 
 META_FILE = "meta.json"
@@ -147,12 +155,13 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 def candidates(ckpt_dir: Path) -> list[Path]:
     """Checkpoints with a meta.json (readable or not), the one `latest` names first, then newest first."""
     found = complete_checkpoints(ckpt_dir)[::-1]
-    latest = ckpt_dir / LATEST_FILE
-    if latest.is_file():
-        named = ckpt_dir / latest.read_text().strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
+    try:
+        named = ckpt_dir / (ckpt_dir / LATEST_FILE).read_text().strip()
+    except (OSError, ValueError):  # no `latest` (or a damaged one): newest first
+        named = None
+    if named in found:
+        found.remove(named)
+        found.insert(0, named)
     return found
 
 
@@ -261,11 +270,9 @@ def model_shape_changes(path: Path, model: dict[str, Any]) -> list[tuple[str, An
 def load_file(path: Path, fix: str | None = None, **kwargs: Any) -> Any:
     """torch.load that names the file when it cannot be read (truncated, corrupt): a UserError, no traceback."""
     try:
-        return torch.load(path, **kwargs)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # RuntimeError (zip reader), EOFError, UnpicklingError, ...: the bytes are bad
-        raise damaged_file(path, f"unreadable, the file is truncated or corrupt ({_short(e)})", fix) from None
+        return load_torch(path, **kwargs)
+    except DamagedFile as e:
+        raise damaged_file(e.path, e.problem, fix) from None
 
 
 def damaged_file(path: Path, problem: str, fix: str | None = None) -> UserError:
@@ -444,7 +451,10 @@ class Checkpointer:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint {path}")
         from trainer.expert_files import load_expert_shard
 
-        load_expert_shard(engine.module, path)
+        try:
+            load_expert_shard(engine.module, path)
+        except DamagedFile as e:
+            raise damaged_file(e.path, e.problem) from None
         rng_file = path / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(load_file(rng_file, weights_only=True))
@@ -517,7 +527,10 @@ def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         module.update(load_file(f, _export_fix(ckpt), map_location="cpu", weights_only=True)["module"])
     from trainer.expert_files import gather_expert_files  # an ep > 1 checkpoint: experts from experts/ep_rank_*.pt
 
-    module = gather_expert_files(ckpt, module)
+    try:
+        module = gather_expert_files(ckpt, module)
+    except DamagedFile as e:
+        raise damaged_file(e.path, e.problem, _export_fix(ckpt)) from None
     cfg_file = ckpt / "model_config.json"
     try:
         model_cfg = json.loads(cfg_file.read_text())

@@ -15,6 +15,8 @@ files) and at resume (split over all ranks); sha256 runs at about 1-2 GB/s per c
 
 A checkpoint written before manifests existed is accepted: its sizes cannot be checked, only that every torch
 file is a readable zip archive (a truncated one is not; its end-of-archive record is gone).
+
+`load_torch` reads a checkpoint's torch file; one that cannot be read is a `DamagedFile` (a UserError naming it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.atomic import file_sha256
+from trainer.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
@@ -35,6 +38,27 @@ Entry = dict[str, Any]  # {"size": int, "sha256": str}
 
 class ManifestError(ValueError):
     """manifest.json itself is unreadable (cut or corrupt)."""
+
+
+class DamagedFile(UserError):
+    """A checkpoint file that cannot be read: one line naming it (trainer/checkpoint.py adds which checkpoint
+    to use instead)."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str = "restore it, or use an earlier checkpoint") -> None:
+        super().__init__(str(path), problem, fix)
+        self.path = Path(path)
+
+
+def load_torch(path: Path, **kwargs: Any) -> Any:
+    """torch.load that names the file when its bytes cannot be read (truncated, corrupt): DamagedFile."""
+    import torch
+
+    try:
+        return torch.load(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # RuntimeError (the zip reader), EOFError, UnpicklingError, ...
+        raise DamagedFile(path, f"unreadable, the file is truncated or corrupt ({_short(e)})") from None
 
 
 def relative(root: Path, path: Path) -> str:
@@ -114,7 +138,7 @@ def structure_problem(root: Path, rel: str) -> str | None:
         with zipfile.ZipFile(root / rel):
             return None
     except (OSError, zipfile.BadZipFile) as e:
-        return f"{rel}: not a readable torch file, truncated? ({_short(e)})"
+        return f"{rel}: not a readable torch file, truncated or corrupt ({_short(e)})"
 
 
 def plan(root: Path, exclude: Iterable[str], only: Iterable[str] | None = None

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from data_prep.errors import DataError
 from data_prep.reader import TokenStream, validation_batches
 from data_prep.sources import open_source
 from trainer.config import JobConfig
+from trainer.errors import UserError
 from trainer.validate import Layout
 
 
@@ -34,6 +36,25 @@ def eval_batches(cfg: JobConfig, layout: Layout, dp_rank: int) -> Iterator[dict[
         weights=None if d.weights is None else list(d.weights), mode=d.mode, verify=d.verify, split="val",
         dp_rank=dp_rank, dp_size=layout.dp, model_vocab_size=cfg.model.vocab_size,
     )
+
+
+def check_before_training(cfg: JobConfig, layout: Layout, dp_rank: int) -> None:
+    """Open the data as the run will, so what would fail mid-run fails now (one line, exit code 2).
+
+    The training split: geometry, shard sizes, the token ids its manifest records (data.verify=full: every
+    shard hashed and scanned). With evaluation on, this rank's validation batches are read once: every shard
+    an evaluation touches is size-checked and scanned for ids outside the vocabulary, and a split too small
+    for one microbatch per rank is refused here rather than at the final evaluation.
+    """
+    train_stream(cfg, layout, dp_rank)  # raises DataError ("data: ..." line)
+    if cfg.train.eval_batches <= 0:
+        return
+    try:
+        for _ in eval_batches(cfg, layout, dp_rank):
+            pass
+    except DataError as e:
+        raise UserError("data.dirs", f"validation data: {e}",
+                        "or set train.eval_batches=0 to train without evaluation") from None
 
 
 def unigram_entropy(data_dirs: list[str], split: str = "train", vocab_size: int | None = None) -> float:

@@ -17,6 +17,7 @@ from parallel.expert_shard import (
     gather_expert_state,
     is_expert_key,
 )
+from trainer.checkpoint_manifest import load_torch
 
 EXPERT_DIR = "experts"
 
@@ -71,9 +72,7 @@ def load_expert_shard(module: nn.Module, ckpt: Path) -> bool:
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt}: expert shard {path.name} is missing (written with another pipeline "
                                 f"layout?); resume with the parallel settings the checkpoint was written with")
-    from trainer.checkpoint import load_file
-
-    shard = load_file(path, map_location="cpu", weights_only=True)["module"]
+    shard = load_torch(path, map_location="cpu", weights_only=True)["module"]
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in shard.items():
@@ -101,8 +100,6 @@ def gather_expert_files(ckpt: Path, module_state: dict[str, torch.Tensor]) -> di
     """The full model's state: `module_state` (the union of the mp_rank files, ep rank 0's experts) with every
     expert weight replaced by all ep ranks' shards concatenated (per pipeline rank for a pipeline checkpoint).
     A checkpoint without `experts/` is returned as is."""
-    from trainer.checkpoint import load_file
-
     ep_size = checkpoint_ep_size(ckpt)
     pipes = _pipe_ranks(ckpt)
     if not pipes:
@@ -114,7 +111,7 @@ def gather_expert_files(ckpt: Path, module_state: dict[str, torch.Tensor]) -> di
             path = expert_file(ckpt, k, pipe)
             if not path.is_file():
                 raise FileNotFoundError(f"{ckpt}: expert shard {path.name} is missing (ep={ep_size} checkpoint)")
-            shard = load_file(path, map_location="cpu", weights_only=True)
+            shard = load_torch(path, map_location="cpu", weights_only=True)
             if shard["ep_size"] != ep_size or shard["ep_rank"] != k:
                 raise ValueError(f"{path}: holds ep rank {shard['ep_rank']} of {shard['ep_size']}, expected {k} "
                                  f"of {ep_size}")

@@ -28,7 +28,7 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
-from trainer.checkpoint import load_module_state, read_meta, resolve_checkpoint
+from trainer.checkpoint import fsync_dir, fsync_file, load_module_state, read_meta, resolve_checkpoint
 from trainer.errors import UserError, run_reporting_user_errors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -102,12 +102,16 @@ def export_is_complete(out: str | Path, checkpoint: Path) -> bool:
         return False
 
 
+def _is_ours(name: str) -> bool:
+    """A file an export writes (a previous export's, possibly cut short)."""
+    return name in _OURS or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Put the finished `tmp` in place of `out` (two renames); files of `out` the export does not write stay."""
     if out.is_dir():
         for p in out.iterdir():
-            stale = p.name in _OURS or (p.name.startswith("model-") and p.name.endswith(".safetensors"))
-            if not stale and not (tmp / p.name).exists():
+            if not _is_ours(p.name) and not (tmp / p.name).exists():
                 os.replace(p, tmp / p.name)
         old = out.parent / f".{out.name}.export-old-{os.getpid()}"
         os.replace(out, old)
@@ -130,9 +134,9 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", fp8: bo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError("OUT", f"{out} is a file", "pass a directory (it is created)")
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("config.json", MARKER)):
-        raise UserError("OUT", f"{out} is not empty and holds no Hugging Face export (no config.json) to replace",
-                        "pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not any(_is_ours(p.name) for p in out.iterdir()):
+        raise UserError("OUT", f"{out} is not empty and holds no Hugging Face export (no config.json, no "
+                        "*.safetensors) to replace", "pass a new or empty directory")
     model = load_model(ckpt)
     meta = read_meta(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +149,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", fp8: bo
         write_tokenizer(tok, ids, tmp)
     marker = {"checkpoint": ckpt.name, "step": meta["step"], "source": str(ckpt), "dtype": dtype, "fp8": fp8}
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    for f in tmp.iterdir():  # on disk before the rename makes them the export
+        fsync_file(f)
+    fsync_dir(tmp)
     _replace_dir(tmp, out)
+    fsync_dir(out.parent)
     return out
 
 

@@ -83,21 +83,118 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
     check_finite(job)
     layout = validate(job, env.world_size, env.device)
     check_cluster_config(job.train)
+    # checkpoint.dir must take files: found now, not at the first save after the training it was to keep
+    probe = paths.ckpt_dir / f".write-probe-{os.uname().nodename}-{os.getpid()}"
+    try:
+        paths.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        raise UserError("checkpoint.dir", f"cannot write to {paths.ckpt_dir} ({e.strerror or e})",
+                        "set checkpoint.dir (or run_dir) to a writable directory with free space, or fix its "
+                        "permissions") from None
+    from trainer.data import check_before_training  # imports torch: only once the config is sound
+
+    check_before_training(job, layout, dp_rank(env, layout.pp))  # bad ids, too little validation data
     return job, resolved, layout, env, paths
 
 
 def find_resume_point(cfg: JobConfig, ckpt_dir: Path) -> Path | None:
-    from trainer.checkpoint import find_latest, resolve_checkpoint
+    """The checkpoint to resume from: the newest that verifies against its manifest (collective: every rank
+    calls it, the files are hashed split over the ranks). A damaged newest one costs a warning line and the one
+    before it is used; none intact is a UserError (exit 2) before anything is written."""
+    from trainer.checkpoint import find_intact, resolve_intact
 
     mode = cfg.train.resume
     if mode == "never":
         return None
     if mode == "auto":
-        return find_latest(ckpt_dir)
+        return find_intact(ckpt_dir)
     try:
-        return resolve_checkpoint(mode)
+        return resolve_intact(mode)
     except FileNotFoundError as e:
         raise UserError("train.resume", str(e), "pass a checkpoint directory, or train.resume=auto") from None
+
+
+def check_model_shape(job: JobConfig, resume_path: Path) -> None:
+    """A checkpoint loads only into a model of its shape: one line naming the keys, before anything is written."""
+    from trainer.checkpoint import model_shape_changes
+
+    changes = model_shape_changes(resume_path, job.model.to_dict())
+    if changes:
+        keys = ", ".join(f"model.{k}" for k, _, _ in changes)
+        saved = ", ".join(f"model.{k}={old}" for k, old, _ in changes)
+        now = ", ".join(f"model.{k}={new}" for k, _, new in changes)
+        raise UserError(keys, f"{resume_path} holds a model with {saved}, this run has {now} (the weights do not "
+                        "fit another shape)", f"set {saved} to resume, or start over with train.resume=never")
+
+
+def _finished_already(job: JobConfig, env: DistEnv, paths: RunPaths, resume_path: Path,
+                      meta: dict[str, Any]) -> dict[str, Any]:
+    """A rerun of a job that has reached train.steps: nothing to train. Finish what a kill may have cut short:
+    the HF export (redone unless its marker names this checkpoint) and summary.json (its numbers kept, missing
+    ones taken from metrics.jsonl; written atomically, so the old one stays until the new one is complete)."""
+    summary_file = paths.run_dir / "summary.json"
+    previous = _read_summary(summary_file)
+    summary = dict(previous or {})
+    for key, value in _summary_from_metrics(paths, meta).items():
+        if summary.get(key) is None:
+            summary[key] = value
+    if not env.is_main:
+        return summary
+    print(f"done already: {resume_path} is step {meta['step']} of train.steps={job.train.steps}", flush=True)
+    if job.checkpoint.export_hf:
+        from trainer.export_hf import export, export_is_complete
+
+        hf_dir = paths.run_dir / "hf"
+        if not export_is_complete(hf_dir, resume_path):
+            print(f"the Hugging Face export of {resume_path.name} in {hf_dir} is missing or incomplete: exporting "
+                  "it again", flush=True)
+            summary["hf_dir"] = str(export(resume_path, hf_dir))
+    if summary != previous:
+        _write_summary(paths.run_dir, summary)
+    return summary
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut by a kill before summaries were written atomically
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _summary_from_metrics(paths: RunPaths, meta: dict[str, Any]) -> dict[str, Any]:
+    """The summary's numbers as metrics.jsonl recorded them up to the checkpoint's step (last train and eval
+    rows, the data row of step 0)."""
+    from trainer.report.plots import read_jsonl
+
+    rows = [r for r in read_jsonl(paths.run_dir / "metrics.jsonl") if r["step"] <= meta["step"]]
+
+    def last(kind: str) -> dict[str, Any]:
+        return next((r for r in reversed(rows) if r.get("kind") == kind), {})
+
+    train, ev, data = last("train"), last("eval"), last("data")
+    return {
+        "step": meta["step"], "tokens_seen": meta.get("tokens_seen"), "train_lm_loss": train.get("train/lm_loss"),
+        "val_lm_loss": ev.get("eval/lm_loss"), "val_ppl": ev.get("eval/ppl"),
+        "val_mtp_acceptance": ev.get("eval/mtp_acceptance"), "unigram_entropy": data.get("data/unigram_entropy"),
+        "tokens_per_s": train.get("train/tokens_per_s"), "checkpoint": str(paths.ckpt_dir / "latest"),
+        "run_dir": str(paths.run_dir), "skipped_steps": train.get("train/skipped_steps"),
+    }
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json, atomically (temp file, fsync, rename): a kill leaves the previous one whole."""
+    from trainer.checkpoint import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -148,11 +245,9 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     my_dp_rank = dp_rank(env, layout.pp)
     resume_path = find_resume_point(job, paths.ckpt_dir)  # torn saves (.tmp-*) are never candidates
     meta = read_meta(resume_path) if resume_path is not None else {}
-    if meta.get("step", -1) >= job.train.steps and (paths.run_dir / "summary.json").is_file():
-        # a requeued job (or sweep) that had already finished: nothing to train, keep its summary
-        if env.is_main:
-            print(f"done already: {resume_path} is step {meta['step']} of train.steps={job.train.steps}", flush=True)
-        return json.loads((paths.run_dir / "summary.json").read_text())
+    if resume_path is not None and meta["step"] >= job.train.steps:
+        # a requeued job (or sweep) that had already finished: keep its summary, redo an export a kill cut short
+        return _finished_already(job, env, paths, resume_path, meta)
     for key, now in (("pp", layout.pp), ("ep", layout.ep), ("schedule", job.parallel.schedule)):
         if meta and meta.get(key, now) != now:  # the shards (pipeline stages, experts, ZeRO) are laid out per rank
             raise UserError(f"parallel.{key}", f"{resume_path} was saved with parallel.{key}={meta[key]}, this run "
@@ -163,6 +258,8 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         raise UserError("train.resume", f"{resume_path} was saved with dp={meta['dp']} data-parallel ranks, this run "
                         f"has dp={layout.dp} (ZeRO-1 optimizer shards are per rank)",
                         f"launch {meta['dp'] * layout.pp} ranks, or start over with train.resume=never")
+    if resume_path is not None:
+        check_model_shape(job, resume_path)  # before config.yaml is overwritten
     if env.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -256,7 +353,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         summary["hf_dir"] = str(export(paths.ckpt_dir, paths.run_dir / "hf"))
     logger.finish(dict(state.expert_load) if state.expert_load else None)
     if env.is_main:
-        (paths.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+        _write_summary(paths.run_dir, summary)
         print(_summary_line(summary), flush=True)
     return summary
 

@@ -146,9 +146,10 @@ def _check_model_fit(cfg: JobConfig) -> None:
 
 
 def _check_data(cfg: JobConfig) -> int:
-    """Every data dir prepared, one tokenizer, and a vocabulary the model's embedding can hold."""
+    """Every data dir prepared, one tokenizer, a vocabulary the model's embedding can hold, no recorded token id
+    outside it, and validation data when the run evaluates (the reader's own checks run in trainer/data.py)."""
     from data_prep.errors import DataError
-    from data_prep.manifest import read_manifest
+    from data_prep.manifest import Manifest, read_manifest
 
     d = cfg.data
     _need(len(d.dirs) >= 1, "data.dirs", "no data directory given", "set data.dirs=[data/python_stdlib]")
@@ -159,7 +160,9 @@ def _check_data(cfg: JobConfig) -> int:
           "use positive blend weights")
     _need(d.mode in ("pack", "pad"), "data.mode", f"unknown mode {d.mode!r}", "use pack or pad")
     _need(d.verify in ("size", "full"), "data.verify", f"unknown mode {d.verify!r}", "use size or full")
+    evaluates = cfg.train.eval_batches > 0
     vocab = 0
+    manifests: list[tuple[str, Manifest]] = []
     for directory in d.dirs:
         path = Path(directory)
         if path.is_dir():
@@ -169,15 +172,35 @@ def _check_data(cfg: JobConfig) -> int:
                 raise UserError("data.dirs", f"{directory} is not a prepared data directory ({e})",
                                 f"run `python -m data_prep out_dir={directory}` first") from None
             vocab = max(vocab, manifest.vocab_size)
+            manifests.append((directory, manifest))
         else:
             # A Megatron PREFIX.bin/.idx pair has no manifest; the reader checks it when it opens it.
             megatron = Path(str(path) + ".bin").exists() or path.suffix == ".bin" and path.exists()
             _need(megatron, "data.dirs", f"{directory} does not exist",
                   f"prepare it with `python -m data_prep out_dir={directory}` (scripts/train.sh does this "
                   "for the default corpus)")
+            _need(not evaluates, "train.eval_batches",
+                  f"{directory} is a Megatron .bin/.idx pair, which has no validation split",
+                  "set train.eval_batches=0, or train on a data_prep directory (it has a val split)")
     _need(vocab <= cfg.model.vocab_size, "model.vocab_size",
           f"the tokenizer has {vocab} tokens but the model's embedding holds {cfg.model.vocab_size}",
           f"set model.vocab_size>={vocab} or prepare the data with tokenizer.vocab_size<={cfg.model.vocab_size}")
+    for directory, manifest in manifests:
+        limit = min(manifest.vocab_size, cfg.model.vocab_size)
+        for split in ("train", "val") if evaluates else ("train",):
+            info = manifest.splits.get(split)
+            for shard in info.shards if info is not None else []:
+                # the largest id of each shard, as data_prep recorded it (older manifests: the reader scans)
+                _need(shard.max_id is None or shard.max_id < limit, "data.dirs",
+                      f"{Path(directory) / shard.bin_file} holds token id {shard.max_id}, outside the vocabulary "
+                      f"(the tokenizer's {manifest.vocab_size} ids, model.vocab_size={cfg.model.vocab_size})",
+                      f"rerun `python -m data_prep out_dir={directory} ...` with the tokenizer the model was meant "
+                      "for (or overwrite=true) to rebuild it")
+        val = manifest.splits.get("val")
+        _need(not evaluates or (val is not None and val.num_tokens > 0), "train.eval_batches",
+              f"{directory} has an empty validation split (prepared with "
+              f"val_fraction={manifest.params.get('val_fraction')}), but the run evaluates {cfg.train.eval_batches} "
+              "microbatches", "prepare it with more documents or a larger val_fraction, or set train.eval_batches=0")
     return vocab
 
 

@@ -31,10 +31,10 @@ def test_bf16_moments_follow_adamw_and_halve_the_state():
 
 @pytest.mark.multiprocess
 def test_zero1_client_optimizer_with_bf16_moments():
-    """ZeRO-1 over 2 ranks shards the client optimizer's states (kept in BF16) and steps like the optimizer
-    alone on the whole batch (fp32 reassociation of the gradient sum apart)."""
+    """ZeRO-1 over 2 ranks shards the client optimizer's states (kept in BF16) and, given the same gradients,
+    steps like the optimizer alone (to one BF16 rounding step of a moment: see the worker)."""
     reports = run_ranks(2, run_zero1_bf16_moments, 3)
     for rep in reports:
         assert rep["optimizer"] == "BF16MomentsAdamW"
         assert rep["moment_dtypes"] == ["torch.bfloat16"]
-        assert rep["max_param_diff"] < 1e-4, rep
+        assert rep["worst"][0] <= 1.0, rep["worst"]

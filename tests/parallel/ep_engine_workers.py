@@ -14,7 +14,7 @@ import torch.distributed as dist
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
 from tests.parallel import engine_workers
-from tests.parallel.engine_workers import LR, WD, reference_steps
+from tests.parallel.engine_workers import EPS, LR, WD, capture_grads, compare, reference_steps
 from tests.parallel.pipeline_workers import MICRO, make_batches
 
 # Router biases for selection only (scores lie in (0, 1), so +-10 decides): experts 1, 2 and 6 never chosen
@@ -48,20 +48,23 @@ def ds_config(world: int, microbatches: int, clip: float) -> dict:
     return {
         "train_batch_size": MICRO * microbatches * world, "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": microbatches,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WD,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": EPS, "weight_decay": WD,
                                                    "torch_adam": True}},
         "zero_optimization": {"stage": 1}, "gradient_clipping": clip, "steps_per_print": 2**31 - 1,
     }
 
 
-def reference_grad_norm(cfg, batches) -> float:
-    """The global grad norm of the first step (initial weights) in one process."""
-    torch.manual_seed(0)
-    model = skewed_model(cfg).train()
-    for b in batches:
-        (model(b["tokens"]).loss / len(batches)).backward()
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
-                                                       if p.grad is not None])))
+def gather_full(local: dict[str, torch.Tensor], ranks: list[int]) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the whole model from every rank's (collective over the world): expert shards of the
+    `ranks` of each pipeline rank concatenated (ep ranks 0..ep-1 of one EP group per pipeline rank)."""
+    from parallel.expert_shard import gather_expert_state
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {n: t.detach().clone() for n, t in local.items()})
+    full: dict = {}
+    for group in ranks:
+        full.update(gather_expert_state([everyone[r] for r in group]))
+    return full
 
 
 def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int, clip: float, ckpt: str) -> dict:
@@ -70,7 +73,6 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
     from parallel.expert_groups import is_expert_param
-    from parallel.expert_shard import gather_expert_state
     from parallel.topology import PipelineTopology
     from tests.parallel.engine_workers import build_schedule
     from trainer.checkpoint import Checkpointer
@@ -90,6 +92,7 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
         return sched
 
     sched = schedule(0)
+    grads = capture_grads(sched.engine, sched.module.named_parameters())
     n_marked = sum(is_expert_param(p) for p in sched.module.parameters())
     all_batches = make_batches(cfg, steps * microbatches * world)
     per_step = [all_batches[s * microbatches * world:(s + 1) * microbatches * world] for s in range(steps)]
@@ -106,15 +109,13 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
         losses.append(float(vec) / world)
         biases.append({i: r.e_score_correction_bias.clone() for i, r in routers.items()})
 
-    # every rank's weights, gathered to the full model (ep ranks 0..ep-1 of the first EP group)
+    # every rank's weights and first-step gradients, gathered to the full model (ep ranks 0..ep-1 of the first
+    # EP group)
     state = {n: t.detach().clone() for n, t in sched.module.state_dict().items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, state)
-    full = gather_expert_state(everyone[:ep])
+    full = gather_full(state, [list(range(ep))])
     with skewed_reference():
-        ref_losses, ref_state = reference_steps(cfg, per_step, clip)
-    diffs = torch.cat([(t - ref_state[n]).abs().flatten().double() for n, t in full.items()])
-    ref_norm = reference_grad_norm(cfg, per_step[0])
+        ref = reference_steps(cfg, per_step, clip)
+    report = compare(ref, gather_full(grads, [list(range(ep))]), norms[0], full, losses, steps)
     empty = {i: [e for e, c in enumerate(row.tolist()) if c == 0] for i, row in counts.items()}
 
     # the checkpoint as the trainer writes it (DeepSpeed's files plus our expert shards), through the Checkpointer
@@ -133,11 +134,8 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     resume_diffs = {n: float((resumed[n] - t).abs().max()) for n, t in state.items() if t.is_floating_point()}
     resume_diff = max(resume_diffs.values())
     return {
-        "losses": losses, "ref_losses": ref_losses, "norms": norms, "ref_norm": ref_norm,
-        "max_param_diff": float(diffs.max()),
-        "outliers": int((diffs > 1e-4).sum()), "numel": diffs.numel(), "mean_param_diff": float(diffs.mean()),
-        "n": len(full),
-        "n_marked": n_marked, "bias_diff": max(float((b - ref_state[f"{name}.e_score_correction_bias"]).abs().max())
+        **report, "n": len(full), "n_ref": len(ref.state),
+        "n_marked": n_marked, "bias_diff": max(float((b - ref.state[f"{name}.e_score_correction_bias"]).abs().max())
                                                 for name, b in _bias_names(sched.module, biases[-1]).items()),
         "biases": {i: b.tolist() for i, b in biases[-1].items()}, "empty_last_step": empty,
         "logits": logits.tolist(), "probe": probe.tolist(), "resume_diff": resume_diff,  # no tensors: queue
@@ -169,7 +167,6 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from parallel.expert_shard import gather_expert_state
     from parallel.topology import PipelineTopology
     from tests.parallel.engine_workers import build_schedule
     from tests.parallel.engine_workers import ds_config as pipe_ds_config
@@ -184,37 +181,33 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
                            overlap_ep=overlap)
     with torch.no_grad():
         skew(sched.module)
+    grads = capture_grads(sched.engine, sched.module.named_parameters())
     all_batches = make_batches(cfg, steps * microbatches * dp)
     per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
     routers = moe_routers(sched.module)
-    losses, counts = [], {}
+    losses, counts, norms = [], {}, []
     for s in range(steps):
         mine = per_step[s][topo.dp_rank * microbatches:(topo.dp_rank + 1) * microbatches]
         if s == steps - 1:
             sched.record_next_step()
         out = sched.train_batch(iter(mine))
+        norms.append(float(sched.engine.get_global_grad_norm()))
         counts = update_router_biases(routers, group=sched.counts_group)
         vec = out.loss.double().clone()
         dist.all_reduce(vec, group=topo.groups["data"])
         losses.append(float(vec) / dp)
     events = sched.take_timeline()
 
-    # the full model: every rank's state, expert shards gathered per pipeline rank, stages united
-    state = {n: t.detach().clone() for n, t in sched.module.state_dict().items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, state)
-    full: dict = {}
-    for p in range(pp):
-        full.update(gather_expert_state([everyone[topo.global_rank(p, d)] for d in range(ep)]))
+    # the full model: every rank's state and gradients, expert shards gathered per pipeline rank, stages united
+    ranks = [[topo.global_rank(p, d) for d in range(ep)] for p in range(pp)]
+    full = gather_full(sched.module.state_dict(), ranks)
     with skewed_reference():
-        ref_losses, ref_state = reference_steps(cfg, per_step, clip)
-    diffs = torch.cat([(t - ref_state[n]).abs().flatten().double() for n, t in full.items()])
+        ref = reference_steps(cfg, per_step, clip)
+    report = compare(ref, gather_full(grads, ranks), norms[0], full, losses, steps)
     empty = {i: [e for e, c in enumerate(row.tolist()) if c == 0] for i, row in counts.items()}
     return {
-        "losses": losses, "ref_losses": ref_losses, "max_param_diff": float(diffs.max()),
-        "outliers": int((diffs > 1e-4).sum()), "numel": diffs.numel(),
-        "mean_param_diff": float(diffs.mean()), "n": len(full), "n_ref": len(ref_state),
-        "bias_diff": max(float((full[n] - ref_state[n]).abs().max()) for n in full if n.endswith("correction_bias")),
+        **report, "n": len(full), "n_ref": len(ref.state),
+        "bias_diff": max(float((full[n] - ref.state[n]).abs().max()) for n in full if n.endswith("correction_bias")),
         "empty_last_step": empty,
         "a2a_events": sum(1 for e in events if e.kind == "all_to_all"),
         "a2a_seconds": sum(e.end - e.start for e in events if e.kind == "all_to_all"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from parallel.spawn import run_ranks
-from tests.parallel.engine_workers import assert_params_close
+from tests.parallel.engine_workers import assert_matches
 from tests.parallel.ep_engine_workers import run_ep_engine, run_pipeline_ep, run_pipeline_ep_grads
 
 
@@ -37,14 +37,12 @@ def test_pipeline_ep_gradients_equal_single_process(schedule, checkpointing):
 @pytest.mark.multiprocess
 def test_pipeline_ep_engine_steps_equal_single_process():
     """DualPipe pp=2 x dp=2 with ep=2 through its DeepSpeed engine (ZeRO-1 over the expert-DP groups, AdamW,
-    clipping): two steps equal single-process training (tolerances as in test_ep_engine.py)."""
+    clipping): first-step gradients and grad norm, two steps and their losses equal single-process training
+    (compared as in test_pipeline_engine.py)."""
     reports = run_ranks(4, run_pipeline_ep, "dualpipe", 2, 2, 4, 2, 1.0, 2, True)
     for rep in reports:
         assert rep["n"] == rep["n_ref"]
-        (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
-        assert abs(got1 - want1) <= 1e-6 * abs(want1), (rep["losses"], rep["ref_losses"])
-        assert abs(got2 - want2) <= 1e-5 * abs(want2), (rep["losses"], rep["ref_losses"])
-        assert_params_close(rep)
+        assert_matches(rep)
         # the bias update: global counts summed over the copies group, the same on every rank as in one process
         assert rep["bias_diff"] == 0.0
         assert all(set(empty) >= {1, 2, 6} for empty in rep["empty_last_step"].values())
@@ -58,9 +56,7 @@ def test_dp_twice_ep_engine_steps_equal_single_process(tmp_path):
     """pp=1, dp=4, ep=2: expert gradients summed over the expert-DP pairs, ZeRO-1 partitions there."""
     reports = run_ranks(4, run_ep_engine, 2, 2, 2, 1.0, str(tmp_path / "checkpoints"))
     for rep in reports:
-        (got1, got2), (want1, want2) = rep["losses"], rep["ref_losses"]
-        assert abs(got1 - want1) <= 1e-6 * abs(want1)
-        assert abs(got2 - want2) <= 1e-5 * abs(want2)
-        assert_params_close(rep)
-        assert rep["ref_norm"] > 1.0 and abs(rep["norms"][0] - rep["ref_norm"]) <= 1e-5 * rep["ref_norm"]
+        assert rep["n"] == rep["n_ref"]
+        assert_matches(rep)
+        assert rep["ref_norm"] > 1.0  # the clip is active
         assert rep["bias_diff"] == 0.0 and rep["resume_diff"] == 0.0

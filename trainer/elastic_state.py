@@ -1,0 +1,360 @@
+"""The layout-free training state: every tensor by its single-process name, as named slices, readable by any layout.
+
+A checkpoint written by one layout (dp, pp, ep, schedule) must resume under another. DeepSpeed's own files are
+cut by the layout that wrote them (one model file per pipeline rank, ZeRO-1 shards of each data-parallel
+group's flattened parameters, our expert files per ep rank), and its Universal Checkpointing reads each whole
+parameter before narrowing it and knows neither DualPipe's two stage copies nor our stacked expert tensors. So
+the state is written in one form that no layout owns:
+
+    state/index.json                 name -> global shape, dtypes, and where each piece of it lies
+    state/rank_<r>.safetensors       the pieces rank r owns, keyed "<kind>/<name>/<start>"
+
+A piece is a contiguous range [start, end) of a tensor flattened in row-major order (the single-process
+tensor: a routed-expert shard holding experts [lo, hi) is the range starting at lo x rows of the stacked
+global weight). Kinds: `param` (the model's weights, in the run's dtype), `master` (ZeRO-1's fp32 master
+weights), `exp_avg`, `exp_avg_sq` (Adam's moments, in their own dtype: BF16 moments stay BF16). Each rank
+writes exactly the ranges its ZeRO-1 partition updates, so every range is written once: DualPipe's mirror
+copies and 1F1B's tied embedding copy are marked `ds_pipe_replicated` and skipped, expert-DP replicas own
+disjoint partitions. Buffers (the routers' bias and counts) are written whole by one holder.
+
+Reading: a rank computes the ranges its new layout needs (the same walk) and reads only those slices
+(`safe_open(...).get_slice(key)[a:b]`): its own stages' weights, its own experts, its own partition of the
+masters and moments. No rank ever materialises the whole model or optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.moe import RoutedExperts
+
+STATE_DIR = "state"
+INDEX_FILE = "index.json"
+FORMAT = 1
+KINDS = ("param", "master", "exp_avg", "exp_avg_sq")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class ElasticStateError(ValueError):
+    """A layout-free state that cannot be read: names the file and what is wrong."""
+
+
+@dataclass
+class Piece:
+    """Range [start, end) of the flattened single-process tensor `name`, held by `tensor` (1-D, end - start)."""
+
+    name: str
+    kind: str
+    start: int
+    end: int
+    tensor: torch.Tensor
+
+
+@dataclass
+class Geometry:
+    shape: tuple[int, ...]  # the single-process shape
+    base: int  # where this rank's local tensor starts in the flattened global tensor
+
+
+def geometry(model: nn.Module) -> dict[str, Geometry]:
+    """name -> global shape and offset of every parameter and buffer of this rank's model (single-process names).
+    Routed-expert shards are the only tensors whose local shape is not the global one."""
+    out = {n: Geometry(tuple(t.shape), 0) for n, t in [*model.named_parameters(), *persistent_buffers(model).items()]}
+    for mname, m in model.named_modules():
+        if isinstance(m, RoutedExperts):
+            for pname in ("gate_up_proj.weight", "down_proj.weight"):
+                local = out[f"{mname}.{pname}"].shape
+                row = int(torch.Size(local[1:]).numel())
+                out[f"{mname}.{pname}"] = Geometry((model.cfg.n_routed_experts, *local[1:]), m.first_expert * row)
+    return out
+
+
+def _is_zero(optimizer: Any) -> bool:
+    """DeepSpeed's ZeRO stage 1/2 optimizer (flat fp32 partitions); anything else must be a plain optimizer over
+    the model's own parameters (fp32, ZeRO stage 0)."""
+    if hasattr(optimizer, "single_partition_of_fp32_groups") and hasattr(optimizer, "round_robin_bit16_offsets"):
+        return True
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ElasticStateError(f"{type(optimizer).__name__}: the layout-free checkpoint knows ZeRO-1 and plain "
+                                "fp32 optimizers; use parallel.zero_stage=1")
+    return False
+
+
+def rank_pieces(model: nn.Module, optimizer: Any, *, for_writing: bool, dp_rank: int = 0) -> list[Piece]:
+    """The pieces of this rank: weights, fp32 masters and Adam moments of what its optimizer partition updates.
+
+    `for_writing`: skip replicated copies (DualPipe's mirror stages, 1F1B's tied embedding on the last stage), so
+    every range is written once; for reading every local tensor is a target. Without ZeRO (stage 0) the whole
+    local parameters are this rank's, written by data-parallel rank 0 only."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    geo = geometry(model)
+    pieces: list[Piece] = []
+
+    def add(name: str, kind: str, local_a: int, local_b: int, tensor: torch.Tensor) -> None:
+        base = geo[name].base
+        pieces.append(Piece(name, kind, base + local_a, base + local_b, tensor))
+
+    if _is_zero(optimizer):
+        for i, group in enumerate(optimizer.round_robin_bit16_groups):
+            pid = dist.get_rank(group=optimizer.real_dp_process_group[i])
+            size = optimizer.partition_size[i]
+            lo, hi = pid * size, (pid + 1) * size
+            fp32 = optimizer.single_partition_of_fp32_groups[i]
+            state = optimizer.optimizer.state.get(fp32, {})
+            for p, offset in zip(group, optimizer.round_robin_bit16_offsets[i]):
+                if for_writing and getattr(p, "ds_pipe_replicated", False):
+                    continue
+                a, b = max(offset, lo), min(offset + p.numel(), hi)
+                if a >= b:
+                    continue
+                name = names[id(p)]
+                add(name, "master", a - offset, b - offset, fp32[a - lo : b - lo])
+                for kind in MOMENTS:
+                    if kind in state:
+                        add(name, kind, a - offset, b - offset, state[kind][a - lo : b - lo])
+        params = dict(model.named_parameters())
+        if for_writing:  # the weights of the partition's ranges (every range once over the data-parallel group)
+            for piece in [pc for pc in pieces if pc.kind == "master"]:
+                base = geo[piece.name].base
+                flat = params[piece.name].detach().reshape(-1)
+                pieces.append(Piece(piece.name, "param", piece.start, piece.end,
+                                    flat[piece.start - base : piece.end - base]))
+        else:  # a rank reads the whole weights it holds (no all-gather needed after loading)
+            for name, p in params.items():
+                add(name, "param", 0, p.numel(), p.data.view(-1))
+        return pieces
+    # no ZeRO: the optimizer's parameters are the model's; its state is per parameter
+    if for_writing and dp_rank != 0:
+        return pieces
+    opt_state = getattr(optimizer, "state", {})
+    for name, p in model.named_parameters():
+        if for_writing and getattr(p, "ds_pipe_replicated", False):
+            continue
+        add(name, "param", 0, p.numel(), p.data.view(-1))
+        state = opt_state.get(p, {})
+        for kind in MOMENTS:
+            if kind in state:
+                add(name, kind, 0, p.numel(), state[kind].view(-1))
+    return pieces
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent buffers (router biases and counts), by single-process name."""
+    params = {n for n, _ in model.named_parameters()}
+    return {n: t for n, t in model.state_dict().items() if n not in params}
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def write_rank_state(ckpt: Path, rank: int, model: nn.Module, optimizer: Any, dp_rank: int,
+                     write_buffers: bool) -> dict[str, Any]:
+    """Write this rank's pieces to `ckpt/state/rank_<r>.safetensors`; returns its index entries (for
+    `write_index`). `write_buffers`: this rank is the one holder that writes the buffers of its layers."""
+    from safetensors.torch import save_file
+
+    state_dir = ckpt / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fname = f"rank_{rank:05d}.safetensors"
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {"pieces": [], "buffers": [], "tensors": {}}
+    geo = geometry(model)
+    for pc in rank_pieces(model, optimizer, for_writing=True, dp_rank=dp_rank):
+        key = f"{pc.kind}/{pc.name}/{pc.start}"
+        tensors[key] = pc.tensor.detach().to("cpu").contiguous().clone()
+        entries["pieces"].append([pc.name, pc.kind, pc.start, pc.end, fname, key])
+        entries["tensors"].setdefault(pc.name, {"shape": list(geo[pc.name].shape), "dtype": {}})
+        entries["tensors"][pc.name]["dtype"][pc.kind] = str(pc.tensor.dtype).removeprefix("torch.")
+    if write_buffers:
+        for name, t in persistent_buffers(model).items():
+            key = f"buffer/{name}"
+            tensors[key] = t.detach().to("cpu").contiguous().clone()
+            entries["buffers"].append([name, fname, key])
+    save_file(tensors, str(state_dir / fname), metadata={"format": str(FORMAT)})
+    return entries
+
+
+def write_index(ckpt: Path, everyone: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
+    """Merge every rank's entries into `state/index.json` (rank 0), after checking that the pieces of each
+    tensor and kind tile it exactly once."""
+    tensors: dict[str, Any] = {}
+    pieces: dict[tuple[str, str], list] = defaultdict(list)
+    buffers: dict[str, Any] = {}
+    for entries in everyone:
+        for name, info in entries["tensors"].items():
+            tensors.setdefault(name, {"shape": info["shape"], "dtype": {}})["dtype"].update(info["dtype"])
+        for name, kind, start, end, fname, key in entries["pieces"]:
+            pieces[(name, kind)].append([start, end, fname, key])
+        for name, fname, key in entries["buffers"]:
+            buffers.setdefault(name, [fname, key])  # identical copies: the first holder's
+    for (name, kind), ps in pieces.items():
+        ps.sort()
+        numel = int(torch.Size(tensors[name]["shape"]).numel())
+        covered = 0
+        for start, end, _, _ in ps:
+            if start != covered:
+                raise RuntimeError(f"layout-free state: {kind} of {name} has a gap or overlap at {covered}")
+            covered = end
+        if covered != numel:
+            raise RuntimeError(f"layout-free state: {kind} of {name} covers {covered} of {numel} elements")
+    index = {"format": FORMAT, **extra, "tensors": {
+        name: {**info, "pieces": {kind: pieces[(name, kind)] for kind in KINDS if (name, kind) in pieces}}
+        for name, info in sorted(tensors.items())}, "buffers": buffers}
+    path = ckpt / STATE_DIR / INDEX_FILE
+    path.write_text(json.dumps(index, indent=None, separators=(",", ":")) + "\n")
+    return path
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+class StateReader:
+    """Reads ranges of named tensors from a layout-free state, opening each rank file once, lazily."""
+
+    def __init__(self, ckpt: Path) -> None:
+        self.dir = ckpt / STATE_DIR
+        index_file = self.dir / INDEX_FILE
+        try:
+            self.index = json.loads(index_file.read_text())
+        except FileNotFoundError:
+            raise ElasticStateError(f"{index_file}: missing (not a layout-free checkpoint)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ElasticStateError(f"{index_file}: not valid JSON ({e})") from None
+        if self.index.get("format") != FORMAT:
+            raise ElasticStateError(f"{index_file}: format {self.index.get('format')!r}, this trainer reads {FORMAT}")
+        self._files: dict[str, Any] = {}
+
+    def _file(self, fname: str) -> Any:
+        from safetensors import safe_open
+
+        if fname not in self._files:
+            path = self.dir / fname
+            try:
+                self._files[fname] = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise ElasticStateError(f"{path}: missing (a rank's file of the checkpoint)") from None
+            except Exception as e:  # safetensors raises its own error types for a damaged header
+                raise ElasticStateError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+        return self._files[fname]
+
+    def has(self, name: str, kind: str) -> bool:
+        return kind in self.index["tensors"].get(name, {}).get("pieces", {})
+
+    def info(self, name: str) -> dict[str, Any]:
+        try:
+            return self.index["tensors"][name]
+        except KeyError:
+            raise ElasticStateError(f"{self.dir / INDEX_FILE}: no tensor {name!r} (another model?)") from None
+
+    def read(self, name: str, kind: str, start: int, end: int, out: torch.Tensor) -> None:
+        """Copy range [start, end) of (name, kind) into the 1-D tensor `out`, slice by slice."""
+        pieces = self.info(name)["pieces"].get(kind)
+        if pieces is None:
+            raise ElasticStateError(f"{self.dir / INDEX_FILE}: {name!r} has no {kind} pieces")
+        filled = 0
+        for p_start, p_end, fname, key in pieces:
+            a, b = max(start, p_start), min(end, p_end)
+            if a >= b:
+                continue
+            try:
+                data = self._file(fname).get_slice(key)[a - p_start : b - p_start]
+            except ElasticStateError:
+                raise
+            except Exception as e:
+                why = " ".join(str(e).split())[:200]
+                raise ElasticStateError(f"{self.dir / fname}: cannot read {key} ({why})") from None
+            if data.numel() != b - a:
+                raise ElasticStateError(f"{self.dir / fname}: {key} is shorter than the index says (truncated?)")
+            out[a - start : b - start].copy_(data)
+            filled += b - a
+        if filled != end - start:
+            raise ElasticStateError(f"{self.dir / INDEX_FILE}: {kind} of {name!r} lacks [{start}, {end})")
+
+    def buffer(self, name: str) -> torch.Tensor | None:
+        where = self.index["buffers"].get(name)
+        if where is None:
+            return None
+        fname, key = where
+        return self._file(fname).get_tensor(key)
+
+
+def check_shapes(reader: StateReader, model: nn.Module) -> None:
+    """Every local tensor must exist in the state with the same single-process shape (else: another model)."""
+    for name, g in geometry(model).items():
+        if name not in reader.index["tensors"] and name not in reader.index["buffers"]:
+            raise ElasticStateError(f"{reader.dir / INDEX_FILE}: no tensor {name!r}: the checkpoint holds another "
+                                    "model")
+        saved = reader.index["tensors"].get(name, {}).get("shape")
+        if saved is not None and tuple(saved) != g.shape:
+            raise ElasticStateError(f"{reader.dir / INDEX_FILE}: {name} has shape {tuple(saved)} in the "
+                                    f"checkpoint, {g.shape} here")
+
+
+@torch.no_grad()
+def read_rank_state(ckpt: Path, model: nn.Module, optimizer: Any, step: int) -> StateReader:
+    """Fill this rank's weights, fp32 masters, Adam moments and buffers from a layout-free state written by any
+    layout. Reads only the slices this rank holds. Returns the reader (its index holds the saved extras)."""
+    reader = StateReader(ckpt)
+    check_shapes(reader, model)
+    zero = _is_zero(optimizer)
+    if zero:  # the moments the base optimizer creates lazily at its first step: create them to fill
+        for i, fp32 in enumerate(optimizer.single_partition_of_fp32_groups):
+            _ensure_moments(optimizer.optimizer.state, fp32, reader, optimizer.round_robin_bit16_groups[i], model, step)
+    else:
+        state = getattr(optimizer, "state", None)
+        if state is not None:
+            for p in model.parameters():
+                _ensure_moments(state, p, reader, [p], model, step)
+    for pc in rank_pieces(model, optimizer, for_writing=False):
+        if pc.kind in MOMENTS and not reader.has(pc.name, pc.kind):
+            continue  # saved before the first optimizer step
+        # a state written without ZeRO has no separate masters: its fp32 weights are the masters
+        kind = "param" if pc.kind == "master" and not reader.has(pc.name, "master") else pc.kind
+        reader.read(pc.name, kind, pc.start, pc.end, pc.tensor)
+    for name, buf in persistent_buffers(model).items():
+        saved = reader.buffer(name)
+        if saved is None:
+            raise ElasticStateError(f"{reader.dir / INDEX_FILE}: no buffer {name!r}")
+        if saved.shape != buf.shape:
+            raise ElasticStateError(f"{reader.dir / INDEX_FILE}: buffer {name} has shape {tuple(saved.shape)}, "
+                                    f"{tuple(buf.shape)} here")
+        buf.copy_(saved)
+    return reader
+
+
+def _ensure_moments(state: dict, key: torch.Tensor, reader: StateReader, params: list, model: nn.Module,
+                    step: int) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    dtypes = {}
+    for p in params:
+        info = reader.index["tensors"].get(names.get(id(p), ""), {})
+        for kind in MOMENTS:
+            if kind in info.get("pieces", {}):
+                dtypes[kind] = getattr(torch, info["dtype"][kind])
+    if not dtypes:
+        return
+    s = state.setdefault(key, {})
+    s["step"] = torch.tensor(float(step))
+    for kind, dtype in dtypes.items():
+        if kind not in s or s[kind].dtype != dtype or s[kind].shape != key.shape:
+            s[kind] = torch.zeros(key.shape, dtype=dtype, device=key.device)
+
+
+def read_full(ckpt: Path, kinds: tuple[str, ...] = ("param",)) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole tensors by kind and name, buffers as kind "buffer" (export, tests: one process reads everything)."""
+    reader = StateReader(ckpt)
+    out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, info in reader.index["tensors"].items():
+        shape = torch.Size(info["shape"])
+        for kind in kinds:
+            if kind in info["pieces"]:
+                t = torch.empty(shape.numel(), dtype=getattr(torch, info["dtype"][kind]))
+                reader.read(name, kind, 0, shape.numel(), t)
+                out[kind][name] = t.view(shape)
+    for name in reader.index["buffers"]:
+        out["buffer"][name] = reader.buffer(name)
+    return dict(out)
