@@ -200,9 +200,11 @@ def _open_all(
         raise DataError(
             f"datasets {names} were tokenized with different tokenizers: prepare them all with the same tokenizer.path"
         )
-    if verify == "full":  # every shard hashed and its ids scanned now, so nothing surfaces mid-run
-        for s in sources:
+    for s in sources:
+        if verify == "full":  # every shard hashed and its ids scanned now, so nothing surfaces mid-run
             s.verify_all()
+        else:  # ids no manifest records: scanned now (recorded ones were checked on opening)
+            s.scan_unrecorded()
     return sources
 
 

@@ -4,7 +4,8 @@ Both present a split as a list of shards (flat token arrays) with document start
 on first use and checked then: file sizes against the manifest always, sha256 too with verify="full", and
 their largest token id against the vocabulary (one np.max over the map, ~1 ms per 8 MiB shard). An id the
 model cannot embed is an IndexError on CPU and a device-side assert on a GPU; here it is a DataError naming
-the file. The ids a manifest records per shard are checked when the split is opened, before any read.
+the file. The ids a manifest records per shard are checked when the split is opened, before any read, and
+shards without a record (older manifests, Megatron pairs) are scanned then.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class TokenSource(ABC):
         """Check every shard now (sizes, sha256 under verify="full", token ids), not on first use."""
         for i in range(self.num_shards):
             self.tokens(i)
+
+    def scan_unrecorded(self) -> None:
+        """Scan now the shards whose largest id no manifest records (their first read would otherwise)."""
+        self.verify_all()
 
     def _set_shards(self, counts: list[int]) -> None:
         self.shard_tokens = np.asarray(counts, dtype=np.int64)
@@ -149,6 +154,11 @@ class PreparedSplit(TokenSource):
         for shard in self.info.shards:
             if limit is not None and shard.max_id is not None and shard.max_id >= limit:
                 raise self.id_error(self.directory / shard.bin_file, shard.max_id)
+
+    def scan_unrecorded(self) -> None:
+        for i, shard in enumerate(self.info.shards):
+            if shard.max_id is None:  # a manifest written before ids were recorded
+                self.tokens(i)
 
     def id_error(self, path: Path, token_id: int) -> DataError:
         model = f", the model's {self.model_vocab_size}" if self.model_vocab_size is not None else ""

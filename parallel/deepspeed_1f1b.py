@@ -264,6 +264,10 @@ class DeepSpeedPipeSchedule(StepSchedule):
 
     # ---- the StepSchedule interface ----------------------------------------------------------------------
     @property
+    def rank_model(self) -> nn.Module:
+        return self.model
+
+    @property
     def counts_group(self):
         """The data-parallel group of this pipe rank: it holds the same routers."""
         return self.engine.grid.get_data_parallel_group()

@@ -4,7 +4,7 @@
   experts (same weights, same parameter names) and installs an `AllToAllDispatcher`.
 - `AllToAllDispatcher` implements the `LocalDispatcher` protocol (`dispatch` -> `Dispatched`, `combine`) and an
   overlap-ready split of each all-to-all into post and wait (`dispatch_async` / `combine_async`).
-- `gather_expert_state` / `slice_expert_state`: the same sharding on plain state dicts (checkpoint resharding).
+- `gather_expert_state` / `slice_expert_state`: the same sharding on plain state dicts.
 - `node_limited_groups`: checks that the router's groups map onto nodes (node-limited routing).
 
 Layout (see docs/expert_parallel.md): a rank sorts its T*K choices by global expert id (so rows for rank 0's

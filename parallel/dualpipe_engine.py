@@ -79,6 +79,10 @@ class DualPipeSchedule(StepSchedule):
         self.device = spec.device
         self._a2a_trace: list = []
 
+    @property
+    def primary_copy(self) -> bool:
+        return self.name != "dualpipe" or self.topo.pipe_rank < self.topo.pp // 2
+
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
         self.engine.train()
         data = [next(batches) for _ in range(self.microbatches)]

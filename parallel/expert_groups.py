@@ -111,6 +111,7 @@ def deepspeed_moe_support(model: nn.Module) -> Iterator[None]:
 def finish_deepspeed_moe(engine: Any) -> None:
     """After `deepspeed.initialize` under `deepspeed_moe_support`: the ZeRO optimizer keeps its MoE groups;
     the engine itself goes back to the plain path, because DeepSpeed's MoE checkpoint code only knows its own
-    layer classes (it would save none of our experts). Our experts are saved by trainer/reshard.py."""
+    layer classes (it would save none of our experts). Our experts are saved in the layout-free state
+    (trainer/elastic_state.py)."""
     engine.has_moe_layers = False
     engine.num_experts = []

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,23 +54,6 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
             if overlap:  # an instance attribute: nn.Module.__call__ looks up self.forward
                 module.forward = functools.partial(overlapped_moe_forward, module)
     return model
-
-
-@dataclass
-class ExpertShardRole:
-    """Where a rank's expert shard is saved: `pipe_rank` (None without a pipeline) names the file, and only the
-    first EP group of each pipeline rank (`writer`) writes it; the others hold identical copies."""
-
-    pipe_rank: int | None
-    writer: bool
-
-
-def set_expert_shard_role(model: nn.Module, role: ExpertShardRole) -> None:
-    model._expert_shard_role = role  # read by trainer/reshard.py when saving / loading the shard
-
-
-def expert_shard_role(model: nn.Module) -> ExpertShardRole | None:
-    return getattr(model, "_expert_shard_role", None)
 
 
 def ep_layout(model: nn.Module) -> tuple[int, int] | None:

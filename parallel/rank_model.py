@@ -24,7 +24,7 @@ from model.gemm import GemmBackend
 from model.transformer import DeepseekV3
 from parallel.dispatcher import set_fp8_dispatch
 from parallel.expert_groups import mark_expert_params, register_expert_groups
-from parallel.expert_shard import ExpertShardRole, set_expert_shard_role, shard_experts
+from parallel.expert_shard import shard_experts
 from parallel.instructions import Placement
 from parallel.stages import check_divisible
 from parallel.step_schedule import PIPELINES, PipelineSpec
@@ -81,20 +81,13 @@ def build_stage_model(cfg: ModelConfig, stages: RankStages, device: torch.device
     return model
 
 
-def shard_experts_over(model: nn.Module, name: str, topo: PipelineTopology) -> None:
+def shard_experts_over(model: nn.Module, topo: PipelineTopology) -> None:
     """Expert parallelism over the topology's EP group: this rank keeps its E/ep experts, marked for ZeRO-1's
-    expert-DP groups, and knows which checkpoint file its shard goes to."""
+    expert-DP groups."""
     ep = register_expert_groups(topo.ep, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
                                 (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
     shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group, overlap=True)
     mark_expert_params(model, ep.name)
-    if name not in PIPELINES:
-        set_expert_shard_role(model, ExpertShardRole(pipe_rank=None, writer=topo.dp_rank < topo.ep))
-        return
-    # DualPipe's pipe ranks p and pp-1-p hold the same two stages: one file set, under the smaller index
-    file_rank = min(topo.pipe_rank, topo.pp - 1 - topo.pipe_rank) if name == "dualpipe" else topo.pipe_rank
-    set_expert_shard_role(model, ExpertShardRole(
-        pipe_rank=file_rank, writer=topo.dp_rank < topo.ep and file_rank == topo.pipe_rank))
 
 
 def build_rank_model(cfg: ModelConfig, spec: PipelineSpec, gemm_backend: GemmBackend | None = None,
@@ -104,7 +97,7 @@ def build_rank_model(cfg: ModelConfig, spec: PipelineSpec, gemm_backend: GemmBac
     travel through the all-to-all in FP8."""
     model = build_stage_model(cfg, rank_stages(spec.name, spec.topo, cfg), spec.device, spec.dtype)
     if spec.topo.ep > 1:
-        shard_experts_over(model, spec.name, spec.topo)
+        shard_experts_over(model, spec.topo)
     if gemm_backend is not None:
         apply_fp8(model, gemm_backend)
     if fp8_dispatch:

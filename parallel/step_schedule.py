@@ -98,6 +98,17 @@ class StepSchedule(ABC):
     def module(self) -> nn.Module:
         return self.engine.module
 
+    @property
+    def rank_model(self) -> nn.Module:
+        """This rank's `DeepseekV3` with single-process names (under 1F1B the pipeline module wraps it)."""
+        return self.engine.module
+
+    @property
+    def primary_copy(self) -> bool:
+        """Whether this rank's stages are the copy a checkpoint takes (False on DualPipe's mirror ranks, which
+        hold the same two stages as pipe rank pp-1-p)."""
+        return True
+
     @abstractmethod
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
         """One global step: this rank's microbatches, backward, gradient reduction, optimizer step."""

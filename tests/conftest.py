@@ -33,3 +33,35 @@ def tiny_config(**overrides):
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+class ModelState:
+    """A TrainingState (trainer/training_state.py) of one process's plain model and optimizer, no DeepSpeed: the
+    real layout-free files (state/rank_<r>.safetensors, state/index.json) through `Checkpointer.save`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer or torch.optim.AdamW(model.parameters())
+
+    def write(self, tmp: Path, rank: int) -> tuple[list[Path], dict]:
+        from trainer.elastic_state import STATE_DIR, write_rank_state
+
+        entries = write_rank_state(tmp, rank, self.model, self.optimizer, dp_rank=0, write_buffers=True)
+        return [tmp / STATE_DIR / f"rank_{rank:05d}.safetensors"], entries
+
+    def publish(self, tmp: Path, everyone: list) -> list[Path]:
+        from trainer.elastic_state import write_index
+
+        return [write_index(tmp, everyone, {})]
+
+
+def layout_free_checkpoint(model: torch.nn.Module, ckpt_dir: Path, step: int = 1) -> Path:
+    """A complete checkpoint of `model` (a DeepseekV3: its config goes to model_config.json) as the trainer
+    writes it, with its manifest: what `trainer.export_hf` and `trainer.sample` read."""
+    import json
+
+    from trainer.checkpoint import Checkpointer
+
+    saver = Checkpointer(ckpt_dir, rank=0, dp_rank=0, keep_last=100)
+    return saver.save(ModelState(model), step, {"data": {}},
+                      {"model_config.json": json.dumps(model.cfg.to_dict()), "config.yaml": "x: 1\n"})

@@ -18,6 +18,12 @@ manifest.json, then meta.json, renames the directory to `<tag>` and only then re
 file, fsync, os.replace, fsync the directory). A crash at any point leaves `latest` on the previous complete
 checkpoint. A directory counts as complete only if it has meta.json, so `resume=auto` never picks a torn one.
 
+Asynchronous save (`checkpoint.async_save`): `save_async` copies each rank's state and RNG to host memory and
+returns; a background thread per rank writes, fsyncs and hashes that rank's files into `.tmp-<tag>`. The loop
+reduces a "still writing" flag with its per-step stop flags; once no rank is writing, `finish_async` (on the
+training thread, the same step on every rank) agrees on errors and publishes as above. Until then `latest`
+names the previous checkpoint.
+
 Resume takes the newest checkpoint that verifies (`find_intact`: meta.json readable, every file of the
 manifest with its size and sha256); a damaged one is reported in one line and the one before it is used.
 """
@@ -30,8 +36,9 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ from trainer.checkpoint_manifest import (
     hash_files,
     list_files,
     load_torch,
+    relative,
     verify,
     write_manifest,
 )
@@ -53,9 +61,10 @@ from trainer.errors import UserError
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the layout-free state (trainer/elastic_state.py); 1: DeepSpeed's per-layout files
 _TAG_RE = re.compile(r"^step(\d{8,})$")
-FAULT_ENV = "DSV3_FAULT_INJECT"  # "checkpoint_save:<step>": SIGKILL inside that save (tests of atomicity)
+FAULT_ENV = "DSV3_FAULT_INJECT"  # "checkpoint_save:<step>": SIGKILL inside that save, once the rank's files are
+# written (with async_save: on the background writer, while training goes on); tests of atomicity
 
 
 def tag_for(step: int) -> str:
@@ -303,15 +312,59 @@ class ResumePoint:
     path: Path
     step: int
     meta: dict[str, Any]
+    rng_restored: bool = True
+
+
+def is_layout_free(path: Path) -> bool:
+    """A checkpoint any layout resumes (format 2), rather than DeepSpeed's per-layout files (format 1)."""
+    from trainer.elastic_state import INDEX_FILE, STATE_DIR
+
+    return (path / STATE_DIR / INDEX_FILE).is_file()
+
+
+@dataclass
+class _Save:
+    """One save between its start and its publication: what was frozen at its step, what its write produced."""
+
+    step: int
+    tag: str
+    tmp: Path
+    meta: dict[str, Any]
+    extra_files: dict[str, str]
+    content: Any  # write(tmp) -> (files, payload) on every rank; publish(tmp, payloads) -> files on rank 0
+    rng: dict[str, Any]
+    thread: threading.Thread | None = None  # the background writer of an asynchronous save
+    error: BaseException | None = None  # a write error (disk full, ...): the ranks agree on it
+    crash: BaseException | None = None  # anything else: a bug
+    hashed: dict[str, Any] = field(default_factory=dict)  # this rank's manifest entries
+    payload: Any = None  # this rank's index entries
+
+
+class _Live:
+    """A state written as it is, on the training thread (`save`): `write(tmp, rank)`, `publish(tmp, everyone)`."""
+
+    def __init__(self, state: Any, rank: int) -> None:
+        self.state, self.rank = state, rank
+
+    def write(self, tmp: Path) -> Any:
+        return self.state.write(tmp, self.rank)
+
+    def publish(self, tmp: Path, everyone: list[Any]) -> Any:
+        return self.state.publish(tmp, everyone)
 
 
 class Checkpointer:
-    """Saves and loads the engine's checkpoints in `ckpt_dir` with the client state described above."""
+    """Saves and loads the checkpoints in `ckpt_dir` with the client state described above.
+
+    `save` writes on the training thread; `save_async` (checkpoint.async_save) snapshots the state to host
+    memory, writes on a background thread while training goes on, and `finish_async` publishes it once every
+    rank's write is done (see "Asynchronous save" in docs/checkpoints.md)."""
 
     def __init__(self, ckpt_dir: str | Path, rank: int, dp_rank: int, keep_last: int) -> None:
         self.dir = Path(ckpt_dir)
         self.rank, self.dp_rank, self.keep_last = rank, dp_rank, keep_last
         self.last_saved_step: int | None = None
+        self._pending: _Save | None = None  # an asynchronous save not yet published
 
     def clean_partial(self) -> None:
         """Remove `.tmp-*` directories a crashed save left behind (rank 0; call before any save)."""
@@ -321,16 +374,59 @@ class Checkpointer:
                     shutil.rmtree(p, ignore_errors=True)
         _barrier()
 
-    def save(self, engine: Any, step: int, meta: dict[str, Any], extra_files: dict[str, str]) -> Path:
-        """Save a complete checkpoint for `step` (collective: every rank calls it).
+    def save(self, state: Any, step: int, meta: dict[str, Any], extra_files: dict[str, str]) -> Path:
+        """Save a complete checkpoint for `step` (collective: every rank calls it). `state` writes the content
+        (trainer/training_state.py: `write(tmp, rank) -> (files, payload)` on every rank, then
+        `publish(tmp, payloads) -> files` on rank 0; `files` is a list of paths, or {path: manifest entry}
+        when the writer hashed them itself). A pending asynchronous save is finished first.
 
         A write that fails on any rank (disk full, permission, read-only filesystem) fails the save on every
         rank alike, with a UserError naming the rank and the file; `latest` and the checkpoint it names are
         untouched, the torn `.tmp-<tag>` is removed. The ranks agree after each phase (one small all-gather),
         so none of them is left waiting in a barrier the failed rank never reaches.
         """
+        self.finish_async()
+        job = self._begin(lambda: _Live(state, self.rank), step, meta, extra_files)
+        self._write(job)
+        return self._complete(job)
+
+    def save_async(self, state: Any, step: int, meta: dict[str, Any], extra_files: dict[str, str]) -> None:
+        """Start saving `step` and return (collective). `state.snapshot(rank)` copies this rank's content to
+        host memory now (and the RNG states, the meta of this step); a background thread writes, fsyncs and
+        hashes this rank's files. Nothing is published until `finish_async`: a crash before it leaves `latest`
+        on the previous checkpoint. A pending save is finished first."""
+        self.finish_async()
+        job = self._begin(lambda: state.snapshot(self.rank), step, meta, extra_files)
+        job.thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-{job.tag}", daemon=True)
+        job.thread.start()
+        self._pending = job
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the asynchronous save not yet published, if any."""
+        return None if self._pending is None else self._pending.step
+
+    def writing(self) -> bool:
+        """This rank's background write is still running (local: the loop reduces it over the ranks)."""
+        return self._pending is not None and self._pending.thread is not None and self._pending.thread.is_alive()
+
+    def finish_async(self) -> Path | None:
+        """Collective: publish the pending asynchronous save (waiting for this rank's write if it still runs):
+        the ranks agree on errors (a write that failed on any rank is the one-line UserError of `save`, on every
+        rank), rank 0 gathers every rank's index entries and hashes, writes index.json, manifest.json and
+        meta.json, renames the directory and moves `latest`. Returns the checkpoint, None if none was pending.
+        Call it at the same point on every rank (the loop does, once no rank is writing)."""
+        job, self._pending = self._pending, None
+        if job is None:
+            return None
+        if job.thread is not None:
+            job.thread.join()
+        return self._complete(job)
+
+    def _begin(self, content: Any, step: int, meta: dict[str, Any], extra_files: dict[str, str]) -> _Save:
+        """Collective: an empty `.tmp-<tag>`, then what the save writes, frozen now (`content()`, RNG, meta)."""
         tag = tag_for(step)
-        tmp, final = self.dir / (TMP_PREFIX + tag), self.dir / tag
+        tmp = self.dir / (TMP_PREFIX + tag)
 
         def prepare() -> None:
             if self.rank == 0:
@@ -339,56 +435,67 @@ class Checkpointer:
 
         self._agree(_attempt(prepare), tag, tmp)
         meta = {**meta, "step": step, "format": FORMAT_VERSION, "saved_at": time.time()}
-        try:
-            engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={"trainer": meta}, save_latest=False)
-            error = None
-        except (OSError, RuntimeError) as e:
-            if not _is_write_error(e):
-                raise
-            error = e
-            _barrier()  # DeepSpeed's closing barrier, where the ranks whose writes succeeded are waiting
+        return _Save(step, tag, tmp, meta, dict(extra_files), content(), rng_state())
 
-        hashed: dict[str, Any] = {}
+    def _write(self, job: _Save) -> None:
+        """This rank's files of `job`: written, fsynced and hashed (on the training thread, or on the background
+        thread of an asynchronous save). Errors are kept in `job` for `_complete`, nothing raises here."""
+        tmp = job.tmp
 
         def own_files() -> None:
-            rng_dir = tmp / "rng"
-            rng_dir.mkdir(exist_ok=True)
-            torch.save(rng_state(), rng_dir / f"rank{self.rank}.pt")
-            from trainer.expert_files import save_expert_shard
+            rng_file = tmp / "rng" / f"rank{self.rank}.pt"
+            rng_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(job.rng, rng_file)
+            files, job.payload = job.content.write(tmp)
+            fsync_file(rng_file)
+            hashed = hash_files(tmp, [rng_file])  # read back while the page cache still holds it
+            if isinstance(files, dict):  # the writer hashed its files as it wrote them (and fsynced them)
+                hashed.update({relative(tmp, Path(p)): entry for p, entry in files.items()})
+            else:
+                for path in files:
+                    fsync_file(path)
+                hashed.update(hash_files(tmp, files))
+            job.hashed = hashed
 
-            expert_file = save_expert_shard(engine.module, tmp)
-            mine = self._own_files(tmp, engine) + ([expert_file] if expert_file is not None else [])
-            for path in mine:
-                fsync_file(path)
-            hashed.update(hash_files(tmp, mine))  # read back while the page cache still holds it
+        try:
+            job.error = _attempt(own_files)
+        except BaseException as e:  # not a write error: a bug, raised by `_complete` with its traceback
+            job.crash = e
+        _maybe_fault(job.step)
 
-        error = error or _attempt(own_files)
-        _maybe_fault(step)
-        entries = self._agree(error, tag, tmp, hashed)
+    def _complete(self, job: _Save) -> Path:
+        """Collective: agree on every rank's write, then rank 0 publishes the checkpoint and moves `latest`."""
+        if job.crash is not None:
+            raise job.crash
+        tag, tmp, final = job.tag, job.tmp, self.dir / job.tag
+        entries = self._agree(job.error, tag, tmp, (job.hashed, job.payload))
 
         def publish() -> None:
             if self.rank != 0:
                 return
-            for name, text in extra_files.items():
+            for name, text in job.extra_files.items():
                 (tmp / name).write_text(text)
                 fsync_file(tmp / name)
-            manifest = {k: v for rank_entries in entries for k, v in (rank_entries or {}).items()}
+            for path in job.content.publish(tmp, [payload for _, payload in entries]):
+                fsync_file(path)
+            manifest = {k: v for rank_entries, _ in entries for k, v in (rank_entries or {}).items()}
             # rank 0's extra files, and any file no rank claimed (a layout this code does not know)
             unclaimed = [tmp / rel for rel in list_files(tmp, (META_FILE, MANIFEST_FILE)) if rel not in manifest]
             manifest.update(hash_files(tmp, unclaimed))
             write_manifest(tmp, manifest)
-            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, default=str) + "\n")
-            fsync_dir(tmp / "rng")
+            atomic_write_text(tmp / META_FILE, json.dumps(job.meta, indent=1, default=str) + "\n")
+            for d in sorted({(tmp / rel).parent for rel in manifest}, reverse=True):
+                fsync_dir(d)  # rng/, state/, ...: the directory entries of every rank's files
             fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. an end-of-run save after a resume)
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST_FILE, tag)
-            self._prune(step)
+            self._prune(job.step)
 
         self._agree(_attempt(publish), tag, tmp)
-        self.last_saved_step = step
+        self.last_saved_step = job.step
         return final
 
     def _agree(self, error: BaseException | None, tag: str, tmp: Path, payload: Any = None) -> list[Any]:
@@ -413,18 +520,6 @@ class Checkpointer:
                         f"free space on that filesystem or fix its permissions, or set checkpoint.dir to a writable "
                         f"directory, then resume; {kept}")
 
-    def _own_files(self, tmp: Path, engine: Any) -> list[Path]:
-        """The files this rank wrote (DeepSpeed names them by pipeline rank `mp_rank_<p>`)."""
-        mp = "mp_rank_*"
-        try:
-            mp = f"mp_rank_{int(engine.mpu.get_model_parallel_rank()):02d}"
-        except (AttributeError, TypeError, ValueError):  # no pipeline (no mpu): one mp rank
-            pass
-        mine = [tmp / "rng" / f"rank{self.rank}.pt", *tmp.glob(f"zero_pp_rank_{self.dp_rank}_{mp}_*")]
-        if self.dp_rank == 0:  # data-parallel rank 0 of each pipeline rank writes that rank's weights
-            mine += list(tmp.glob(f"{mp}_model_states.pt"))
-        return [p for p in mine if p.is_file()]
-
     def _prune(self, step: int) -> None:
         """Keep the newest `keep_last` checkpoints up to `step`; newer ones (left by a run that resumed from an
         earlier checkpoint because they were damaged) are replaced when the run reaches their step."""
@@ -432,9 +527,21 @@ class Checkpointer:
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, engine: Any, path: Path) -> ResumePoint:
-        """Load weights, optimizer, LR scheduler (DeepSpeed) and this rank's RNG state from `path`."""
+    def load(self, state: Any, path: Path) -> ResumePoint:
+        """Load weights, optimizer, LR position, counters and (same world size) this rank's RNG state from `path`.
+        A layout-free checkpoint loads into any layout; a format-1 checkpoint (DeepSpeed's files) only into the
+        layout that wrote it (the caller checks), and its next save is layout-free."""
         meta = read_meta(path)
+        step = int(meta["step"])
+        if is_layout_free(path):
+            state.restore_counters(state.load(path, step), step)
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            rng_file = path / "rng" / f"rank{self.rank}.pt"
+            same_world = meta.get("world_size", world) == world
+            if same_world and rng_file.is_file():
+                set_rng_state(load_file(rng_file, weights_only=True))
+            return ResumePoint(path=path, step=step, meta=meta, rng_restored=same_world)
+        engine = state.engine
         try:
             load_path, _ = engine.load_checkpoint(
                 str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -510,6 +617,8 @@ def _maybe_fault(step: int) -> None:
 def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state_dict, model config dict) of a checkpoint, without DeepSpeed or a process group."""
     ckpt = resolve_checkpoint(path)
+    if is_layout_free(ckpt):
+        return _layout_free_module_state(ckpt), _model_config(ckpt)
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
@@ -531,13 +640,35 @@ def load_module_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         module = gather_expert_files(ckpt, module)
     except DamagedFile as e:
         raise damaged_file(e.path, e.problem, _export_fix(ckpt)) from None
+    return module, _model_config(ckpt)
+
+
+def _model_config(ckpt: Path) -> dict[str, Any]:
     cfg_file = ckpt / "model_config.json"
     try:
-        model_cfg = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except ValueError as e:
         why = f"unreadable, the file is cut or corrupt ({_short(e)})"
         raise damaged_file(cfg_file, why, _export_fix(ckpt)) from None
-    return module, model_cfg
+
+
+def _layout_free_module_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The single-process state dict (weights and buffers) from the layout-free state: every rank's slices,
+    checked against the manifest first (a flipped bit loads silently otherwise)."""
+    from trainer.elastic_state import INDEX_FILE, STATE_DIR, ElasticStateError, read_full
+
+    state_files = [f"{STATE_DIR}/{p.name}" for p in sorted((ckpt / STATE_DIR).iterdir())]
+    found = verify(ckpt, exclude=(META_FILE,), only=[*state_files, "model_config.json"])
+    if found is not None:
+        name, _, why = found.partition(": ")
+        raise damaged_file(ckpt / name, why, _export_fix(ckpt))
+    try:
+        full = read_full(ckpt, ("param",))
+    except ElasticStateError as e:  # "<the file at fault>: <what is wrong>": a rank file or the index
+        where, _, why = str(e).partition(": ")
+        named = Path(where) if why and Path(where).is_relative_to(ckpt) else ckpt / STATE_DIR / INDEX_FILE
+        raise damaged_file(named, why or str(e), _export_fix(ckpt)) from None
+    return {**full.get("param", {}), **full.get("buffer", {})}
 
 
 def _export_fix(ckpt: Path) -> str:

@@ -95,6 +95,10 @@ class TrainConfig:
     eval_interval: int = 50  # evaluate every N steps (0: only at the end)
     eval_batches: int = 16  # validation microbatches per evaluation, over all data-parallel ranks (0: none)
     resume: str = "auto"  # auto: newest complete checkpoint in the run dir | never | a checkpoint path
+    # a new run from another run's checkpoint (e.g. the long-context phases after pre-training): its weights and
+    # router biases, fresh step count, data position and LR schedule; a checkpoint of this run resumes first
+    init_from: str | None = None
+    init_optimizer: bool = False  # with init_from: carry the fp32 master weights and Adam moments too
     max_seconds: float | None = None  # stop early (with a checkpoint) after this much training time
     on_nonfinite: str = "stop"  # non-finite loss/grad norm: stop (exit 4, last good checkpoint kept) | skip the step
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many non-finite steps in a row
@@ -125,6 +129,7 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted)
     save_final: bool = True
     export_hf: bool = False  # after the final save, write a Hugging Face copy to <run_dir>/hf (rank 0)
+    async_save: bool = False  # write in the background while training goes on (docs/checkpoints.md)
 
 
 @dataclass

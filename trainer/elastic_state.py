@@ -24,7 +24,11 @@ masters and moments. No rank ever materialises the whole model or optimizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import queue
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,31 +157,131 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
-def write_rank_state(ckpt: Path, rank: int, model: nn.Module, optimizer: Any, dp_rank: int,
-                     write_buffers: bool) -> dict[str, Any]:
-    """Write this rank's pieces to `ckpt/state/rank_<r>.safetensors`; returns its index entries (for
-    `write_index`). `write_buffers`: this rank is the one holder that writes the buffers of its layers."""
-    from safetensors.torch import save_file
+@dataclass
+class RankSnapshot:
+    """What rank `rank` writes: its pieces (and buffers) by safetensors key, and their index entries.
 
-    state_dir = ckpt / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
+    Taken on the training thread (`snapshot_rank_state`); written later, possibly by a background thread
+    (`write_rank_file`), so with `copy` the tensors are host copies the training can no longer change."""
+
+    fname: str
+    tensors: dict[str, torch.Tensor]
+    entries: dict[str, Any]
+
+
+def snapshot_rank_state(rank: int, model: nn.Module, optimizer: Any, dp_rank: int, write_buffers: bool,
+                        copy: bool = True) -> RankSnapshot:
+    """This rank's pieces and index entries. `copy`: into fresh host memory (an asynchronous save; about the
+    size of the rank's file); else views of the live tensors, to be written before the next optimizer step.
+    `write_buffers`: this rank is the one holder that writes the buffers of its layers."""
     fname = f"rank_{rank:05d}.safetensors"
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {"pieces": [], "buffers": [], "tensors": {}}
     geo = geometry(model)
+    take = _host_copy if copy else (lambda t: t.detach())
     for pc in rank_pieces(model, optimizer, for_writing=True, dp_rank=dp_rank):
         key = f"{pc.kind}/{pc.name}/{pc.start}"
-        tensors[key] = pc.tensor.detach().to("cpu").contiguous().clone()
+        tensors[key] = take(pc.tensor)
         entries["pieces"].append([pc.name, pc.kind, pc.start, pc.end, fname, key])
         entries["tensors"].setdefault(pc.name, {"shape": list(geo[pc.name].shape), "dtype": {}})
         entries["tensors"][pc.name]["dtype"][pc.kind] = str(pc.tensor.dtype).removeprefix("torch.")
     if write_buffers:
         for name, t in persistent_buffers(model).items():
             key = f"buffer/{name}"
-            tensors[key] = t.detach().to("cpu").contiguous().clone()
+            tensors[key] = take(t)
             entries["buffers"].append([name, fname, key])
-    save_file(tensors, str(state_dir / fname), metadata={"format": str(FORMAT)})
-    return entries
+    return RankSnapshot(fname, tensors, entries)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+    out.copy_(t.detach())
+    return out
+
+
+def write_rank_file(ckpt: Path, snap: RankSnapshot) -> tuple[Path, dict[str, Any]]:
+    """Write a snapshot to `ckpt/state/<fname>` (fsynced); returns the path and its manifest entry (size and
+    sha256, hashed from memory as the bytes are written: the file is not read back)."""
+    state_dir = ckpt / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / snap.fname
+    return path, write_safetensors(path, snap.tensors, {"format": str(FORMAT)})
+
+
+def write_rank_state(ckpt: Path, rank: int, model: nn.Module, optimizer: Any, dp_rank: int,
+                     write_buffers: bool) -> dict[str, Any]:
+    """Write this rank's pieces to `ckpt/state/rank_<r>.safetensors` now; returns its index entries (for
+    `write_index`). `write_buffers`: this rank is the one holder that writes the buffers of its layers."""
+    snap = snapshot_rank_state(rank, model, optimizer, dp_rank, write_buffers, copy=False)
+    write_rank_file(ckpt, snap)
+    return snap.entries
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+_CHUNK = 16 << 20  # bytes per write (and per hash update)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    """A safetensors file of `tensors` (any device, views of shared storage allowed), fsynced; returns its
+    manifest entry {size, sha256}.
+
+    The format's header (8-byte little-endian length, JSON with each tensor's dtype, shape and byte range,
+    space-padded to 8 bytes) and then the raw bytes, tensor after tensor; `safetensors.safe_open` reads it.
+    Written here rather than by `safetensors.torch.save_file` because that one copies every tensor first
+    (and refuses views of one storage), and the sha256 is computed from memory on a second thread while the
+    bytes go to the file, so hashing costs no read-back and little time."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{key}: dtype {t.dtype} has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    hasher = _Sha256Thread()
+    try:
+        with open(path, "wb") as f:
+            for chunk in (len(head).to_bytes(8, "little"), head):
+                f.write(chunk)
+                hasher.update(chunk)
+            for t in tensors.values():
+                data = t.detach().reshape(-1).contiguous().to("cpu").view(torch.uint8).numpy().data
+                for a in range(0, len(data), _CHUNK):
+                    f.write(data[a : a + _CHUNK])
+                    hasher.update(data[a : a + _CHUNK])
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        digest = hasher.hexdigest()  # also ends the thread when a write failed
+    return {"size": 8 + len(head) + offset, "sha256": digest}
+
+
+class _Sha256Thread:
+    """sha256 of a byte stream, computed on a helper thread (hashlib releases the GIL) while the caller writes."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ckpt-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+    def update(self, chunk: Any) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._hash.hexdigest()
 
 
 def write_index(ckpt: Path, everyone: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
@@ -295,25 +399,29 @@ def check_shapes(reader: StateReader, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def read_rank_state(ckpt: Path, model: nn.Module, optimizer: Any, step: int) -> StateReader:
+def read_rank_state(ckpt: Path, model: nn.Module, optimizer: Any, step: int,
+                    kinds: tuple[str, ...] = KINDS) -> StateReader:
     """Fill this rank's weights, fp32 masters, Adam moments and buffers from a layout-free state written by any
-    layout. Reads only the slices this rank holds. Returns the reader (its index holds the saved extras)."""
+    layout. Reads only the slices this rank holds. `kinds` without the moments: the optimizer starts fresh (its
+    masters then come from the weights). Returns the reader (its index holds the saved extras)."""
     reader = StateReader(ckpt)
     check_shapes(reader, model)
     zero = _is_zero(optimizer)
-    if zero:  # the moments the base optimizer creates lazily at its first step: create them to fill
+    moments = any(k in kinds for k in MOMENTS)
+    if moments and zero:  # the moments the base optimizer creates lazily at its first step: create them to fill
         for i, fp32 in enumerate(optimizer.single_partition_of_fp32_groups):
             _ensure_moments(optimizer.optimizer.state, fp32, reader, optimizer.round_robin_bit16_groups[i], model, step)
-    else:
-        state = getattr(optimizer, "state", None)
-        if state is not None:
-            for p in model.parameters():
-                _ensure_moments(state, p, reader, [p], model, step)
+    elif moments and getattr(optimizer, "state", None) is not None:
+        for p in model.parameters():
+            _ensure_moments(optimizer.state, p, reader, [p], model, step)
     for pc in rank_pieces(model, optimizer, for_writing=False):
-        if pc.kind in MOMENTS and not reader.has(pc.name, pc.kind):
-            continue  # saved before the first optimizer step
-        # a state written without ZeRO has no separate masters: its fp32 weights are the masters
-        kind = "param" if pc.kind == "master" and not reader.has(pc.name, "master") else pc.kind
+        if pc.kind in MOMENTS and (pc.kind not in kinds or not reader.has(pc.name, pc.kind)):
+            continue  # not asked for, or saved before the first optimizer step
+        # a state written without ZeRO has no separate masters (its fp32 weights are the masters), and a fresh
+        # optimizer takes its masters from the weights
+        kind = pc.kind
+        if kind == "master" and ("master" not in kinds or not reader.has(pc.name, "master")):
+            kind = "param"
         reader.read(pc.name, kind, pc.start, pc.end, pc.tensor)
     for name, buf in persistent_buffers(model).items():
         saved = reader.buffer(name)

@@ -83,7 +83,11 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
     check_finite(job)
     layout = validate(job, env.world_size, env.device)
     check_cluster_config(job.train)
+    from trainer.data import check_before_training  # imports torch: only once the config is sound
+
+    check_before_training(job, layout, dp_rank(env, layout.pp))  # bad ids, too little validation data
     # checkpoint.dir must take files: found now, not at the first save after the training it was to keep
+    # (last: the first check here that writes anything)
     probe = paths.ckpt_dir / f".write-probe-{os.uname().nodename}-{os.getpid()}"
     try:
         paths.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +102,6 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
         raise UserError("checkpoint.dir", f"cannot write to {paths.ckpt_dir} ({e.strerror or e})",
                         "set checkpoint.dir (or run_dir) to a writable directory with free space, or fix its "
                         "permissions") from None
-    from trainer.data import check_before_training  # imports torch: only once the config is sound
-
-    check_before_training(job, layout, dp_rank(env, layout.pp))  # bad ids, too little validation data
     return job, resolved, layout, env, paths
 
 
@@ -232,13 +233,15 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     import numpy as np
 
     from trainer.build import build_rank
-    from trainer.checkpoint import Checkpointer, find_latest, read_meta, tag_for
+    from trainer.checkpoint import Checkpointer, find_latest, is_layout_free, read_meta, tag_for
     from trainer.cluster.faults import FaultInjector
     from trainer.cluster.nonfinite import NonFiniteGuard
     from trainer.data import eval_batches, train_stream, unigram_entropy
     from trainer.evaluate import evaluate_schedule
+    from trainer.init_from import init_point, initialise
     from trainer.loop import LoopHooks, LoopState, run_loop
     from trainer.report.run_logger import RunLogger
+    from trainer.training_state import TrainingState
 
     random.seed(job.train.seed + env.rank)
     np.random.seed(job.train.seed + env.rank)
@@ -248,18 +251,11 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     if resume_path is not None and meta["step"] >= job.train.steps:
         # a requeued job (or sweep) that had already finished: keep its summary, redo an export a kill cut short
         return _finished_already(job, env, paths, resume_path, meta)
-    for key, now in (("pp", layout.pp), ("ep", layout.ep), ("schedule", job.parallel.schedule)):
-        if meta and meta.get(key, now) != now:  # the shards (pipeline stages, experts, ZeRO) are laid out per rank
-            raise UserError(f"parallel.{key}", f"{resume_path} was saved with parallel.{key}={meta[key]}, this run "
-                            f"has {now}; checkpoints resume only with the layout they were written with",
-                            f"set parallel.{key}={meta[key]}, or start over with train.resume=never (weights can be "
-                            f"resharded between ep sizes with `python -m trainer.reshard`)")
-    if meta and meta.get("dp", layout.dp) != layout.dp:
-        raise UserError("train.resume", f"{resume_path} was saved with dp={meta['dp']} data-parallel ranks, this run "
-                        f"has dp={layout.dp} (ZeRO-1 optimizer shards are per rank)",
-                        f"launch {meta['dp'] * layout.pp} ranks, or start over with train.resume=never")
+    if resume_path is not None and not is_layout_free(resume_path):
+        check_same_layout(resume_path, meta, layout, job.parallel.schedule)  # a format-1 checkpoint
     if resume_path is not None:
         check_model_shape(job, resume_path)  # before config.yaml is overwritten
+    init_path = init_point(job) if resume_path is None else None  # a new run from another run's checkpoint
     if env.is_main:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         (paths.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -279,13 +275,16 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     if env.is_main:
         (paths.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
     stream = train_stream(job, layout, my_dp_rank)
+    training_state = TrainingState(schedule, my_dp_rank)  # what checkpoints hold of the schedule
     state = LoopState()
     if resume_path is not None:
-        point = checkpointer.load(schedule.engine, resume_path)
-        stream.load_state_dict(meta["data"])
+        point = checkpointer.load(training_state, resume_path)
+        stream.load_state_dict(meta["data"])  # keyed on the global sample index: any dp continues the stream
         state.step, state.tokens_seen = point.step, int(meta.get("tokens_seen", 0))
-        logger.write(f"resumed from {resume_path} at step {point.step}")
+        logger.write(f"resumed from {resume_path} at step {point.step}{_layout_change(meta, layout, job, point)}")
         _warn_config_change(meta, resolved, logger.write)
+    elif init_path is not None:
+        logger.write(initialise(init_path, training_state, job.train.init_optimizer))
     faults = FaultInjector.from_env(env.rank, state.step, layout.grad_accum)  # tests only (DSV3_FAULT_INJECT)
     faults.poison_embedding(schedule.module)
     nonfinite = NonFiniteGuard(schedule.engine, job.train.on_nonfinite, job.train.max_consecutive_skips,
@@ -293,16 +292,20 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     entropy = unigram_entropy(list(job.data.dirs), vocab_size=job.model.vocab_size) if env.is_main else math.nan
 
     def save(s: LoopState) -> None:
-        if checkpointer.last_saved_step == s.step:
+        if s.step in (checkpointer.last_saved_step, checkpointer.pending_step):
             return
         meta_out = {"tokens_seen": s.tokens_seen, "data": stream.state_dict(), "config_hash": config_hash(resolved),
                     "identity": training_identity(resolved), "wandb_run_id": logger.wandb_run_id,
                     "world_size": env.world_size, "dp": layout.dp, "pp": layout.pp, "ep": layout.ep,
+                    "ep_ranks_per_node": job.parallel.ep_ranks_per_node,
                     "schedule": job.parallel.schedule, "run_dir": str(paths.run_dir)}
         extra = {"model_config.json": json.dumps(job.model.to_dict(), indent=1) + "\n",
                  "config.yaml": OmegaConf.to_yaml(resolved)}
-        faults.break_checkpoint_write(schedule.engine, s.step)
-        checkpointer.save(schedule.engine, s.step, meta_out, extra)
+        faults.break_checkpoint_write(training_state, s.step)
+        if job.checkpoint.async_save:  # written in the background; published by the loop (`finish_save`)
+            checkpointer.save_async(training_state, s.step, meta_out, extra)
+        else:
+            checkpointer.save(training_state, s.step, meta_out, extra)
 
     def write_timeline(events: list) -> None:
         from parallel.trace import draw_measured_timeline, exposed_communication, gather_timeline, write_chrome_trace
@@ -331,6 +334,8 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         preempt_requested=lambda: guard.preemption.requested,
         step_done=guard.step_done,
         nonfinite=nonfinite,
+        save_writing=checkpointer.writing,
+        finish_save=checkpointer.finish_async,
     )
     if env.is_main and not meta:
         logger.log(0, {"unigram_entropy": entropy, "params": sum(p.numel() for p in schedule.module.parameters())},
@@ -356,6 +361,38 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         _write_summary(paths.run_dir, summary)
         print(_summary_line(summary), flush=True)
     return summary
+
+
+LAYOUT_KEYS = ("schedule", "pp", "dp", "ep", "ep_ranks_per_node")
+
+
+def _layout_of(meta: dict[str, Any], layout: Layout | None = None, job: JobConfig | None = None) -> dict[str, Any]:
+    if layout is None:
+        return {k: meta.get(k) for k in LAYOUT_KEYS}
+    return {"schedule": job.parallel.schedule, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
+            "ep_ranks_per_node": job.parallel.ep_ranks_per_node}
+
+
+def _layout_change(meta: dict[str, Any], layout: Layout, job: JobConfig, point: Any) -> str:
+    """', layout pp=2 dualpipe -> dp=2 ep=2 none (...)' for the resume line, or ''."""
+    old, new = _layout_of(meta), _layout_of(meta, layout, job)
+    changed = [k for k in LAYOUT_KEYS if k in meta and old[k] != new[k]]
+    if not changed:
+        return ""
+    what = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in changed)
+    rng = "" if point.rng_restored else "; RNG states start fresh (the world size changed)"
+    return f" on a new layout ({what}){rng}"
+
+
+def check_same_layout(path: Path, meta: dict[str, Any], layout: Layout, schedule: str) -> None:
+    """A format-1 checkpoint (DeepSpeed's per-layout files, written before layout-free checkpoints) resumes only
+    on the layout that wrote it; its next save is layout-free, after which any layout resumes it."""
+    for key, now in (("pp", layout.pp), ("ep", layout.ep), ("schedule", schedule), ("dp", layout.dp)):
+        if meta.get(key, now) != now:
+            raise UserError(f"parallel.{key}", f"{path} is an older checkpoint (DeepSpeed's per-layout files) saved "
+                            f"with {key}={meta[key]}, this run has {now}",
+                            f"resume it once with parallel.{key}={meta[key]} (its next checkpoint resumes on any "
+                            f"layout), or start over with train.resume=never")
 
 
 def _task_overrides() -> list[str]:

@@ -6,11 +6,13 @@
         metrics (reduced over dp) -> logger; checkpoint every N, then eval every N (a failing evaluation
         never costs training); stop on: train.steps, train.max_seconds, a preemption signal (checkpoint, no
         eval), a non-finite step (train.on_nonfinite, trainer/cluster/nonfinite.py); the stop flags are summed
-        over all ranks with the losses
+        over all ranks with the losses, and so is "my asynchronous checkpoint write is still running": once no
+        rank is writing, the save is published (the same step on every rank); the loop returns with none pending
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ class LoopHooks:
     preempt_requested: Callable[[], bool] = lambda: False  # a preemption signal reached this rank
     step_done: Callable[[int], None] | None = None  # progress beat for the watchdog (steps done)
     nonfinite: Any = None  # trainer.cluster.nonfinite.NonFiniteGuard: decides on non-finite steps
+    save_writing: Callable[[], bool] = lambda: False  # this rank's asynchronous checkpoint write still runs
+    finish_save: Callable[[], None] = lambda: None  # collective: publish a pending asynchronous save (waits for it)
 
 
 def _dp_mean(losses: StepLosses, stop: list[bool], dp_size: int, group: Any = None
@@ -114,7 +118,10 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
         state.tokens_seen += tokens_per_step
         state.train_seconds += step_seconds
         over_time = t.max_seconds is not None and state.train_seconds >= t.max_seconds
-        row, (stop, preempt) = _dp_mean(losses, [over_time, hooks.preempt_requested()], layout.world_size)
+        row, (stop, preempt, writing) = _dp_mean(
+            losses, [over_time, hooks.preempt_requested(), hooks.save_writing()], layout.world_size)
+        if not writing or skipped or not math.isfinite(row["loss"]):
+            hooks.finish_save()  # no rank is writing (or a non-finite stop would name the checkpoint: wait for it)
         # every rank sees the same reduced loss and DeepSpeed's (reduced) skip decision, so all decide alike
         bad = hooks.nonfinite.check(state.step, row["loss"], skipped) if hooks.nonfinite is not None else None
         state.skipped_steps += int(bad is not None and bad.skipped)
@@ -153,6 +160,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
             hooks.step_done(state.step)
         if stop:
             break
+    hooks.finish_save()  # the end, a stop or a preemption: the last checkpoint is complete when the loop returns
     return state
 
 

@@ -21,6 +21,7 @@ from trainer.checkpoint import Checkpointer, tag_for
 from trainer.cluster import faults
 from trainer.cluster.exit_codes import EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USER
 from trainer.cluster.nonfinite import NonFiniteGuard
+from trainer.elastic_state import StateReader, read_full
 from trainer.errors import UserError
 
 TIMEOUT = 5.0
@@ -84,17 +85,26 @@ def test_nan_skip_drops_the_step_and_goes_on(tiny_data: Path, tmp_path: Path):
     assert loss[3] is None and all(loss[s] is not None for s in (1, 2, 4, 5))
     assert [r["train/skipped_steps"] for r in rows(run_dir)] == [0, 0, 1, 1, 1]
     ckpts = run_dir / "checkpoints"
-
-    def weights(step: int, pipe_rank: int) -> dict:
-        return torch.load(ckpts / tag_for(step) / f"mp_rank_{pipe_rank:02d}_model_states.pt", weights_only=False)
-
-    for pipe_rank in (0, 1):
-        two, three, four = (weights(s, pipe_rank) for s in (2, 3, 4))
-        # step 3 changed nothing (router biases included) and did not advance the LR schedule; step 4 trained
-        assert all(torch.equal(two["module"][k], three["module"][k]) for k in two["module"])
-        assert not all(torch.equal(three["module"][k], four["module"][k]) for k in two["module"])
-        assert three["lr_scheduler"]["last_epoch"] == two["lr_scheduler"]["last_epoch"] == 2
-        assert three["skipped_steps"] == 1
+    kinds = ("param", "master", "exp_avg", "exp_avg_sq")
+    two, three, four = (read_full(ckpts / tag_for(s), kinds) for s in (2, 3, 4))
+    # step 3 changed nothing: weights, fp32 masters, Adam moments, router biases and counts (both pipeline
+    # ranks' pieces); step 4 trained
+    assert set(two) == {*kinds, "buffer"}
+    for kind, tensors in two.items():
+        assert all(torch.equal(t, three[kind][n]) for n, t in tensors.items()), kind
+    assert not all(torch.equal(t, four["param"][n]) for n, t in three["param"].items())
+    assert StateReader(ckpts / tag_for(3)).index["engine"] == {"global_steps": 3, "global_samples": 24,
+                                                               "skipped_steps": 1}
+    # nor did it advance the LR schedule (each row's LR is the one its step used)
+    lr = {r["step"]: r["train/lr"] for r in rows(run_dir)}
+    assert lr[4] == lr[3] != lr[2] and lr[5] != lr[4]
+    # resumed from step 3's checkpoint (the same layout and world size): steps 4 and 5 exactly as above, LR
+    # included (the schedule's position is the applied steps, not the step count)
+    resumed = tmp_path / "resumed"
+    launch(base_overrides(tiny_data, resumed, *STEPS, "train.on_nonfinite=skip", "checkpoint.interval=0",
+                          "checkpoint.save_final=false", f"train.resume={ckpts / tag_for(3)}"), nproc=2)
+    assert {r["step"]: (r["train/lm_loss"], r["train/lr"]) for r in rows(resumed)} == {
+        s: (loss[s], lr[s]) for s in (4, 5)}
 
 
 @pytest.mark.multiprocess
@@ -117,15 +127,15 @@ def test_nan_stop_exits_4_and_keeps_the_last_good_checkpoint(tiny_data: Path, tm
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_checkpoint_write_failure_is_one_line_and_keeps_latest(tiny_data: Path, tmp_path: Path):
-    # rank 1's DeepSpeed write of step 4 fails with ENOSPC (disk full) while rank 0's succeeds
+    # rank 1's state-file write of step 4 fails with ENOSPC (disk full) while rank 0's succeeds
     run_dir = tmp_path / "run"
     proc = launch(base_overrides(tiny_data, run_dir, *STEPS, "checkpoint.interval=2"), nproc=2, check=False,
                   env={"DSV3_FAULT_INJECT": "checkpoint_write:1:step:4"})
     assert proc.returncode == EXIT_USER, proc.stdout[-2000:] + proc.stderr[-2000:]
     ckpts = run_dir / "checkpoints"
     line = f"error: checkpoint.dir: rank 1 could not write checkpoint step00000004: No space left on device " \
-           f"({ckpts / '.tmp-step00000004' / 'mp_rank_01_model_states.pt'}); free space on that filesystem or fix " \
-           "its permissions, or set checkpoint.dir to a writable directory, then resume; `latest` still names " \
+           f"({ckpts / '.tmp-step00000004' / 'state' / 'rank_00001.safetensors'}); free space on that filesystem or " \
+           "fix its permissions, or set checkpoint.dir to a writable directory, then resume; `latest` still names " \
            "step00000002, which is intact"
     assert proc.stderr.count(line) == 2  # each rank, the same line
     assert "Traceback" not in proc.stderr
@@ -133,34 +143,37 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_latest(tiny_data: Path, 
     assert not (ckpts / ".tmp-step00000004").exists() and not (ckpts / "step00000004").exists()
 
 
-class _FakeEngine:
-    """What Checkpointer.save needs of a DeepSpeed engine: save_checkpoint writes one file per rank."""
+class _FakeState:
+    """What Checkpointer.save needs of a TrainingState: each rank writes one file, rank 0 publishes nothing."""
 
     def __init__(self, fail: BaseException | None = None) -> None:
         self.fail = fail
-        self.module = torch.nn.Linear(2, 2)  # no experts: nothing expert-parallel to save
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
-        target = Path(save_dir) / tag
-        target.mkdir(parents=True, exist_ok=True)
+    def write(self, tmp: Path, rank: int) -> tuple[list[Path], dict]:
         if self.fail is not None:
             raise self.fail
-        (target / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        (tmp / "state").mkdir(parents=True, exist_ok=True)
+        path = tmp / "state" / f"rank_{rank:05d}.safetensors"
+        path.write_bytes(b"weights")
+        return [path], {}
+
+    def publish(self, tmp: Path, everyone: list) -> list[Path]:
+        return []
 
 
 def test_permission_denied_save_is_a_user_error_and_latest_survives(tmp_path: Path):
     ckpt = Checkpointer(tmp_path / "ckpt", rank=0, dp_rank=0, keep_last=2)
-    ckpt.save(_FakeEngine(), 2, {"data": {}}, {"config.yaml": "x: 1\n"})
+    ckpt.save(_FakeState(), 2, {"data": {}}, {"config.yaml": "x: 1\n"})
     denied = PermissionError(13, "Permission denied", str(tmp_path / "ckpt" / ".tmp-step00000004" / "x.pt"))
     with pytest.raises(UserError) as err:
-        ckpt.save(_FakeEngine(fail=denied), 4, {"data": {}}, {})
+        ckpt.save(_FakeState(fail=denied), 4, {"data": {}}, {})
     assert err.value.key == "checkpoint.dir"
     assert "rank 0 could not write checkpoint step00000004: Permission denied" in str(err.value)
     assert (tmp_path / "ckpt" / "latest").read_text() == "step00000002"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step00000002"]
     # a failure that is not about writing files is a bug and keeps its traceback
     with pytest.raises(ZeroDivisionError):
-        ckpt.save(_FakeEngine(fail=ZeroDivisionError()), 6, {"data": {}}, {})
+        ckpt.save(_FakeState(fail=ZeroDivisionError()), 6, {"data": {}}, {})
 
 
 class _Engine:

@@ -71,7 +71,7 @@ def test_two_node_rehearsal_through_the_batch_script(rehearsal):
     loss = losses(run_dir)
     assert sorted(loss) == list(range(1, 11)) and loss[10] < loss[1] - 0.3
     ckpt = run_dir / "checkpoints" / "step00000010"
-    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert {"rank_00000.safetensors", "rank_00001.safetensors"} <= {p.name for p in (ckpt / "state").iterdir()}
 
 
 @pytest.mark.multiprocess

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from model.fp8.factory import fp8_layers
 from model.fp8.numerics import quantize_dequantize
 from model.hf import FP8_QUANT_CONFIG, SAFE_NAME, export_hf, hf_name, import_hf
+from tests.conftest import layout_free_checkpoint
 from tests.model.test_hf_parity import ids, random_model, tiny_cfg
 
 # every quantized weight dimension <= 128 or a multiple of 128 (what transformers' CPU dequantizer reads):
@@ -108,13 +109,10 @@ def test_fp8_export_warns_about_dims_transformers_cannot_read(tmp_path: Path):
 
 
 def fake_checkpoint(model, cfg, path: Path) -> Path:
-    """The files `trainer.export_hf` reads from a training checkpoint (what DeepSpeed writes, minus optimizer
-    states): meta.json, mp_rank_00_model_states.pt with the module state, model_config.json."""
-    path.mkdir(parents=True)
-    (path / "meta.json").write_text(json.dumps({"step": 1}))
-    (path / "model_config.json").write_text(json.dumps(cfg.to_dict()))
-    torch.save({"module": model.state_dict()}, path / "mp_rank_00_model_states.pt")
-    return path
+    """A training checkpoint of `model` (step 1 in the checkpoints directory `path`) as the trainer writes it:
+    the layout-free state (weights and router buffers), model_config.json, meta.json."""
+    assert model.cfg == cfg
+    return layout_free_checkpoint(model, path, step=1)
 
 
 def test_export_cli_fp8_writes_the_release_format(tmp_path: Path, capsys):
@@ -124,7 +122,7 @@ def test_export_cli_fp8_writes_the_release_format(tmp_path: Path, capsys):
 
     cfg = tiny_cfg(**CFG)
     model = random_model(cfg)
-    ckpt = fake_checkpoint(model, cfg, tmp_path / "step00000001")
+    ckpt = fake_checkpoint(model, cfg, tmp_path / "checkpoints")
     assert main([str(ckpt), str(tmp_path / "hf"), "--fp8"]) == 0
     assert "exported" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

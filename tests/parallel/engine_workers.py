@@ -126,6 +126,23 @@ def reference_steps(cfg, batches_per_step, clip: float) -> Reference:
     return Reference(losses, state, first, norm, gmax, l1)
 
 
+def evaluate_reference(cfg, ref: Reference, batches, steps: int) -> list[tuple[float, float]]:
+    """(LM loss, tolerance) of each batch in eval mode at the reference's trained weights: the tolerance is the
+    forward's reassociation plus the parameters' (`steps` param_tolerances) to first order, against |dL/dp|."""
+    model = DeepseekV3(cfg)
+    model.load_state_dict(ref.state)
+    model.eval()
+    out = []
+    for b in batches:
+        model.zero_grad()
+        loss = model(b["tokens"]).lm_loss
+        loss.backward()
+        tol = FWD_RTOL * abs(float(loss)) + steps * sum(float(p.grad.abs().sum()) * ref.param_tolerance(n)
+                                                        for n, p in model.named_parameters() if p.grad is not None)
+        out.append((float(loss), tol))
+    return out
+
+
 def capture_grads(engine, named_params) -> dict[str, torch.Tensor]:
     """Filled when the engine's first optimizer step starts: the full gradient of each (name, parameter) as
     ZeRO-1 hands it to the optimizer (reduced over the parameter's data-parallel group, mirror copies and tied
@@ -164,6 +181,13 @@ def compare(ref: Reference, grads: dict, norm: float, state: dict, losses: list[
         "param_ratio": worst(param_ratio), "n_params": len(param_ratio), "buffer_diff": worst(buffers),
         "losses": losses, "ref_losses": ref.losses, "loss_tols": ref.loss_tolerances(),
     }
+
+
+def assert_evaluation_matches(rep: dict) -> None:
+    """forward_only through the schedule at the trained weights: the loss stage's microbatches against the
+    trained reference model (`evaluate_reference`)."""
+    for mb, (loss, (want, tol)) in rep["eval"].items():
+        assert abs(loss - want) <= tol, (mb, loss, want, tol)
 
 
 def assert_matches(rep: dict) -> None:
@@ -208,4 +232,11 @@ def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int,
         torch.distributed.all_reduce(vec, group=topo.groups["data"])
         losses.append(float(vec) / dp)
     ref = reference_steps(cfg, per_step, clip)
-    return compare(ref, grads, norms[0], sched.module.state_dict(), losses, steps)
+    report = compare(ref, grads, norms[0], sched.module.state_dict(), losses, steps)
+
+    # evaluation through the pipeline (the trainer's eval path) at the trained weights
+    batches = per_step[0][:sched.eval_microbatches(microbatches)]
+    evals: dict[int, float] = {}
+    sched.forward_only(batches, lambda i, mb: evals.__setitem__(i, float(mb.lm_loss)))
+    want = evaluate_reference(cfg, ref, batches, steps)
+    return {**report, "eval": {i: (loss, want[i]) for i, loss in evals.items()}, "n_eval": len(batches)}

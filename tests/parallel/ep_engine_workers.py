@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -78,6 +79,7 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     from trainer.checkpoint import Checkpointer
     from trainer.load_balance import moe_routers, update_router_biases
     from trainer.optim import param_groups
+    from trainer.training_state import TrainingState
 
     cfg = tiny_config()
     topo = PipelineTopology(pp=1, dp=world, rank=rank, ep=ep)
@@ -118,9 +120,10 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     report = compare(ref, gather_full(grads, [list(range(ep))]), norms[0], full, losses, steps)
     empty = {i: [e for e, c in enumerate(row.tolist()) if c == 0] for i, row in counts.items()}
 
-    # the checkpoint as the trainer writes it (DeepSpeed's files plus our expert shards), through the Checkpointer
+    # the checkpoint as the trainer writes it (the layout-free state: trainer/elastic_state.py), through the
+    # Checkpointer
     checkpointer = Checkpointer(ckpt, rank, rank, keep_last=2)
-    saved = checkpointer.save(sched.engine, steps, {"tokens": 0},
+    saved = checkpointer.save(TrainingState(sched, rank), steps, {"tokens": 0},
                               {"model_config.json": json.dumps(cfg.to_dict())})
     probe = make_batches(cfg, world, seed=3)[rank]["tokens"]
     sched.module.eval()
@@ -129,17 +132,53 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
 
     # resume: a fresh engine (other weights) loads the checkpoint; every parameter, experts included, restored
     sched2 = schedule(1)
-    Checkpointer(ckpt, rank, rank, keep_last=2).load(sched2.engine, saved)
-    resumed = sched2.module.state_dict()
-    resume_diffs = {n: float((resumed[n] - t).abs().max()) for n, t in state.items() if t.is_floating_point()}
-    resume_diff = max(resume_diffs.values())
+    Checkpointer(ckpt, rank, rank, keep_last=2).load(TrainingState(sched2, rank), saved)
+    resume_diff = _max_diff(sched2.module.state_dict(), state)
+
+    # a format-1 checkpoint (what the trainer wrote before: DeepSpeed's files plus our expert shards) resumes on
+    # the layout that wrote it: weights (each rank's own experts) and the ZeRO-1 fp32 masters
+    legacy = write_legacy_checkpoint(sched, topo, Path(ckpt).parent / "legacy", steps, cfg)
+    sched3 = schedule(2)
+    Checkpointer(legacy.parent, rank, rank, keep_last=2).load(TrainingState(sched3, rank), legacy)
+    legacy_diff = _max_diff(sched3.module.state_dict(), state)
+    masters = zip(sched.engine.optimizer.single_partition_of_fp32_groups,
+                  sched3.engine.optimizer.single_partition_of_fp32_groups, strict=True)
+    legacy_masters_equal = all(torch.equal(a, b) for a, b in masters)
     return {
         **report, "n": len(full), "n_ref": len(ref.state),
         "n_marked": n_marked, "bias_diff": max(float((b - ref.state[f"{name}.e_score_correction_bias"]).abs().max())
                                                 for name, b in _bias_names(sched.module, biases[-1]).items()),
         "biases": {i: b.tolist() for i, b in biases[-1].items()}, "empty_last_step": empty,
         "logits": logits.tolist(), "probe": probe.tolist(), "resume_diff": resume_diff,  # no tensors: queue
+        "legacy_diff": legacy_diff, "legacy_masters_equal": legacy_masters_equal, "legacy": str(legacy),
     }
+
+
+def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    return max(float((got[n] - t).abs().max()) for n, t in want.items() if t.is_floating_point())
+
+
+def write_legacy_checkpoint(sched, topo, ckpt_dir: Path, step: int, cfg) -> Path:
+    """A format-1 checkpoint as trainer/checkpoint.py wrote it before the layout-free state (pp=1): DeepSpeed's
+    `save_checkpoint` (mp_rank_00 with ep rank 0's experts, one ZeRO-1 file per rank) and each ep rank's experts
+    in `experts/ep_rank_<k>.pt`, written by the first EP group; meta.json last (collective)."""
+    from parallel.expert_shard import ep_layout, is_expert_key
+    from trainer.checkpoint import tag_for
+    from trainer.expert_files import expert_file
+
+    path = ckpt_dir / tag_for(step)
+    sched.engine.save_checkpoint(str(ckpt_dir), tag=path.name, client_state={}, save_latest=False)
+    ep_rank, ep_size = ep_layout(sched.module)
+    if topo.dp_rank < ep_size:
+        experts = {n: t.detach().clone() for n, t in sched.module.state_dict().items() if is_expert_key(n)}
+        expert_file(path, ep_rank).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ep_size": ep_size, "ep_rank": ep_rank, "module": experts}, expert_file(path, ep_rank))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (path / "model_config.json").write_text(json.dumps(cfg.to_dict()))
+        (path / "meta.json").write_text(json.dumps({"step": step, "format": 1}))
+    dist.barrier()
+    return path
 
 
 def _bias_names(model: torch.nn.Module, biases: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:

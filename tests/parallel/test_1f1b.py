@@ -8,7 +8,7 @@ import pytest
 
 from parallel.spawn import run_ranks
 from tests.conftest import tiny_config
-from tests.parallel.engine_workers import FWD_RTOL, assert_matches, ds_config, reference_steps
+from tests.parallel.engine_workers import assert_evaluation_matches, assert_matches, ds_config, reference_steps
 from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
 
 
@@ -17,9 +17,8 @@ def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-    from model.transformer import DeepseekV3
     from parallel.topology import PipelineTopology
-    from tests.parallel.engine_workers import build_schedule, capture_grads, compare
+    from tests.parallel.engine_workers import build_schedule, capture_grads, compare, evaluate_reference
     from trainer.load_balance import moe_routers, update_router_biases
 
     cfg = tiny_config(num_hidden_layers=layers)
@@ -53,19 +52,8 @@ def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip
         logits[mb], lm_losses[mb] = ctx.logits.shape, float(ctx.lm_loss)
 
     sched.forward_only(per_step[0][:microbatches], seen)
-    trained = DeepseekV3(cfg)
-    trained.load_state_dict(ref.state)
-    trained.eval()
-    eval_pairs = {}
-    for mb, loss in lm_losses.items():
-        # tolerance: the forward's reassociation, plus the parameters' (2 steps of param_tolerance) to first order
-        trained.zero_grad()
-        want = trained(per_step[0][mb]["tokens"]).lm_loss
-        want.backward()
-        tol = FWD_RTOL * abs(float(want)) + steps * sum(
-            float(p.grad.abs().sum()) * ref.param_tolerance(n) for n, p in trained.named_parameters()
-            if p.grad is not None)
-        eval_pairs[mb] = (loss, float(want), tol)
+    want = evaluate_reference(cfg, ref, per_step[0][:microbatches], steps)
+    eval_pairs = {mb: (loss, want[mb]) for mb, loss in lm_losses.items()}
     return {**report, "lm": lm, "names": sorted(state), "eval": eval_pairs,
             "logits": {mb: tuple(s) for mb, s in logits.items()}, "timeline": timeline}
 
@@ -87,8 +75,7 @@ def test_1f1b_steps_equal_single_process():
     assert not any(n.startswith("head.") for n in first) and any(n.startswith("head.mtp.") for n in last)
     # forward_only: the loss stage sees every microbatch, with logits, equal to the trained reference model
     assert not reports[0]["eval"] and sorted(reports[1]["eval"]) == [0, 1, 2, 3]
-    for loss, ref, tol in reports[1]["eval"].values():
-        assert abs(loss - ref) <= tol, (loss, ref, tol)
+    assert_evaluation_matches(reports[1])
     assert set(reports[1]["logits"].values()) == {(MICRO, SEQ, 256)}
 
 

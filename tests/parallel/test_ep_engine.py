@@ -1,20 +1,22 @@
 """Expert parallelism through the DeepSpeed engine (`parallel.schedule=none`, ZeRO-1, AdamW, clipping) equals
-single-process training; its checkpoints hold the experts sharded and reshard between ep sizes."""
+single-process training; its layout-free checkpoint holds each rank's experts and gives back the full model, and a
+format-1 checkpoint (DeepSpeed's files plus expert shards) still resumes on its own layout and exports."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
-from parallel.expert_shard import is_expert_key
 from parallel.spawn import run_ranks
 from tests.parallel.engine_workers import assert_matches
 from tests.parallel.ep_engine_workers import run_ep_engine
 from trainer.checkpoint import load_module_state
+from trainer.elastic_state import STATE_DIR, StateReader
 from trainer.expert_files import checkpoint_ep_size, expert_file
-from trainer.reshard import main, reshard
 
 # Compared as in test_pipeline_engine.py (tests/parallel/engine_workers.py): expert gradients reach their rank
 # through the all-to-all and are summed in another order than in one process (fp32 reassociation). The first
@@ -57,10 +59,16 @@ def _logits(state: dict, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor
 
 
 @pytest.mark.multiprocess
-def test_checkpoint_reshards_between_ep_sizes(ep2, tmp_path):
+def test_checkpoint_holds_each_ranks_experts_and_gives_the_full_model(ep2):
     reports, ckpt = ep2
     src = ckpt / "step00000002"
-    assert checkpoint_ep_size(src) == 2 and expert_file(src, 1).is_file()
+    assert sorted(p.name for p in (src / STATE_DIR).iterdir()) == [
+        "index.json", "rank_00000.safetensors", "rank_00001.safetensors"]
+    # each ep rank wrote its own experts: the stacked weight's pieces lie in both ranks' files
+    index = StateReader(src).index["tensors"]
+    experts = index["layers.1.block.mlp.experts.gate_up_proj.weight"]
+    assert experts["shape"][0] == 8 and {p[2] for p in experts["pieces"]["param"]} == {
+        "rank_00000.safetensors", "rank_00001.safetensors"}
     full, cfg_dict = load_module_state(src)
     cfg = ModelConfig.from_dict(cfg_dict)
     # the full model read from the ep=2 checkpoint gives the ep=2 model's logits on every rank's tokens
@@ -69,21 +77,15 @@ def test_checkpoint_reshards_between_ep_sizes(ep2, tmp_path):
         got = _logits(full, cfg, torch.tensor(rep["probe"]))
         assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
-    assert main([str(src), str(tmp_path / "ep1"), "--ep", "1"]) == 0
-    one, _ = load_module_state(tmp_path / "ep1")
-    assert checkpoint_ep_size(tmp_path / "ep1") == 1
-    ep1_file = torch.load(tmp_path / "ep1" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    assert all(torch.equal(ep1_file[n], t) for n, t in full.items())  # an ep=1 checkpoint: the full model
-    back = reshard(tmp_path / "ep1", tmp_path / "ep2", 2)
-    for k in range(2):  # ep=2 -> 1 -> 2 gives back the same shards, bit for bit
-        a = torch.load(expert_file(src, k), weights_only=True)["module"]
-        b = torch.load(expert_file(back, k), weights_only=True)["module"]
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    two, _ = load_module_state(back)
-    assert all(torch.equal(two[n], t) for n, t in full.items())
-    four = reshard(src, tmp_path / "ep4", 4)
-    assert checkpoint_ep_size(four) == 4
-    shard = torch.load(expert_file(four, 3), weights_only=True)["module"]
-    assert all(t.shape[0] == cfg.n_routed_experts // 4 for n, t in shard.items() if is_expert_key(n))
-    assert all(torch.equal(t, full[n]) for n, t in load_module_state(four)[0].items())
-    assert main([str(src), str(tmp_path / "ep3"), "--ep", "3"]) == 2  # 8 experts do not split over 3
+
+@pytest.mark.multiprocess
+def test_format1_checkpoint_resumes_on_its_layout_and_exports(ep2):
+    """The legacy branch of Checkpointer.load: DeepSpeed's files, then each rank's own experts from `experts/`."""
+    reports, ckpt = ep2
+    for rep in reports:
+        assert rep["legacy_diff"] == 0.0 and rep["legacy_masters_equal"]
+    legacy = Path(reports[0]["legacy"])
+    assert checkpoint_ep_size(legacy) == 2 and expert_file(legacy, 1).is_file()
+    old, _ = load_module_state(legacy)  # mp_rank_00 with ep rank 0's experts, the others gathered
+    new, _ = load_module_state(ckpt / "step00000002")
+    assert old.keys() == new.keys() and all(torch.equal(old[n], t) for n, t in new.items())

@@ -1,9 +1,10 @@
-"""DualPipe / DualPipeV through a DeepSpeed engine (ZeRO-1, AdamW, clipping) equal single-process training."""
+"""DualPipe / DualPipeV through a DeepSpeed engine (ZeRO-1, AdamW, clipping) equal single-process training, and
+their evaluation (`forward_only`) equals the trained single-process model."""
 
 import pytest
 
 from parallel.spawn import run_ranks
-from tests.parallel.engine_workers import assert_matches, run_engine
+from tests.parallel.engine_workers import assert_evaluation_matches, assert_matches, run_engine
 
 # Gradients are summed in another order than in the single-process model (microbatches interleave, W runs late,
 # mirror copies add up), so they agree to fp32 reassociation: the first step's gradients as ZeRO-1 hands them to
@@ -25,3 +26,6 @@ def test_engine_steps_equal_single_process(schedule, world, pp, microbatches, cl
     reports = run_ranks(world, run_engine, schedule, pp, microbatches, 2, clip, layers)
     for rep in reports:
         assert_matches(rep)
+        assert_evaluation_matches(rep)
+    # forward_only: every microbatch's loss lands on exactly one pipeline rank of each data replica
+    assert sum(len(rep["eval"]) for rep in reports) == (world // pp) * reports[0]["n_eval"]

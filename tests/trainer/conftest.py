@@ -87,3 +87,22 @@ def rows(run_dir: Path, kind: str = "train") -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/lm_loss"] for r in rows(run_dir)}
+
+
+def assert_first_step_matches(run_dir: Path, other: Path) -> None:
+    """Two layouts of one job (same samples, same initial weights): the first step's LM loss and grad norm agree
+    to the tolerances of tests/parallel/engine_workers.py (identical weights: the same per-microbatch forward,
+    averaged in another order; the same gradients summed in another order), the learning rate of every step is
+    the same, and both logged every step. Later steps are not compared: after an AdamW step (eps 1e-8, ~lr *
+    sign(g)) an entry whose gradient is reassociation noise may move by 2 lr either way, a different entry on
+    another CPU. Multi-step training is compared where the update is Lipschitz in the gradient, for every
+    schedule the trainer builds (tests/parallel/test_pipeline_engine.py, test_1f1b.py, test_ep_*.py)."""
+    from tests.parallel.engine_workers import FWD_RTOL, NORM_RTOL
+
+    a, b = rows(run_dir), rows(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, len(b) + 1)), (a, b)
+    assert [r["train/lr"] for r in a] == [r["train/lr"] for r in b]
+    first, second = a[0], b[0]
+    assert abs(first["train/lm_loss"] - second["train/lm_loss"]) <= FWD_RTOL * second["train/lm_loss"], (first, second)
+    assert abs(first["train/grad_norm"] - second["train/grad_norm"]) <= NORM_RTOL * second["train/grad_norm"], (
+        first, second)

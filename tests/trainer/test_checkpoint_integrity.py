@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import ModelState, layout_free_checkpoint
 from tests.trainer.conftest import base_overrides, launch, losses
 from trainer.checkpoint import (
     META_FILE,
@@ -27,8 +28,8 @@ from trainer.checkpoint import (
 from trainer.checkpoint_manifest import MANIFEST_FILE, read_manifest, verify
 from trainer.errors import UserError
 
-MODEL_FILE = "mp_rank_00_model_states.pt"
-OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+STATE_FILE = "state/rank_00000.safetensors"  # rank 0's pieces of the layout-free state (trainer/elastic_state.py)
+INDEX_FILE = "state/index.json"  # where every piece lies
 RNG_FILE = "rng/rank0.pt"
 
 
@@ -54,23 +55,16 @@ def one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-class _FakeEngine:
-    """What Checkpointer.save needs of a DeepSpeed engine: one weights file per save."""
-
-    def __init__(self) -> None:
-        self.module = torch.nn.Linear(2, 2)
-
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
-        target = Path(save_dir) / tag
-        target.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "client": client_state}, target / MODEL_FILE)
+def _linear_state() -> ModelState:
+    """What Checkpointer.save needs of a TrainingState, on a tiny plain model: the real state files."""
+    return ModelState(torch.nn.Linear(2, 2))
 
 
 def fake_run(tmp_path: Path, steps: tuple[int, ...] = (2, 4)) -> Path:
     ckpts = tmp_path / "checkpoints"
     saver = Checkpointer(ckpts, rank=0, dp_rank=0, keep_last=len(steps))
     for step in steps:
-        saver.save(_FakeEngine(), step, {"data": {}}, {"model_config.json": json.dumps({"hidden_size": 64}),
+        saver.save(_linear_state(), step, {"data": {}}, {"model_config.json": json.dumps({"hidden_size": 64}),
                                                        "config.yaml": "x: 1\n"})
     return ckpts
 
@@ -82,7 +76,9 @@ def test_save_writes_a_manifest_of_every_file_before_meta(tmp_path: Path):
     ckpts = fake_run(tmp_path, (2,))
     ckpt = ckpts / tag_for(2)
     manifest = read_manifest(ckpt)
-    assert set(manifest) == {MODEL_FILE, RNG_FILE, "model_config.json", "config.yaml"}  # not itself, not meta
+    # not itself, not meta; no DeepSpeed files (format 2: the layout-free state)
+    assert set(manifest) == {STATE_FILE, INDEX_FILE, RNG_FILE, "model_config.json", "config.yaml"}
+    assert json.loads((ckpt / META_FILE).read_text())["format"] == 2
     for rel, entry in manifest.items():
         data = (ckpt / rel).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -90,23 +86,25 @@ def test_save_writes_a_manifest_of_every_file_before_meta(tmp_path: Path):
     assert verify(ckpt, exclude=(META_FILE,)) is None
 
 
+@pytest.mark.parametrize("name", [STATE_FILE, INDEX_FILE])
 @pytest.mark.parametrize("damage, problem", [
-    (truncate, f"{MODEL_FILE}: truncated"),
-    (flip_byte, f"{MODEL_FILE}: sha256 mismatch"),
-    (Path.unlink, f"{MODEL_FILE}: missing"),
+    (truncate, "truncated"),
+    (flip_byte, "sha256 mismatch"),
+    (Path.unlink, "missing"),
 ])  # fmt: skip
-def test_verify_names_the_damaged_file(tmp_path: Path, damage, problem):
+def test_verify_names_the_damaged_file(tmp_path: Path, damage, problem, name: str):
     ckpt = fake_run(tmp_path, (2,)) / tag_for(2)
-    damage(ckpt / MODEL_FILE)
+    damage(ckpt / name)
+    problem = f"{name}: {problem}"
     assert verify(ckpt, exclude=(META_FILE,)).startswith(problem)
 
 
 def test_fallback_to_the_previous_intact_checkpoint(tmp_path: Path):
     ckpts = fake_run(tmp_path)
-    flip_byte(ckpts / tag_for(4) / MODEL_FILE)
+    flip_byte(ckpts / tag_for(4) / STATE_FILE)
     said: list[str] = []
     assert find_intact(ckpts, said.append) == ckpts / tag_for(2)
-    assert said == [f"warning: {ckpts / tag_for(4)} is damaged ({MODEL_FILE}: sha256 mismatch); resuming from "
+    assert said == [f"warning: {ckpts / tag_for(4)} is damaged ({STATE_FILE}: sha256 mismatch); resuming from "
                     f"{tag_for(2)}"]
 
 
@@ -134,19 +132,19 @@ def test_no_intact_checkpoint_is_a_user_error(tmp_path: Path):
 def test_checkpoint_without_manifest_is_accepted_unless_a_torch_file_is_cut(tmp_path: Path):
     ckpts = fake_run(tmp_path)
     for step in (2, 4):
-        (ckpts / tag_for(step) / MANIFEST_FILE).unlink()  # written before manifests existed
+        (ckpts / tag_for(step) / MANIFEST_FILE).unlink()  # as if written before manifests existed
     assert find_intact(ckpts, lambda line: None) == ckpts / tag_for(4)
-    truncate(ckpts / tag_for(4) / MODEL_FILE)
+    truncate(ckpts / tag_for(4) / RNG_FILE)
     said: list[str] = []
     assert find_intact(ckpts, said.append) == ckpts / tag_for(2)
-    assert f"is damaged ({MODEL_FILE}: not a readable torch file" in said[0]
+    assert f"is damaged ({RNG_FILE}: not a readable torch file" in said[0]
 
 
 def test_a_run_resumed_from_an_earlier_checkpoint_keeps_it_until_it_passes_the_damaged_one(tmp_path: Path):
     """keep_last counts the checkpoints up to the one just saved: the newer damaged one must not push out the
     intact one the run resumed from."""
     ckpts = fake_run(tmp_path, (2, 6))
-    Checkpointer(ckpts, 0, 0, keep_last=2).save(_FakeEngine(), 4, {"data": {}}, {})
+    Checkpointer(ckpts, 0, 0, keep_last=2).save(_linear_state(), 4, {"data": {}}, {})
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step")) == [tag_for(2), tag_for(4),
                                                                                      tag_for(6)]
 
@@ -160,13 +158,26 @@ def test_truncated_torch_file_is_one_line_naming_it(tmp_path: Path):
     assert tag_for(2) in err.value.fix  # the checkpoint before it
 
 
+@pytest.mark.parametrize("name", [STATE_FILE, INDEX_FILE])
 @pytest.mark.parametrize("damage", [truncate, flip_byte])
-def test_export_reads_only_verified_weights(tmp_path: Path, damage):
+def test_export_reads_only_verified_weights(tmp_path: Path, damage, name: str):
     ckpts = fake_run(tmp_path)
-    damage(ckpts / tag_for(4) / MODEL_FILE)
+    damage(ckpts / tag_for(4) / name)
     with pytest.raises(UserError) as err:
         load_module_state(ckpts / tag_for(4))
-    assert err.value.key == str(ckpts / tag_for(4) / MODEL_FILE)
+    assert err.value.key == str(ckpts / tag_for(4) / name)
+    assert tag_for(2) in err.value.fix
+
+
+@pytest.mark.parametrize("name, problem", [(STATE_FILE, "unreadable"), (INDEX_FILE, "not valid JSON")])
+def test_export_without_manifest_names_the_damaged_state_file(tmp_path: Path, name: str, problem: str):
+    """A state file the manifest cannot vouch for (no manifest): the reader's own checks name the file."""
+    ckpts = fake_run(tmp_path)
+    (ckpts / tag_for(4) / MANIFEST_FILE).unlink()
+    truncate(ckpts / tag_for(4) / name)
+    with pytest.raises(UserError) as err:
+        load_module_state(ckpts / tag_for(4))
+    assert err.value.key == str(ckpts / tag_for(4) / name) and err.value.problem.startswith(problem)
     assert tag_for(2) in err.value.fix
 
 
@@ -186,14 +197,9 @@ def _tiny_model():
     return DeepseekV3(tiny_config()).eval()
 
 
-def _fake_checkpoint(path: Path) -> Path:
-    """What trainer.export_hf reads of a training checkpoint (see tests/fp8/test_fp8_export.py)."""
-    model = _tiny_model()
-    path.mkdir(parents=True)
-    (path / META_FILE).write_text(json.dumps({"step": 1}))
-    (path / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
-    torch.save({"module": model.state_dict()}, path / MODEL_FILE)
-    return path
+def _fake_checkpoint(ckpts: Path) -> Path:
+    """A training checkpoint of the tiny model in `ckpts` (step 1), as the trainer writes it."""
+    return layout_free_checkpoint(_tiny_model(), ckpts, step=1)
 
 
 def _cli_error(main, argv: list[str], capsys) -> str:
@@ -214,29 +220,31 @@ def test_sample_on_a_damaged_hf_dir_is_one_line(tmp_path: Path, capsys, name: st
     assert line.startswith(f"error: {hf / name}: ") and "cut or corrupt" in line
 
 
-@pytest.mark.parametrize("name", [MODEL_FILE, "model_config.json"])
+@pytest.mark.parametrize("name", [STATE_FILE, INDEX_FILE, "model_config.json"])
 def test_export_of_a_damaged_checkpoint_is_one_line(tmp_path: Path, capsys, name: str):
     from trainer.export_hf import main
 
-    ckpt = _fake_checkpoint(tmp_path / tag_for(1))
+    ckpt = _fake_checkpoint(tmp_path / "checkpoints")
     truncate(ckpt / name)
     line = _cli_error(main, [str(ckpt), str(tmp_path / "hf")], capsys)
-    assert line.startswith(f"error: {ckpt / name}: ") and "corrupt" in line
+    assert line.startswith(f"error: {ckpt / name}: truncated") and "restore the file" in line
     assert not (tmp_path / "hf").exists()
 
 
-def test_sample_on_a_damaged_checkpoint_is_one_line(tmp_path: Path, capsys):
+@pytest.mark.parametrize("name", [STATE_FILE, INDEX_FILE])
+def test_sample_on_a_damaged_checkpoint_is_one_line(tmp_path: Path, capsys, name: str):
     from trainer.sample import main
 
-    ckpt = _fake_checkpoint(tmp_path / tag_for(1))
-    truncate(ckpt / MODEL_FILE)
-    assert _cli_error(main, [str(ckpt), "--prompt", "x"], capsys).startswith(f"error: {ckpt / MODEL_FILE}: ")
+    ckpt = _fake_checkpoint(tmp_path / "checkpoints")
+    flip_byte(ckpt / name)
+    line = _cli_error(main, [str(ckpt), "--prompt", "x"], capsys)
+    assert line.startswith(f"error: {ckpt / name}: sha256 mismatch")
 
 
 def test_export_replaces_its_output_atomically(tmp_path: Path):
     from trainer.export_hf import MARKER, export, export_is_complete
 
-    ckpt = _fake_checkpoint(tmp_path / tag_for(1))
+    ckpt = _fake_checkpoint(tmp_path / "checkpoints")
     out = tmp_path / "hf"
     out.mkdir()
     (out / "config.json").write_text("{")  # an export a kill cut short (before exports were atomic)
@@ -245,7 +253,7 @@ def test_export_replaces_its_output_atomically(tmp_path: Path):
     export(ckpt, out)
     assert export_is_complete(out, ckpt) and (out / MARKER).is_file() and (out / "model.safetensors").is_file()
     assert (out / "README.md").read_text() == "mine"  # files the export does not write are kept
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", tag_for(1)]  # no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "hf"]  # no temporary directory left
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="holds no Hugging Face export"):
@@ -273,11 +281,13 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damaged", [MODEL_FILE, OPTIM_FILE, RNG_FILE])
+@pytest.mark.parametrize("damaged", [STATE_FILE, INDEX_FILE, RNG_FILE])
 def test_damaged_newest_checkpoint_real_files_fall_back(trained: Path, tmp_path: Path, damaged: str):
-    """The files DeepSpeed writes are in the manifest too: each one's damage is found and named."""
+    """Every file a run writes is in the manifest: each one's damage is found and named."""
     ckpts = _copy(trained, tmp_path) / "checkpoints"
-    assert {MODEL_FILE, OPTIM_FILE, RNG_FILE} <= set(read_manifest(ckpts / tag_for(4)))
+    # the layout-free state and nothing of DeepSpeed's own format
+    assert set(read_manifest(ckpts / tag_for(4))) == {STATE_FILE, INDEX_FILE, RNG_FILE, "model_config.json",
+                                                      "config.yaml"}
     truncate(ckpts / tag_for(4) / damaged)
     said: list[str] = []
     assert find_intact(ckpts, said.append) == ckpts / tag_for(2)
@@ -289,11 +299,11 @@ def test_damaged_newest_checkpoint_real_files_fall_back(trained: Path, tmp_path:
 @pytest.mark.slow
 def test_resume_falls_back_past_a_damaged_checkpoint(trained: Path, tiny_data: Path, tmp_path: Path):
     run_dir = _copy(trained, tmp_path)
-    flip_byte(run_dir / "checkpoints" / tag_for(4) / MODEL_FILE)
+    flip_byte(run_dir / "checkpoints" / tag_for(4) / STATE_FILE)
     proc = launch(base_overrides(tiny_data, run_dir, *RUN, "train.steps=6"), nproc=1)
     out = proc.stdout + proc.stderr
     warnings = [line for line in out.splitlines() if "is damaged" in line]
-    assert warnings == [f"warning: {run_dir / 'checkpoints' / tag_for(4)} is damaged ({MODEL_FILE}: sha256 "
+    assert warnings == [f"warning: {run_dir / 'checkpoints' / tag_for(4)} is damaged ({STATE_FILE}: sha256 "
                         f"mismatch); resuming from {tag_for(2)}"], out[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(2)} at step 2" in out
     assert max(losses(run_dir)) == 6
@@ -304,14 +314,15 @@ def test_resume_falls_back_past_a_damaged_checkpoint(trained: Path, tiny_data: P
 @pytest.mark.slow
 def test_no_intact_checkpoint_exits_2_and_writes_nothing(trained: Path, tiny_data: Path, tmp_path: Path):
     run_dir = _copy(trained, tmp_path)
-    truncate(run_dir / "checkpoints" / tag_for(4) / OPTIM_FILE)
+    flip_byte(run_dir / "checkpoints" / tag_for(4) / INDEX_FILE)  # a corrupt index
     (run_dir / "checkpoints" / tag_for(2) / META_FILE).write_text("{")
     config = (run_dir / "config.yaml").read_text()
     proc = launch(base_overrides(tiny_data, run_dir, *RUN, "train.steps=6", "name=changed"), nproc=1,
                   check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = one_error_line(proc.stderr)
-    assert line.startswith("error: train.resume: no intact checkpoint in") and OPTIM_FILE in line
+    assert line.startswith("error: train.resume: no intact checkpoint in")
+    assert f"{tag_for(4)} is damaged ({INDEX_FILE}: sha256 mismatch)" in line
     assert line.endswith("start over with train.resume=never (it overwrites the run)")
     assert (run_dir / "config.yaml").read_text() == config
 
@@ -383,11 +394,11 @@ def test_two_ranks_hash_their_own_files_and_agree_on_the_fallback(tiny_data: Pat
     launch(args, nproc=2)
     ckpts = run_dir / "checkpoints"
     manifest = read_manifest(ckpts / tag_for(4))
-    assert {"rng/rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt", MODEL_FILE} <= set(manifest)
-    flip_byte(ckpts / tag_for(4) / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert {"rng/rank1.pt", "state/rank_00001.safetensors", STATE_FILE, INDEX_FILE} <= set(manifest)
+    flip_byte(ckpts / tag_for(4) / "state/rank_00001.safetensors")
     proc = launch([*args, "train.steps=6"], nproc=2)
     out = proc.stdout + proc.stderr
     warnings = [line for line in out.splitlines() if "is damaged" in line]
     assert len(warnings) == 1 and warnings[0].endswith(
-        f"is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 mismatch); resuming from {tag_for(2)}"), out
+        f"is damaged (state/rank_00001.safetensors: sha256 mismatch); resuming from {tag_for(2)}"), out
     assert max(losses(run_dir)) == 6

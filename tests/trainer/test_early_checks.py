@@ -70,7 +70,7 @@ def test_token_id_outside_the_vocabulary_in_val_fails_before_step_1(tiny_data: P
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"val-00000.bin holds token id {VOCAB + 88}" in errors[0] and f"{VOCAB}" in errors[0], errors[0]
     assert "data_prep" in errors[0] and "eval_batches=0" in errors[0]  # the fixes
-    assert not (run_dir / "metrics.jsonl").exists() or '"kind": "train"' not in (run_dir / "metrics.jsonl").read_text()
+    assert not run_dir.exists()  # refused before anything was built or written
 
 
 def test_recorded_id_outside_the_vocabulary_is_a_config_error(tiny_data: Path, tmp_path: Path,
@@ -80,6 +80,17 @@ def test_recorded_id_outside_the_vocabulary_is_a_config_error(tiny_data: Path, t
     line = refused(data, tmp_path / "run")
     assert line.startswith("data.dirs:") and f"train-00000.bin holds token id {VOCAB + 3}" in line, line
     assert f"the tokenizer's {VOCAB} ids, model.vocab_size={VOCAB}" in line and "data_prep" in line, line
+
+
+def test_old_manifest_train_shard_with_a_bad_id_is_refused_at_start(tiny_data: Path, tmp_path: Path,
+                                                                     single_process: None) -> None:  # fmt: skip
+    data = copy_data(tiny_data, tmp_path / "data")
+    edit_manifest(data, lambda raw: [s.pop("max_id") for split in raw["splits"].values() for s in split["shards"]])
+    tokens = np.fromfile(data / "train-00000.bin", dtype="<u2")
+    tokens[-1] = VOCAB  # one past the last id
+    tokens.tofile(data / "train-00000.bin")
+    line = refused(data, tmp_path / "run")
+    assert line.startswith("data: ") and f"train-00000.bin holds token id {VOCAB}, outside the vocabulary" in line
 
 
 def test_empty_validation_split_is_refused_when_the_run_evaluates(tiny_data: Path, tmp_path: Path,

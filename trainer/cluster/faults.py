@@ -8,8 +8,11 @@
     signal:SIG:rank:R:step:K    rank R receives SIG (TERM, USR1, USR2) in the middle of step K (preemption)
     nan:step:K                  every embedding output of step K is multiplied by NaN: the loss and every
                                 gradient of step K are NaN (train.on_nonfinite decides what happens)
-    checkpoint_write:R:step:K   rank R's DeepSpeed checkpoint write of step K fails with ENOSPC
-    checkpoint_save:K           (trainer/checkpoint.py) SIGKILL inside the save of step K, on every rank
+    checkpoint_write:R:step:K   rank R's state-file write of step K fails with ENOSPC (with checkpoint.async_save:
+                                on its background writer; the error surfaces where the save is finished)
+    checkpoint_save:K           (trainer/checkpoint.py) SIGKILL inside the save of step K, on every rank, once its
+                                files are written and before they are published (with checkpoint.async_save: from
+                                the background writer, while training goes on)
 
 "In the middle of step K" is when the step's microbatches are drawn from the data stream: inside
 `train_batch`, after the step has started on every rank and before its optimizer step, so the other ranks are
@@ -119,16 +122,32 @@ class FaultInjector:
 
         embed.register_forward_hook(hook)
 
-    def break_checkpoint_write(self, engine: Any, step: int) -> None:
-        """`checkpoint_write`: the next DeepSpeed file write of this rank fails with ENOSPC (disk full)."""
+    def break_checkpoint_write(self, state: Any, step: int) -> None:
+        """`checkpoint_write`: this rank's next state-file write (trainer/training_state.py) fails with ENOSPC
+        (disk full): the one written now (`write`), or that of the next snapshot (`snapshot`, an asynchronous
+        save, whose write runs on the background thread)."""
         if not self.mine("checkpoint_write") or self.fault is None or self.fault.step != step:
             return
-        ckpt_engine = engine.checkpoint_engine
-        original = ckpt_engine.save
+        original_write, original_snapshot = state.write, getattr(state, "snapshot", None)
 
-        def failing_save(*args: Any, **kwargs: Any) -> Any:
-            ckpt_engine.save = original
-            path = kwargs.get("path", args[1] if len(args) > 1 else "?")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        def disk_full(tmp: Any, rank: int) -> Any:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "state" / f"rank_{rank:05d}.safetensors"))
 
-        ckpt_engine.save = failing_save
+        def restore() -> None:
+            state.write = original_write
+            if original_snapshot is not None:
+                state.snapshot = original_snapshot
+
+        def failing_write(tmp: Any, rank: int) -> Any:
+            restore()
+            disk_full(tmp, rank)
+
+        def failing_snapshot(rank: int, *args: Any, **kwargs: Any) -> Any:
+            restore()
+            snap = original_snapshot(rank, *args, **kwargs)
+            snap.write = lambda tmp: disk_full(tmp, rank)
+            return snap
+
+        state.write = failing_write
+        if original_snapshot is not None:
+            state.snapshot = failing_snapshot
