@@ -2,14 +2,34 @@
 
 Order matters and is fixed by `trainer/train.py`: `prepare_argv` (before Hydra parses argv) ->
 `prepare_env` (rank variables; before validation, which needs the world size) -> `init_process_group`
-(after validation, so a config mistake never leaves half a job waiting on a rendezvous).
+(after validation, so a config mistake never leaves half a job waiting on a rendezvous) -> ... ->
+`end_process` (the last thing a rank does, on every way out).
+
+Why `end_process`: a process group that is never destroyed outlives the interpreter. Gloo's worker threads
+(ProcessGroupGloo::runLoop) drop their reference to a finished collective a moment after the main thread has
+its result; if that last reference goes while Python is finalizing, freeing the work's tensors needs the GIL,
+CPython ends the thread (pthread_exit), the forced unwind crosses the work's noexcept destructor and the
+process dies in std::terminate ("terminate called without an active exception", exit -6, which the deepspeed
+launcher turns into 250 and a kill of the other ranks). A daemon thread (the watchdog) inside a TCPStore call
+at that moment dies the same way. So a rank ends in this order: the watchdog stopped and its thread joined
+(RunGuard), the logger finished, then `end_process`: a barrier on the rendezvous store (bounded: a dead or
+stuck peer costs `END_TIMEOUT`, never a hang; only where every rank ends together), `destroy_process_group`
+plus the group handles DeepSpeed keeps, and a garbage collection, which joins every gloo thread while the
+interpreter is still whole (bounded by `DESTROY_TIMEOUT`: a collective still in flight on an error path ends
+the process with os._exit instead of a hang). `init_process_group` registers the same end (no barrier) with
+atexit for processes that do not end through `trainer.train.main` (a submitit job, a benchmark, a traceback).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from parallel.spawn import free_port
 
@@ -114,9 +134,173 @@ def init_process_group(env: DistEnv) -> None:
     if env.device == "cpu":
         _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo" if env.device == "cpu" else "nccl", verbose=False)
+    global _ended
+    _ended = False
+    if not _state.get("atexit"):
+        atexit.register(_end_at_exit)  # the way out of processes that do not end through trainer.train.main
+        _state["atexit"] = True
 
 
 def dp_rank(env: DistEnv, pp: int) -> int:
     """This rank's data-parallel index. Ranks are pipe-major (rank = pipe * dp + data, DeepSpeed's grid), so
     every pipeline rank of one replica reads the same data; plain data parallel (pp=1): the global rank."""
     return env.rank % (env.world_size // pp)
+
+
+# ---- the end of a rank ------------------------------------------------------------------------------------------
+END_TIMEOUT = 120.0  # s a rank waits at the end for the others (rank 0 may still export / finish wandb)
+DESTROY_TIMEOUT = 60.0  # s destroying the process group may take before the process ends without teardown
+END_KEY = "dsv3/end"
+TEST_ENV = "DSV3_TEARDOWN_TEST"  # tests only, comma-separated: skip (no end_process: the old behaviour),
+# late-release (force the order that used to std::terminate), report (print the threads left at the end)
+_ended = False
+_state: dict[str, Any] = {}
+_destroyed = threading.Event()
+_late_release_marker: Any = None
+
+
+def exit_status(code: Any) -> int:
+    """The process exit status sys.exit(code) gives."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def end_process(code: Any = 0, together: bool = True) -> None:
+    """The last thing a rank does (see the module docstring): wait for the other ranks at the rendezvous store
+    when every rank ends here together (bounded by END_TIMEOUT), destroy the process group and the group handles
+    DeepSpeed keeps, collect garbage (which joins every gloo thread while the interpreter is whole). Idempotent.
+    `code` is the exit code the process is about to end with: if the groups cannot be destroyed within
+    DESTROY_TIMEOUT (a collective still in flight after an error), or a thread that may sit in a C++ call is
+    still alive, the process ends here with os._exit(code) rather than risk std::terminate in the teardown."""
+    global _ended
+    if _ended:
+        return
+    _ended = True
+    flags = set(filter(None, os.environ.get(TEST_ENV, "").split(",")))
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if "late-release" in flags:
+        _force_late_release()
+    if "skip" in flags:
+        return
+    if together and dist.get_world_size() > 1:
+        _wait_for_peers(END_TIMEOUT)
+    finished = threading.Event()
+
+    def destroy() -> None:
+        try:
+            _destroy_groups()
+        finally:
+            finished.set()
+
+    # in a helper thread, so that a group whose collective never completes cannot hang the exit
+    threading.Thread(target=destroy, name="dsv3-end-process", daemon=True).start()
+    ok = finished.wait(DESTROY_TIMEOUT)
+    if ok:
+        _destroyed.set()
+    if "report" in flags:
+        tasks = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+        print(f"end_process: rank {os.environ.get('RANK')}: threads left: {tasks} (Python: "
+              f"{sorted(t.name for t in threading.enumerate())})", file=sys.stderr, flush=True)
+    stuck = [t.name for t in threading.enumerate() if t.name in ("dsv3-watchdog", "dsv3-end-process")]
+    if not ok or stuck:
+        print(f"error: rank {os.environ.get('RANK', '?')}: "
+              + ("the process group could not be destroyed within "
+                 f"{DESTROY_TIMEOUT:g} s (a collective still in flight)" if not ok else f"{stuck} still running")
+              + f"; exiting with code {exit_status(code)} without interpreter teardown", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exit_status(code))
+
+
+def _end_at_exit() -> None:
+    """atexit: the end of a process that did not call end_process (no barrier: the ranks may not end together).
+    A traceback printed before this keeps its frames (and the engine's groups) in sys.last_*: drop them."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    end_process(1, together=False)
+
+
+def _wait_for_peers(timeout: float) -> bool:
+    """A barrier on the rendezvous store, not on the process group: it cannot be confused with a collective
+    still in flight, and it gives up after `timeout` s or when the store's host (rank 0) is gone."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    deadline = time.monotonic() + timeout
+    try:
+        store = _get_default_store()
+        store.add(END_KEY, 1)
+        while store.add(END_KEY, 0) < world:
+            if time.monotonic() > deadline:
+                print(f"warning: rank {rank}: not every rank reached the end within {timeout:g} s; leaving anyway",
+                      file=sys.stderr, flush=True)
+                return False
+            time.sleep(0.05)
+        store.add(END_KEY + "/seen", 1)
+        if rank == 0:  # the store's host leaves last, so that no rank asks a store that is gone
+            while store.add(END_KEY + "/seen", 0) < world and time.monotonic() < deadline:
+                time.sleep(0.02)
+    except Exception:  # the store is gone: its host, rank 0, died
+        return False
+    return True
+
+
+def _destroy_groups() -> None:
+    """Destroy every process group and drop the handles DeepSpeed keeps (its group caches); the last reference
+    to a gloo group joins its threads (gc: the engine's reference cycles)."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")) or name in ("mpu", "mesh_device"):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+    gc.collect()
+
+
+class _LateReleaseMarker:
+    """Test only (late-release): deleted while Python finalizes, it tells rank 0 so (which then completes the
+    collective this rank left in flight: gloo's worker drops the work during finalization) and waits for it."""
+
+    def __init__(self, store: Any, destroyed: threading.Event) -> None:
+        self.store, self.sleep, self.destroyed = store, time.sleep, destroyed
+
+    def __del__(self) -> None:
+        try:
+            self.store.set("dsv3/test/finalizing", "1")
+            if not self.destroyed.is_set():
+                self.sleep(3.0)  # the interpreter is finalizing: gloo's worker finishes the work now
+        except Exception:
+            pass
+
+
+def _force_late_release() -> None:
+    """Test only: rank 1 posts a collective and lets go of its handle, so gloo's worker thread owns the last
+    reference to the work (and its tensors); rank 0 joins that collective only once rank 1 is finalizing (or
+    after 5 s). Without end_process rank 1 dies in std::terminate every time; with it, destroy waits for it."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     wait_for_workers=False, timeout=datetime.timedelta(seconds=5))
+    if dist.get_rank() == 1:
+        dist.all_reduce(torch.ones(256), async_op=True)  # the handle is dropped at once
+        global _late_release_marker
+        _late_release_marker = _LateReleaseMarker(store, _destroyed)  # a module global: deleted while finalizing
+    elif dist.get_rank() == 0:
+        try:
+            store.wait(["dsv3/test/finalizing"], datetime.timedelta(seconds=5))
+        except Exception:  # rank 1 is not finalizing: it waits in end_process, as it should
+            pass
+        dist.all_reduce(torch.ones(256))

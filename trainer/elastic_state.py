@@ -18,7 +18,7 @@ copies and 1F1B's tied embedding copy are marked `ds_pipe_replicated` and skippe
 disjoint partitions. Buffers (the routers' bias and counts) are written whole by one holder.
 
 Reading: a rank computes the ranges its new layout needs (the same walk) and reads only those slices
-(`safe_open(...).get_slice(key)[a:b]`): its own stages' weights, its own experts, its own partition of the
+(`pread` of the byte range, `SliceFile`): its own stages' weights, its own experts, its own partition of the
 masters and moments. No rank ever materialises the whole model or optimizer.
 """
 
@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import queue
+import struct
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -332,17 +333,9 @@ class StateReader:
             raise ElasticStateError(f"{index_file}: format {self.index.get('format')!r}, this trainer reads {FORMAT}")
         self._files: dict[str, Any] = {}
 
-    def _file(self, fname: str) -> Any:
-        from safetensors import safe_open
-
+    def _file(self, fname: str) -> SliceFile:
         if fname not in self._files:
-            path = self.dir / fname
-            try:
-                self._files[fname] = safe_open(str(path), framework="pt")
-            except FileNotFoundError:
-                raise ElasticStateError(f"{path}: missing (a rank's file of the checkpoint)") from None
-            except Exception as e:  # safetensors raises its own error types for a damaged header
-                raise ElasticStateError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+            self._files[fname] = SliceFile(self.dir / fname)
         return self._files[fname]
 
     def has(self, name: str, kind: str) -> bool:
@@ -364,16 +357,7 @@ class StateReader:
             a, b = max(start, p_start), min(end, p_end)
             if a >= b:
                 continue
-            try:
-                data = self._file(fname).get_slice(key)[a - p_start : b - p_start]
-            except ElasticStateError:
-                raise
-            except Exception as e:
-                why = " ".join(str(e).split())[:200]
-                raise ElasticStateError(f"{self.dir / fname}: cannot read {key} ({why})") from None
-            if data.numel() != b - a:
-                raise ElasticStateError(f"{self.dir / fname}: {key} is shorter than the index says (truncated?)")
-            out[a - start : b - start].copy_(data)
+            self._file(fname).read_into(key, a - p_start, b - p_start, out[a - start : b - start])
             filled += b - a
         if filled != end - start:
             raise ElasticStateError(f"{self.dir / INDEX_FILE}: {kind} of {name!r} lacks [{start}, {end})")
@@ -383,7 +367,76 @@ class StateReader:
         if where is None:
             return None
         fname, key = where
-        return self._file(fname).get_tensor(key)
+        return self._file(fname).tensor(key)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class SliceFile:
+    """Ranges of the 1-D tensors of a safetensors file, read with `pread` straight into the destination.
+
+    Not `safetensors.safe_open`: it maps the whole file, and every page a rank touches then counts in its
+    resident memory until the handle closes; here a rank's memory holds what it asked for and nothing else.
+    The format is an 8-byte little-endian header length, a JSON header (dtype, shape, data_offsets per key)
+    and the raw bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ElasticStateError(f"{path}: missing (a rank's file of the checkpoint)") from None
+        size = os.fstat(self._fd).st_size
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            self._header = json.loads(os.pread(self._fd, n, 8))
+            self._data = 8 + n
+            ends = [v["data_offsets"][1] for k, v in self._header.items() if k != "__metadata__"]
+            if self._data + max(ends, default=0) > size:
+                raise ValueError(f"{size} bytes, the header promises {self._data + max(ends)} (truncated?)")
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            os.close(self._fd)
+            raise ElasticStateError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def _entry(self, key: str) -> tuple[torch.dtype, int, int]:
+        try:
+            entry = self._header[key]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        except KeyError:
+            raise ElasticStateError(f"{self.path}: no tensor {key!r} (the index names one the file lacks)") from None
+        begin, end = entry["data_offsets"]
+        return dtype, self._data + begin, (end - begin) // torch.tensor([], dtype=dtype).element_size()
+
+    def read_into(self, key: str, a: int, b: int, out: torch.Tensor) -> None:
+        """Elements [a, b) of tensor `key` (flattened) into the contiguous 1-D `out` (converted if its dtype
+        differs, e.g. bf16 weights into fp32 masters)."""
+        dtype, offset, numel = self._entry(key)
+        if not 0 <= a <= b <= numel:
+            raise ElasticStateError(f"{self.path}: {key} has {numel} elements, the index reads [{a}, {b})")
+        item = torch.tensor([], dtype=dtype).element_size()
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(b - a, dtype=dtype)
+        raw = target.view(torch.uint8) if target.numel() else target
+        got = os.preadv(self._fd, [memoryview(raw.numpy())], offset + a * item)
+        if got != (b - a) * item:
+            raise ElasticStateError(f"{self.path}: {key} ends early (truncated?)")
+        if target is not out:
+            out.copy_(target)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        dtype, _, numel = self._entry(key)
+        out = torch.empty(numel, dtype=dtype)
+        self.read_into(key, 0, numel, out)
+        return out.view(self._header[key]["shape"])
 
 
 def check_shapes(reader: StateReader, model: nn.Module) -> None:

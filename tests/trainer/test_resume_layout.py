@@ -1,23 +1,40 @@
-"""A checkpoint resumes only under the parallel layout it was written with: another schedule (or pp, ep) is one
-`error: parallel.<key>: ...` line and exit 2, before anything is loaded."""
+"""Which layouts a checkpoint resumes on. A layout-free checkpoint (format 2) resumes on any (dp, pp, ep, schedule,
+ep_ranks_per_node: tests/trainer/test_elastic_resume.py runs one across layouts); a format-1 checkpoint
+(DeepSpeed's per-layout files, written before) only on the layout that wrote it: another schedule, pp, ep or dp
+is one `error: parallel.<key>: ...` line that says how to resume it, before anything is loaded or written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.trainer.conftest import base_overrides, launch
+import pytest
+
+from trainer.errors import UserError
+from trainer.job import check_same_layout
+from trainer.validate import Layout
+
+SAVED = {"step": 4, "format": 1, "schedule": "dualpipe", "pp": 2, "dp": 1, "ep": 1}
 
 
-def test_resume_with_another_schedule_is_one_line(tiny_data: Path, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    args = base_overrides(tiny_data, run_dir, "parallel=dp", "train.steps=1", "train.eval_interval=0",
-                          "train.eval_batches=0", "checkpoint.interval=1", "optim.warmup_steps=0")
-    launch(args, nproc=1)
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000001"
-    proc = launch([*args, "train.steps=2", "parallel.schedule=dualpipev", "train.resume=auto"], nproc=1,
-                  check=False)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [errors[0]] and errors[0].startswith("error: parallel.schedule:"), proc.stderr[-2000:]
-    assert "saved with parallel.schedule=none" in errors[0]
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000001"  # nothing written
+def _layout(pp: int = 2, dp: int = 1, ep: int = 1) -> Layout:
+    return Layout(world_size=pp * dp, pp=pp, dp=dp, ep=ep, micro_batch_size=2, grad_accum=4, global_batch_size=8,
+                  dtype="fp32", device="cpu", data_vocab_size=512)
+
+
+def test_format1_checkpoint_resumes_on_its_own_layout():
+    check_same_layout(Path("ckpt"), SAVED, _layout(), "dualpipe")
+    check_same_layout(Path("ckpt"), {"step": 4}, _layout(pp=1, dp=2), "none")  # older meta: nothing to compare
+
+
+@pytest.mark.parametrize("layout, schedule, key, saved", [
+    (_layout(), "dualpipev", "schedule", "dualpipe"),
+    (_layout(pp=4), "dualpipe", "pp", "2"),
+    (_layout(dp=2, ep=2), "dualpipe", "ep", "1"),
+    (_layout(dp=2), "dualpipe", "dp", "1"),
+])  # fmt: skip
+def test_format1_checkpoint_on_another_layout_is_one_line(layout: Layout, schedule: str, key: str, saved: str):
+    with pytest.raises(UserError) as err:
+        check_same_layout(Path("ckpt"), SAVED, layout, schedule)
+    assert err.value.key == f"parallel.{key}" and "\n" not in str(err.value)
+    assert f"older checkpoint (DeepSpeed's per-layout files) saved with {key}={saved}" in err.value.problem
+    assert f"resume it once with parallel.{key}={saved}" in err.value.fix and "train.resume=never" in err.value.fix

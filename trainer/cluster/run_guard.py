@@ -8,6 +8,9 @@
   line and exits 4; a preempted run (`guard.exit_preempted`) exits 75; ends every rank takes together
   (success, user errors, those two) mark this rank done for the watchdog; any other exception first lets
   the watchdog explain it (a dead peer: exit 3 with the peer's rank), else keeps its traceback;
+- on every way out, in this order: the run logger finished (wandb told the exit code when it is not 0), the
+  watchdog stopped, its thread joined and its store client closed. What is left for the end of the process
+  (a bounded barrier, destroying the process group) is `trainer.distributed.end_process`;
 - prints, on rank 0, which ranks run on which node (the launch mapping at a glance).
 """
 
@@ -23,7 +26,8 @@ from trainer.cluster.nonfinite import NonFiniteLoss
 from trainer.cluster.preemption import PreemptionHandler
 from trainer.cluster.watchdog import Watchdog
 from trainer.distributed import DistEnv
-from trainer.errors import UserError
+from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.report.run_logger import finish_open
 
 
 def check_config(train: Any) -> None:
@@ -80,15 +84,30 @@ class RunGuard:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.preemption.restore()
         if exc is None or isinstance(exc, UserError | SystemExit | KeyboardInterrupt):
+            finish_open(_exit_code(exc))  # a successful run finished its logger itself
             self._leave()
             return
         if isinstance(exc, NonFiniteLoss):
+            finish_open(EXIT_NONFINITE)
             self._leave()
             if self.env.is_main:  # every rank saw the same reduced loss and stops with the same message
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(EXIT_NONFINITE)
         if self.watchdog is not None:
             self.watchdog.explain(exc)  # exits 3 naming the peer if one died; else the traceback follows
+            self.watchdog = None
+        finish_open(1)
+
+
+def _exit_code(exc: BaseException | None) -> int | None:
+    """What the process will exit with for `exc` (None: success), for wandb."""
+    if exc is None:
+        return None
+    if isinstance(exc, UserError):
+        return EXIT_USER_ERROR
+    if isinstance(exc, SystemExit):
+        return None if exc.code in (None, 0) else exc.code if isinstance(exc.code, int) else 1
+    return 130  # KeyboardInterrupt
 
 
 def print_world(env: DistEnv) -> None:

@@ -24,7 +24,10 @@ When the main thread's own collective fails first (gloo: "Connection closed by p
 the verdict so that this rank, too, exits 3 with the message rather than a traceback.
 
 A rank that leaves on purpose (end of the job, preemption, an error every rank raised together) calls
-`stop(done=True)`, which marks it done so its watcher does not mistake the exit for a failure.
+`stop(done=True)`, which marks it done so its watcher does not mistake the exit for a failure. `stop` joins
+the thread before it returns (every store call in it is bounded by the client's timeout, every wait ends at
+once on stop) and then closes the store client: a daemon thread still inside a TCPStore call when Python
+finalizes dies in std::terminate ("terminate called without an active exception").
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ class Watchdog:
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
+        # one loop pass: a few store calls, each bounded by the client's timeout (interval); then give up
+        # (trainer.distributed.end_process ends the process without interpreter teardown if it is still alive)
+        self._thread.join(timeout=8 * max(1.0, self.interval) + 5)
         self._thread = None
         if done:
             try:
@@ -198,7 +203,8 @@ class Watchdog:
         """step_timeout: publish where this rank is, gather the others', name the ranks not in communication."""
         where, waiting = main_thread_location()
         store.set(self._key(f"stuck/{self.rank}"), f"{int(waiting)}|{self._step}|{where}")
-        time.sleep(2 * self.interval)  # the other ranks time out at about the same moment; let them publish
+        if self._stop.wait(2 * self.interval):  # the other ranks time out at about the same moment; let them
+            return  # publish (unless this rank is leaving)
         busy, waits = [], []
         for r in range(self.world_size):
             key = self._key(f"stuck/{r}")

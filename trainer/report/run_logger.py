@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from trainer.report.plots import plot_expert_load, plot_loss_curve, read_jsonl
 # A config key whose name contains one of these (case-insensitive) is dropped before the config reaches wandb.
 SECRET_WORDS = ("key", "token", "secret", "password")
 WANDB_MODES = ("offline", "online", "disabled")
+_OPEN: weakref.WeakSet[RunLogger] = weakref.WeakSet()  # enabled loggers not finished yet (finish_open)
 
 
 def is_secret_name(name: Any) -> bool:
@@ -131,6 +133,7 @@ class RunLogger:
             self._cut_pending = False
         if wandb_mode != "disabled":
             self._init_wandb(config, wandb_mode, project, entity, group, resume_id)
+        _OPEN.add(self)
 
     # ---- setup -------------------------------------------------------------------------------------
     def _init_wandb(self, config: Mapping[str, Any], mode: str, project: str, entity: str | None,
@@ -229,15 +232,18 @@ class RunLogger:
             print(message, flush=True)
 
     # ---- end of run --------------------------------------------------------------------------------
-    def finish(self, expert_load_history: Mapping[int, Any] | np.ndarray | None = None) -> None:
+    def finish(self, expert_load_history: Mapping[int, Any] | np.ndarray | None = None,
+               exit_code: int | None = None) -> None:
         """Write loss_curve.png (and expert_load.png from the counts given), log them, close bar and wandb.
 
         `expert_load_history`: {layer: counts [experts]} or {layer: [steps, experts]} (summed), or an array
         [moe_layers, experts] / [steps, moe_layers, experts]; final-step or accumulated counts both work.
+        `exit_code`: the process's, when it ends otherwise than by success (wandb marks the run failed).
         """
         if not self.enabled or self._finished:
             return
         self._finished = True
+        _OPEN.discard(self)
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -260,7 +266,7 @@ class RunLogger:
 
             if images:
                 self._run.log({k: wandb.Image(str(p)) for k, p in images.items()})
-            self._run.finish()
+            self._run.finish(exit_code=exit_code)
             self._run = None
             # finish() can return before wandb's service process has written everything; teardown waits
             # for it, so the offline run directory is complete when the trainer exits (or a test reads it)
@@ -276,6 +282,17 @@ class RunLogger:
     def rows(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl written so far (rank 0; [] elsewhere)."""
         return read_jsonl(self.jsonl_path) if self.enabled else []
+
+
+def finish_open(exit_code: int | None = None) -> None:
+    """Finish every logger of this process not finished yet (a run that ends by an error or a stop): its plots,
+    the bar, wandb (marked failed with `exit_code`), before the process group goes. A plot or wandb failure
+    costs a warning line, never the exit code the run is ending with."""
+    for logger in list(_OPEN):
+        try:
+            logger.finish(exit_code=exit_code)
+        except Exception as err:
+            print(f"warning: finishing the run logger failed ({type(err).__name__}: {err})", flush=True)
 
 
 def _parse(line: str) -> dict[str, Any] | None:
