@@ -66,7 +66,8 @@ class DataConfig:
     dirs: list[str] = field(default_factory=lambda: ["data/python_stdlib"])  # prepared data_prep directories
     weights: list[float] | None = None  # blend weights, one per directory (null: equal)
     mode: str = "pack"  # pack (documents concatenated) | pad (one document per sample)
-    verify: str = "size"  # shard checks: size (file sizes, token ids) | full (also sha256; every shard hashed and scanned at start)
+    # shard checks: size (file sizes, token ids) | full (also sha256; every shard hashed and scanned at start)
+    verify: str = "size"
     seed: int = 1234  # sample order seed
 
 

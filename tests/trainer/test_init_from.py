@@ -26,7 +26,8 @@ def test_a_new_run_starts_from_the_weights_with_everything_else_fresh(tiny_data,
         # any weight (init std 0.006), so the run saves exactly what it loaded; another seq_len and LR schedule
         # than the source's, which a resume would refuse
         proc = launch(base_overrides(tiny_data, run, "parallel=dp", "train.steps=1", "train.seq_len=16",
-                                     "optim.lr=1e-30", "optim.min_lr=1e-30", "optim.schedule=constant", "optim.warmup_steps=0", "train.eval_batches=0",
+                                     "optim.lr=1e-30", "optim.min_lr=1e-30", "optim.schedule=constant",
+                                     "optim.warmup_steps=0", "train.eval_batches=0",
                                      f"train.init_from={source}", *extra), nproc=1)
         return run, proc, read_full(_last_checkpoint(run), KINDS)
 
