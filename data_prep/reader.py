@@ -362,8 +362,8 @@ class TokenStream:
                 if key in state and state[key] != mine:
                     raise DataError(
                         f"data state in the checkpoint has {key}={state[key]!r}, this run {mine!r}: resume "
-                        "with the same data settings, or load the state with strict=False to keep only the "
-                        "position"
+                        "with the same data settings, or start a new run from the checkpoint with "
+                        "train.init_from=<checkpoint> (weights kept, data position fresh)"
                     )
         micro = int(state.get("micro_in_batch", 0))
         batch_start = int(state.get("batch_start_samples", state["consumed_samples"]))

@@ -188,17 +188,11 @@ def end_process(code: Any = 0, together: bool = True) -> None:
         return
     if together and dist.get_world_size() > 1:
         _wait_for_peers(END_TIMEOUT)
-    finished = threading.Event()
-
-    def destroy() -> None:
-        try:
-            _destroy_groups()
-        finally:
-            finished.set()
-
     # in a helper thread, so that a group whose collective never completes cannot hang the exit
-    threading.Thread(target=destroy, name="dsv3-end-process", daemon=True).start()
-    ok = finished.wait(DESTROY_TIMEOUT)
+    helper = threading.Thread(target=_destroy_groups, name="dsv3-end-process", daemon=True)
+    helper.start()
+    helper.join(DESTROY_TIMEOUT)
+    ok = not helper.is_alive()
     if ok:
         _destroyed.set()
     if "report" in flags:
