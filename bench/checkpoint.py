@@ -1,17 +1,20 @@
 """checkpoint: what a checkpoint costs the training (synchronous vs asynchronous save), and how fast a save writes.
 
-Setup: the `small` model preset (conf/model/small.yaml) cut to 2 layers and an 8192-token vocabulary (about 40M
-parameters: its layout-free state, weights + fp32 masters + Adam moments, is about 630 MB, half per rank),
-ZeRO-1 data parallel over 2 CPU ranks (deepspeed launcher, gloo, one torch thread per rank), fp32, synthetic
-tokens; checkpoints go to a temporary directory on the machine's disk. Each training step is what
-trainer/loop.py runs: `train_batch`, the router bias update, and the per-step all-reduce of the stop flags
-with "my background checkpoint write is still running" (a pending asynchronous save is published once no
-rank is writing). Every window starts and ends with a barrier; the three windows of a repeat are interleaved.
+Setup: the `small` model preset (conf/model/small.yaml) cut to 2 layers, 16 routed experts and a 4096-token
+vocabulary (22.7M parameters: its layout-free state, weights + fp32 masters + Adam moments, is 363 MB, half per
+rank; a synchronous save takes about 1 s on a 2-core machine), ZeRO-1 data parallel over 2 CPU ranks
+(deepspeed launcher, gloo, one torch thread per rank), fp32, synthetic tokens; checkpoints go to a temporary
+directory on the machine's disk. Each training step is what trainer/loop.py runs: `train_batch`, the router
+bias update, and the per-step all-reduce of the stop flags with "my background checkpoint write is still
+running" (a pending asynchronous save is published once no rank is writing). Every window starts and ends
+with a barrier; synchronous and asynchronous windows alternate.
 
 - `blocked_async_over_sync` (goal <= 0.2): the wall time that a save adds to N steps, asynchronous over
-  synchronous. Overhead = (a save, then N steps) minus (N steps), medians over the repeats. The asynchronous
-  overhead is all of it: the snapshot to host memory, the background writer competing with training for the
-  cores, the publication and, if the write outlasts the N steps, the wait for it at the end of the window.
+  synchronous. Overhead = (a save, then N steps) minus (N steps): each save window runs between two plain
+  windows and is compared with their mean (the load of a shared machine drifts); medians over all rounds.
+  The asynchronous overhead is all of it: the snapshot to host memory, the background writer competing with
+  training for the cores, the publication and, if the write outlasts the N steps, the wait for it at the end
+  of the window.
 - `ratio` (goal >= 0.8, `ours` / `peer` in MB/s): the synchronous save's bytes/s (`Checkpointer.save`: each
   rank's state file and RNG file, fsynced, sha256 hashed as written; rank 0's index, manifest, meta, rename and
   `latest`) over `torch.save` of the same tensors (each rank its own, both ranks at once) to the same disk,
@@ -34,11 +37,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NPROC = 2
-STEPS = 12  # N: steps in each window
+STEPS = 2  # N: steps in each window (the asynchronous write ends within the first)
+ROUNDS_PER_REPEAT = 2  # (sync, plain, async, plain) windows per repeat
 WARMUP_STEPS = 2
-OVERRIDES = ["model=small", "model.num_hidden_layers=2", "model.vocab_size=8192", "parallel=dp",
-             "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_batches=0",
-             "logging.wandb.mode=disabled", "logging.progress=false"]
+OVERRIDES = ["model=small", "model.num_hidden_layers=2", "model.vocab_size=4096", "model.n_routed_experts=16",
+             "parallel=dp", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4",
+             "train.eval_batches=0", "logging.wandb.mode=disabled", "logging.progress=false"]
 
 
 def run(repeats: int = 5) -> dict:
@@ -56,7 +60,7 @@ def run(repeats: int = 5) -> dict:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
         m = json.loads(out.read_text())
     med = {k: statistics.median(v) for k, v in m["windows"].items()}
-    over_sync, over_async = med["sync"] - med["base"], med["async"] - med["base"]
+    over_sync, over_async = (statistics.median(m["overhead"][k]) for k in ("sync", "async"))
     mb = m["bytes"] / 1e6
     ours, peer = mb / statistics.median(m["save_s"]), mb / statistics.median(m["torch_save_s"])
     return result(
@@ -68,7 +72,8 @@ def run(repeats: int = 5) -> dict:
         async_call_s=statistics.median(m["save_async_call_s"]), async_finish_s=statistics.median(m["finish_s"]),
         async_steps_to_publish=statistics.median(m["steps_to_publish"]), step_s=med["base"] / STEPS,
         save_s=statistics.median(m["save_s"]), torch_save_s=statistics.median(m["torch_save_s"]),
-        state_bytes=m["bytes"], params=m["params"], ranks=NPROC, steps_per_window=STEPS, raw=m,
+        state_bytes=m["bytes"], params=m["params"], ranks=NPROC, steps_per_window=STEPS,
+        rounds=repeats * ROUNDS_PER_REPEAT, raw=m,
         config=" ".join(OVERRIDES) + " (ZeRO-1, fp32, 1 torch thread per rank)",
     )
 
@@ -180,30 +185,36 @@ def worker(repeats: int, work_dir: str, out: str) -> None:
         dist.barrier()
         return time.perf_counter() - start
 
+    for _ in range(WARMUP_STEPS):  # the Adam moments exist from the first step on
+        step()
     mine = sum(t.numel() * t.element_size() for t in state.snapshot(env.rank, copy=False).rank_state.tensors.values())
     total = torch.tensor([mine], dtype=torch.float64)
     dist.all_reduce(total)
-    for _ in range(WARMUP_STEPS):
-        step()
-    res: dict = {"windows": {"base": [], "sync": [], "async": []}, "save_s": [], "save_async_call_s": [],
-                 "finish_s": [], "steps_to_publish": [], "torch_save_s": [], "bytes": int(total.item()),
-                 "params": sum(p.numel() for p in schedule.module.parameters())}
-    modes = ["base", "sync", "async"]
-    for r in range(repeats):
-        for mode in modes[r % 3:] + modes[: r % 3]:  # rotate the order: no window always follows another
+    res: dict = {"windows": {"base": [], "sync": [], "async": []}, "overhead": {"sync": [], "async": []},
+                 "save_s": [], "save_async_call_s": [], "finish_s": [], "steps_to_publish": [], "torch_save_s": [],
+                 "bytes": int(total.item()), "params": sum(p.numel() for p in schedule.module.parameters())}
+    base = window("base")["total"]
+    res["windows"]["base"].append(base)
+    for r in range(repeats * ROUNDS_PER_REPEAT):
+        for mode in ("sync", "async") if r % 2 == 0 else ("async", "sync"):
             times = window(mode)
+            after = window("base")["total"]  # each save window between two plain ones: slow drifts cancel
             res["windows"][mode].append(times["total"])
+            res["windows"]["base"].append(after)
+            res["overhead"][mode].append(times["total"] - (base + after) / 2)
+            base = after
             if mode == "sync":
                 res["save_s"].append(times["call"])
-            if mode == "async":
+            else:
                 res["save_async_call_s"].append(times["call"])
                 res["finish_s"].append(times["finish"])
                 res["steps_to_publish"].append(times.get("steps_to_publish", 0))
         res["torch_save_s"].append(torch_save())
         if env.rank == 0:
-            w = {k: round(v[-1], 2) for k, v in res["windows"].items()}
-            print(f"checkpoint: repeat {r + 1}/{repeats}: windows {w} s, sync save {res['save_s'][-1]:.2f} s, "
-                  f"torch.save {res['torch_save_s'][-1]:.2f} s", flush=True)
+            o = {k: round(v[-1], 2) for k, v in res["overhead"].items()}
+            print(f"checkpoint: round {r + 1}/{repeats * ROUNDS_PER_REPEAT}: overhead {o} s (plain window "
+                  f"{base:.2f} s), sync save {res['save_s'][-1]:.2f} s, torch.save {res['torch_save_s'][-1]:.2f} s",
+                  flush=True)
     clean()
     if env.rank == 0:
         Path(out).write_text(json.dumps(res))

@@ -83,8 +83,8 @@ class PipelineTopology:
 
 
 class PipelineMpu:
-    """What DeepSpeed asks an `mpu` for. The pipeline counts as DeepSpeed's "model parallel" dimension, so
-    its grad-norm and checkpoint file naming (mp_rank_XX) are per pipeline rank."""
+    """What DeepSpeed asks an `mpu` for. The pipeline counts as DeepSpeed's "model parallel" dimension, so its
+    grad norm sums over the pipeline ranks."""
 
     def __init__(self, topo: PipelineTopology) -> None:
         self.topo = topo

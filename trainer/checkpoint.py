@@ -1,28 +1,25 @@
-"""Checkpoints: DeepSpeed's save/load plus the trainer's client state, saved atomically, resumed exactly.
+"""Checkpoints: the training state of any layout, saved atomically, resumed exactly, on any layout.
 
 Layout of `checkpoint.dir` (default <run_dir>/checkpoints):
 
     latest                       the tag of the newest complete checkpoint (replaced atomically)
     step00000100/                one complete checkpoint
-        mp_rank_00_model_states.pt                     DeepSpeed: weights (router biases included), LR scheduler
-        zero_pp_rank_<r>_mp_rank_00_optim_states.pt    DeepSpeed: ZeRO-1 shard of data-parallel rank r
+        state/index.json             every tensor by single-process name: shape, dtypes, where its pieces lie
+        state/rank_<r>.safetensors   the pieces rank r owns (weights, fp32 masters, Adam moments, buffers)
         rng/rank<r>.pt               torch / numpy / python RNG states of global rank r
         model_config.json            the ModelConfig (export and sampling need no Hydra)
         config.yaml                  the resolved job config
         manifest.json                every other file with its size and sha256 (trainer/checkpoint_manifest.py)
-        meta.json                    step, tokens, data reader position, config hash, wandb id; written last
+        meta.json                    step, tokens, data reader position, layout, config hash, wandb id; written last
     .tmp-step00000200/           a save in progress, or one a crash interrupted (removed on the next start)
 
-Atomic save: every rank writes into `.tmp-<tag>`, fsyncs and hashes its files; after a barrier rank 0 writes
-manifest.json, then meta.json, renames the directory to `<tag>` and only then replaces `latest` (write a temp
-file, fsync, os.replace, fsync the directory). A crash at any point leaves `latest` on the previous complete
-checkpoint. A directory counts as complete only if it has meta.json, so `resume=auto` never picks a torn one.
-
-Asynchronous save (`checkpoint.async_save`): `save_async` copies each rank's state and RNG to host memory and
-returns; a background thread per rank writes, fsyncs and hashes that rank's files into `.tmp-<tag>`. The loop
-reduces a "still writing" flag with its per-step stop flags; once no rank is writing, `finish_async` (on the
-training thread, the same step on every rank) agrees on errors and publishes as above. Until then `latest`
-names the previous checkpoint.
+The content (`state/`) is trainer/training_state.py's and trainer/elastic_state.py's (docs/checkpoints.md);
+this module does the files. Atomic save: every rank writes into `.tmp-<tag>`, fsyncs and hashes its files;
+after the ranks agree rank 0 writes the index, manifest.json, then meta.json, renames the directory to `<tag>`
+and only then replaces `latest` (write a temp file, fsync, os.replace, fsync the directory). A crash at any
+point leaves `latest` on the previous complete checkpoint. A directory counts as complete only if it has
+meta.json, so `resume=auto` never picks a torn one. Checkpoints of format 1 (DeepSpeed's per-layout files,
+written before the layout-free state) still load, on the layout that wrote them.
 
 Resume takes the newest checkpoint that verifies (`find_intact`: meta.json readable, every file of the
 manifest with its size and sha256); a damaged one is reported in one line and the one before it is used.
@@ -36,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -189,7 +187,38 @@ def checkpoint_problem(path: Path) -> str | None:
     if meta is not None:
         return f"incomplete ({meta})"
     found = verify(path, exclude=(META_FILE,))
+    if found is None:  # every file as written: does the index fit the rank files?
+        found = _on_rank0(lambda: state_problem(path))
     return None if found is None else f"damaged ({found})"
+
+
+def state_problem(path: Path) -> str | None:
+    """What makes a layout-free state unreadable although every file matches the manifest (an index that names
+    a piece its rank file lacks, or a shorter one; a malformed index): '<file>: <why>' (the file relative to the
+    checkpoint), or None. Reads the index, the rank files' headers and the last element of every piece: cheap,
+    and before a resume writes anything."""
+    if not is_layout_free(path):
+        return None
+    from trainer.elastic_state import INDEX_FILE, STATE_DIR, ElasticStateError, StateReader
+
+    try:
+        reader = StateReader(path)
+        for name, info in reader.index["tensors"].items():
+            for kind, pieces in info["pieces"].items():
+                last = torch.empty(1, dtype=getattr(torch, info["dtype"][kind]))
+                for _, end, _, _ in pieces:
+                    reader.read(name, kind, end - 1, end, last)
+        for name in reader.index["buffers"]:
+            reader.buffer(name)
+    except ElasticStateError as e:
+        where, _, why = str(e).partition(": ")
+        try:
+            return f"{Path(where).relative_to(path).as_posix()}: {why}"
+        except ValueError:
+            return f"{STATE_DIR}/{INDEX_FILE}: {_short(e)}"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"{STATE_DIR}/{INDEX_FILE}: malformed ({type(e).__name__}: {_short(e)})"
+    return None
 
 
 def find_intact(ckpt_dir: Path, say: Any = None) -> Path | None:
@@ -397,7 +426,8 @@ class Checkpointer:
         on the previous checkpoint. A pending save is finished first."""
         self.finish_async()
         job = self._begin(lambda: state.snapshot(self.rank), step, meta, extra_files)
-        job.thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-{job.tag}", daemon=True)
+        job.thread = threading.Thread(target=self._write_behind, args=(job,), name=f"checkpoint-{job.tag}",
+                                      daemon=True)
         job.thread.start()
         self._pending = job
 
@@ -436,6 +466,12 @@ class Checkpointer:
         self._agree(_attempt(prepare), tag, tmp)
         meta = {**meta, "step": step, "format": FORMAT_VERSION, "saved_at": time.time()}
         return _Save(step, tag, tmp, meta, dict(extra_files), content(), rng_state())
+
+    def _write_behind(self, job: _Save) -> None:
+        """The background writer: `_write` at a lower CPU priority, so that where training keeps every core busy
+        (CPU training) the writer takes what it leaves rather than slowing its steps."""
+        _lower_thread_priority(BACKGROUND_NICE)
+        self._write(job)
 
     def _write(self, job: _Save) -> None:
         """This rank's files of `job`: written, fsynced and hashed (on the training thread, or on the background
@@ -566,6 +602,21 @@ class Checkpointer:
         if rng_file.is_file():
             set_rng_state(load_file(rng_file, weights_only=True))
         return ResumePoint(path=path, step=int(meta["step"]), meta=meta)
+
+
+BACKGROUND_NICE = 10  # added to the background writer thread's nice value (Linux; its hashing thread inherits it)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value (Linux: per thread; elsewhere setpriority would renice the whole
+    process, so nothing happens). Threads it starts inherit it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
 
 
 def _attempt(fn: Any) -> BaseException | None:

@@ -156,7 +156,6 @@ TEST_ENV = "DSV3_TEARDOWN_TEST"  # tests only, comma-separated: skip (no end_pro
 _ended = False
 _state: dict[str, Any] = {}
 _destroyed = threading.Event()
-_late_release_marker: Any = None
 
 
 def exit_status(code: Any) -> int:
@@ -182,7 +181,7 @@ def end_process(code: Any = 0, together: bool = True) -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if "late-release" in flags:
+    if "late-release" in flags and together:
         _force_late_release()
     if "skip" in flags:
         return
@@ -195,6 +194,9 @@ def end_process(code: Any = 0, together: bool = True) -> None:
     ok = not helper.is_alive()
     if ok:
         _destroyed.set()
+        if "late-release" in flags:  # the forced race has nothing left to race
+            atexit.unregister(sum)
+            atexit.unregister(_late_release_at_exit)
     if "report" in flags:
         tasks = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
         print(f"end_process: rank {os.environ.get('RANK')}: threads left: {tasks} (Python: "
@@ -260,41 +262,49 @@ def _destroy_groups() -> None:
     gc.collect()
 
 
-class _LateReleaseMarker:
-    """Test only (late-release): deleted while Python finalizes, it tells rank 0 so (which then completes the
-    collective this rank left in flight: gloo's worker drops the work during finalization) and waits for it."""
-
-    def __init__(self, store: Any, destroyed: threading.Event) -> None:
-        self.store, self.sleep, self.destroyed = store, time.sleep, destroyed
-
-    def __del__(self) -> None:
-        try:
-            self.store.set("dsv3/test/finalizing", "1")
-            if not self.destroyed.is_set():
-                self.sleep(3.0)  # the interpreter is finalizing: gloo's worker finishes the work now
-        except Exception:
-            pass
-
-
 def _force_late_release() -> None:
-    """Test only: rank 1 posts a collective and lets go of its handle, so gloo's worker thread owns the last
-    reference to the work (and its tensors); rank 0 joins that collective only once rank 1 is finalizing (or
-    after 5 s). Without end_process rank 1 dies in std::terminate every time; with it, destroy waits for it."""
+    """Test only (DSV3_TEARDOWN_TEST=late-release, two ranks): force the exit order that used to std::terminate.
+
+    The race, in torch 2.13: gloo's worker thread drops its reference to a finished collective's tensors after the
+    main thread has the result. Dropping a C++ reference to a tensor Python also holds decrefs its PyObject
+    (torch/csrc/PyInterpreter.cpp: `if (!Py_IsInitialized()) return; gil_scoped_acquire gil; Py_DECREF(...)`).
+    If the worker passes that check while the main thread, holding the GIL, is on its way out of the interpreter,
+    it gets the GIL only after Python has started finalizing; CPython then ends the thread (pthread_exit), the
+    forced unwind crosses a noexcept destructor (~AsyncWork) and std::terminate aborts the process.
+
+    Forced: rank 1 leaves an all-reduce of a tensor Python holds in flight and makes its last exit function (run
+    after every other one) tell rank 0 to join it, hold the GIL in C code while gloo's worker completes the work
+    and waits for the GIL, and leave output for the interpreter to flush while finalizing (the write releases
+    the GIL to the waiting worker). Without end_process rank 1 aborts every time; with it, the group (and its
+    worker) is gone before the exit functions run. Rank 0 joins when told to, or as soon as rank 1 ends in order
+    (it reached end_process's barrier). Only on the ways out every rank takes together (not the atexit path)."""
     import datetime
 
     import torch
     import torch.distributed as dist
     from torch.distributed import TCPStore
+    from torch.distributed.distributed_c10d import _get_default_store
 
+    assert dist.get_world_size() == 2, "late-release is a two-rank test hook"
     store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                     wait_for_workers=False, timeout=datetime.timedelta(seconds=5))
+                     wait_for_workers=False, timeout=datetime.timedelta(seconds=30))
     if dist.get_rank() == 1:
-        dist.all_reduce(torch.ones(256), async_op=True)  # the handle is dropped at once
-        global _late_release_marker
-        _late_release_marker = _LateReleaseMarker(store, _destroyed)  # a module global: deleted while finalizing
-    elif dist.get_rank() == 0:
-        try:
-            store.wait(["dsv3/test/finalizing"], datetime.timedelta(seconds=5))
-        except Exception:  # rank 1 is not finalizing: it waits in end_process, as it should
-            pass
-        dist.all_reduce(torch.ones(256))
+        _state["late_tensor"] = tensor = torch.ones(256)  # held by Python, as the model's tensors are
+        dist.all_reduce(tensor, async_op=True)  # the handle is dropped at once: gloo's worker owns the work
+        atexit._run_exitfuncs()  # the exit functions registered so far run now: ours are then the last ones
+        # called from C, last: holds the GIL with no bytecode (no GIL hand-over) until Python finalizes, while
+        # gloo's worker completes the work and waits for the GIL
+        atexit.register(sum, range(60_000_000))
+        atexit.register(_late_release_at_exit, store)  # runs just before it
+        return
+    deadline, go = time.monotonic() + 30, "dsv3/test/late-release-go"
+    while not store.check([go]) and _get_default_store().add(END_KEY, 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dist.all_reduce(torch.ones(256))
+
+
+def _late_release_at_exit(store: Any) -> None:
+    """Test only: the last Python exit function of rank 1 under late-release (see _force_late_release)."""
+    # output the interpreter flushes while finalizing: the write releases the GIL to the waiting worker
+    print(f"rank {os.environ.get('RANK')}: late-release: exit functions done, the interpreter finalizes next")
+    store.set("dsv3/test/late-release-go", "1")  # rank 0 joins the collective (unless the group is gone)

@@ -171,33 +171,41 @@ class RankSnapshot:
 
 
 def snapshot_rank_state(rank: int, model: nn.Module, optimizer: Any, dp_rank: int, write_buffers: bool,
-                        copy: bool = True) -> RankSnapshot:
-    """This rank's pieces and index entries. `copy`: into fresh host memory (an asynchronous save; about the
-    size of the rank's file); else views of the live tensors, to be written before the next optimizer step.
-    `write_buffers`: this rank is the one holder that writes the buffers of its layers."""
+                        copy: bool = True, reuse: dict[str, torch.Tensor] | None = None) -> RankSnapshot:
+    """This rank's pieces and index entries. `copy`: into host memory (an asynchronous save; about the size of
+    the rank's file), reusing the tensors of `reuse` (the previous snapshot's, already written) where they fit:
+    fresh pages cost more than the copy; pinned when the source is on the GPU. Else views of the live tensors,
+    to be written before the next optimizer step. `write_buffers`: this rank is the one holder that writes the
+    buffers of its layers."""
     fname = f"rank_{rank:05d}.safetensors"
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {"pieces": [], "buffers": [], "tensors": {}}
     geo = geometry(model)
-    take = _host_copy if copy else (lambda t: t.detach())
+    old = reuse or {}
+
+    def take(key: str, t: torch.Tensor) -> torch.Tensor:
+        if not copy:
+            return t.detach()
+        out = old.get(key)
+        if out is None or out.shape != t.shape or out.dtype != t.dtype:
+            out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        out.copy_(t.detach(), non_blocking=t.is_cuda)
+        return out
+
     for pc in rank_pieces(model, optimizer, for_writing=True, dp_rank=dp_rank):
         key = f"{pc.kind}/{pc.name}/{pc.start}"
-        tensors[key] = take(pc.tensor)
+        tensors[key] = take(key, pc.tensor)
         entries["pieces"].append([pc.name, pc.kind, pc.start, pc.end, fname, key])
         entries["tensors"].setdefault(pc.name, {"shape": list(geo[pc.name].shape), "dtype": {}})
         entries["tensors"][pc.name]["dtype"][pc.kind] = str(pc.tensor.dtype).removeprefix("torch.")
     if write_buffers:
         for name, t in persistent_buffers(model).items():
             key = f"buffer/{name}"
-            tensors[key] = take(t)
+            tensors[key] = take(key, t)
             entries["buffers"].append([name, fname, key])
+    if copy and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the device-to-host copies are complete before training changes the sources
     return RankSnapshot(fname, tensors, entries)
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-    out.copy_(t.detach())
-    return out
 
 
 def write_rank_file(ckpt: Path, snap: RankSnapshot) -> tuple[Path, dict[str, Any]]:
@@ -401,6 +409,7 @@ class SliceFile:
                 raise ValueError(f"{size} bytes, the header promises {self._data + max(ends)} (truncated?)")
         except (struct.error, ValueError, KeyError, TypeError) as e:
             os.close(self._fd)
+            self._fd = None
             raise ElasticStateError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
 
     def __del__(self) -> None:

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.elastic_state import (
-    INDEX_FILE,
     KINDS,
-    STATE_DIR,
     ElasticStateError,
     RankSnapshot,
+    StateReader,
     read_rank_state,
     snapshot_rank_state,
     write_index,
@@ -31,6 +30,7 @@ class TrainingState:
 
     def __init__(self, schedule: Any, dp_rank: int) -> None:
         self.schedule, self.dp_rank = schedule, dp_rank
+        self._staging: dict[str, Any] | None = None  # the last snapshot's host copies, reused by the next one
 
     @property
     def engine(self) -> Any:
@@ -39,10 +39,14 @@ class TrainingState:
     def snapshot(self, rank: int, copy: bool = True) -> StateSnapshot:
         """This rank's part of a checkpoint as it is now: its pieces (host copies with `copy`, for a write on
         another thread while training goes on; else views, to be written before the next step) and the
-        engine's counters."""
+        engine's counters. The host copies live on as the next snapshot's buffers (one copy of the rank's
+        state in host memory from the first asynchronous save on): take the next one only once this one is
+        written (`Checkpointer` finishes a pending save before it starts another)."""
         holder = self.dp_rank == 0 and self.schedule.primary_copy  # one rank writes each layer's buffers
         rank_state = snapshot_rank_state(rank, self.schedule.rank_model, self.engine.optimizer, self.dp_rank,
-                                         holder, copy=copy)
+                                         holder, copy=copy, reuse=self._staging)
+        if copy:
+            self._staging = rank_state.tensors
         return StateSnapshot(rank_state, self._counters())
 
     def write(self, tmp: Path, rank: int) -> tuple[dict[Path, dict[str, Any]], dict[str, Any]]:
@@ -62,10 +66,14 @@ class TrainingState:
         """Fill this rank's model and optimizer from `path` (any layout); returns the index's extras.
         `kinds` without the optimizer's (`param` only): the weights alone, the optimizer starts fresh."""
         try:
-            reader = read_rank_state(path, self.schedule.rank_model, self.engine.optimizer, step, kinds=kinds)
+            # Adam's step count is the updates applied: DeepSpeed skips the optimizer (and the LR scheduler) on a
+            # non-finite step but counts it in global_steps
+            skipped = int(StateReader(path).index.get("engine", {}).get("skipped_steps", 0))
+            reader = read_rank_state(path, self.schedule.rank_model, self.engine.optimizer, step - skipped,
+                                     kinds=kinds)
         except ElasticStateError as e:
-            raise UserError(str(path / STATE_DIR / INDEX_FILE), str(e).split(": ", 1)[-1],
-                            "restore the checkpoint's files, or resume from another checkpoint") from None
+            where, _, why = str(e).partition(": ")
+            raise UserError(where, why, "restore the checkpoint's files, or resume from another checkpoint") from None
         return {k: v for k, v in reader.index.items() if k not in ("tensors", "buffers")}
 
     def restore_counters(self, extras: dict[str, Any], step: int) -> None:
@@ -78,7 +86,7 @@ class TrainingState:
         engine.skipped_steps = int(counters.get("skipped_steps", 0))
         scheduler = engine.lr_scheduler
         if scheduler is not None:
-            scheduler.last_epoch = step
+            scheduler.last_epoch = step - engine.skipped_steps  # the scheduler does not step on a skipped step
             lrs = scheduler.get_lr() if hasattr(scheduler, "lr_lambdas") else None
             if lrs is not None:
                 for group, lr in zip(scheduler.optimizer.param_groups, lrs):

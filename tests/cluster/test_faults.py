@@ -66,8 +66,8 @@ def test_hung_rank_is_named_by_the_step_timeout(tiny_data: Path, tmp_path: Path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == EXIT_PEER_FAILED, out[-3000:]
     line = next(x for x in out.splitlines() if x.startswith("error: ") and "rank 0 exits" in x)
-    assert re.match(r"error: rank 1 \(after step 2, at trainer/faults\.py:\d+ in _fire\) made no progress outside "
-                    r"communication; waiting for it in communication: rank 0 \(after step 2", line), line
+    assert re.match(r"error: rank 1 \(after step 2, at trainer/cluster/faults\.py:\d+ in _fire\) made no progress "
+                    r"outside communication; waiting for it in communication: rank 0 \(after step 2", line), line
     assert ended - _kill_time(out) < 6 + 1.4 * TIMEOUT + 4.0
 
 

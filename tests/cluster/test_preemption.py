@@ -89,7 +89,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(rehearsal, tiny_data: 
             assert proc.poll() is None and time.time() < deadline, "the run ended before it could be preempted"
             time.sleep(0.05)
         tasks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if "trainer.train" in p.cmdline() and "trainer.cluster.slurm" not in p.cmdline()]
+                 if "trainer.train" in p.cmdline() and "trainer.slurm" not in p.cmdline()]  # not local-srun
         assert len(tasks) == 2
         for task in tasks:  # Slurm signals every task of the job
             task.send_signal(signal.SIGTERM)

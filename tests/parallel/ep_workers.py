@@ -148,25 +148,53 @@ def run_ep(rank: int, world: int) -> dict:
 
 
 def run_fp8_dispatch(rank: int, world: int) -> dict:
-    """ep=2 MoE layer with the dispatch rows sent in FP8: the output and input gradient against the
-    full-precision dispatch (FP8 rounding, not more), and which transfers the trace saw (values and scales for
-    the dispatch only)."""
+    """ep=2 MoE layer with the dispatch rows sent in FP8, against the full-precision dispatch of rows that were
+    quantized and dequantized before sending (same values arrive: the layer's output and input gradient must be
+    equal), the quantization error of every dispatched value against E4M3's rounding bound, and which transfers
+    the trace saw (values and scales for the dispatch only)."""
+    from unittest import mock
+
+    from parallel import dispatcher as dispatcher_module
+    from parallel.all_to_all import dequantize_dispatch, quantize_dispatch
     from parallel.dispatcher import set_fp8_dispatch
 
     cfg = tiny_config()
     g = torch.Generator().manual_seed(3 + rank)
     x = torch.randn(1, 16, cfg.hidden_size, generator=g)
+    plain_all_to_all = dispatcher_module._AllToAll.apply
+    sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, dequantized, tile scales)
+
+    def quantized_rows(rows, *args):
+        """The dispatch rows as FP8 would deliver them, sent in full precision (gradient: straight through)."""
+        if args[4].startswith("dispatch"):
+            values, scales = quantize_dispatch(rows.detach())
+            back = dequantize_dispatch(values, scales, rows.dtype).view_as(rows)
+            sent.append((rows.detach().clone(), back, scales))
+            rows = back + (rows - rows.detach())  # + exactly 0: the values of `back`, the gradient of rows
+        return plain_all_to_all(rows, *args)
+
     out = {}
-    for fp8 in (False, True):
+    for mode in ("plain", "fp8", "quantized_rows"):
         torch.manual_seed(0)
         moe = shard_experts(MoE(cfg).train(), rank, world)
-        assert set_fp8_dispatch(moe, fp8) == 1
+        assert set_fp8_dispatch(moe, mode == "fp8") == 1
         trace: list = []
         moe.dispatcher.trace = trace
         xi = x.clone().requires_grad_(True)
-        y, _ = moe(xi)
+        with mock.patch.object(dispatcher_module._AllToAll, "apply",
+                               quantized_rows if mode == "quantized_rows" else plain_all_to_all):
+            y, _ = moe(xi)
         y.sum().backward()
-        out[fp8] = (y.detach(), xi.grad.clone(), [c.label for c in trace])
-    (y0, g0, labels0), (y1, g1, labels1) = out[False], out[True]
-    return {"out_rel": rel(y1, y0), "grad_rel": rel(g1, g0), "labels_plain": labels0, "labels_fp8": labels1,
+        out[mode] = (y.detach(), xi.grad.clone(), [c.label for c in trace])
+    (y0, _, labels0), (y1, g1, labels1), (y2, g2, _) = out["plain"], out["fp8"], out["quantized_rows"]
+    # E4M3 (3 mantissa bits, round to nearest): a normal value is off by <= 2^-4 of itself, a subnormal one (below
+    # 2^-6 in scaled units) by <= half its spacing 2^-9, i.e. 2^-10 scale; scale = the 1 x 128 tile's amax / 448
+    worst = 0.0
+    for rows, back, scales in sent:
+        tile_scale = scales.repeat_interleave(128, dim=-1)[..., : rows.shape[-1]]
+        bound = 2.0**-4 * rows.abs() + 2.0**-10 * tile_scale
+        worst = max(worst, float(((back - rows).abs() / bound).max()))
+    return {"out_equal": torch.equal(y1, y2), "grad_equal": torch.equal(g1, g2), "out_rel": rel(y1, y0),
+            "quantization_vs_bound": worst, "dispatched": sum(r.shape[0] for r, _, _ in sent),
+            "labels_plain": labels0, "labels_fp8": labels1,
             "finite": bool(torch.isfinite(y1).all() and torch.isfinite(g1).all())}

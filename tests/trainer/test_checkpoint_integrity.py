@@ -108,6 +108,45 @@ def test_fallback_to_the_previous_intact_checkpoint(tmp_path: Path):
                     f"{tag_for(2)}"]
 
 
+def _rewrite_index(ckpt: Path, edit) -> None:
+    """Edit state/index.json and its manifest entry alike: only the check of the index against the rank files'
+    headers can find what is wrong."""
+    index = json.loads((ckpt / INDEX_FILE).read_text())
+    edit(index)
+    (ckpt / INDEX_FILE).write_text(json.dumps(index))
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    data = (ckpt / INDEX_FILE).read_bytes()
+    manifest["files"][INDEX_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert verify(ckpt, exclude=(META_FILE,)) is None
+
+
+def _bogus_key(index: dict) -> None:
+    index["tensors"]["weight"]["pieces"]["param"][0][3] = "param/weight.bogus/0"
+
+
+def _longer_piece(index: dict) -> None:
+    index["tensors"]["bias"]["shape"] = [3]
+    index["tensors"]["bias"]["pieces"]["param"][0][1] = 3
+
+
+def _no_pieces(index: dict) -> None:
+    del index["tensors"]["weight"]["pieces"]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_bogus_key, f"{STATE_FILE}: no tensor 'param/weight.bogus/0' (the index names one the file lacks)"),
+    (_longer_piece, f"{STATE_FILE}: param/bias/0 has 2 elements, the index reads [2, 3)"),
+    (_no_pieces, f"{INDEX_FILE}: malformed (KeyError: 'pieces')"),
+])  # fmt: skip
+def test_an_index_that_does_not_fit_its_rank_files_is_damage(tmp_path: Path, edit, problem: str):
+    ckpts = fake_run(tmp_path)
+    _rewrite_index(ckpts / tag_for(4), edit)
+    said: list[str] = []
+    assert find_intact(ckpts, said.append) == ckpts / tag_for(2)
+    assert said == [f"warning: {ckpts / tag_for(4)} is damaged ({problem}); resuming from {tag_for(2)}"]
+
+
 def test_corrupt_meta_makes_a_checkpoint_incomplete(tmp_path: Path):
     ckpts = fake_run(tmp_path)
     (ckpts / tag_for(4) / META_FILE).write_text('{"step": 4, "da')  # cut mid-write
