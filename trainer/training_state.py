@@ -87,8 +87,9 @@ class TrainingState:
         scheduler = engine.lr_scheduler
         if scheduler is not None:
             scheduler.last_epoch = step - engine.skipped_steps  # the scheduler does not step on a skipped step
-            lrs = scheduler.get_lr() if hasattr(scheduler, "lr_lambdas") else None
-            if lrs is not None:
+            lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR: the value at a step is a closed form
+            if lambdas is not None:
+                lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas)]
                 for group, lr in zip(scheduler.optimizer.param_groups, lrs):
                     group["lr"] = lr
                 scheduler._last_lr = list(lrs)
