@@ -2,8 +2,10 @@
 # The default training job (`make train`), or any job: bash scripts/train.sh [hydra overrides ...]
 #
 #   1. prepares the python_stdlib corpus and its tokenizer into $DATA_DIR if missing (python -m data_prep)
-#   2. launches $NPROC ranks (default 2) of `python -m trainer.train` with the deepspeed launcher
-#      (CPU: DS_ACCELERATOR=cpu, gloo; GPU: one rank per GPU unless NPROC says otherwise)
+#   2. launches $NPROC ranks (default 2) of `python -m trainer.train` with `python -m trainer.launch`
+#      (CPU: DS_ACCELERATOR=cpu, gloo; GPU: one rank per GPU unless NPROC says otherwise). Not DeepSpeed's
+#      `deepspeed` runner: SIGTERM to it returns 143 at once and leaves the ranks training. Ours forwards
+#      SIGTERM / SIGUSR1 / SIGUSR2 to the ranks, waits for their checkpoint and exits 75 (docs/cluster.md)
 #   3. the trainer saves checkpoints, metrics.jsonl, wandb (offline) files and the plots in runs/<name>/,
 #      exports Hugging Face format to runs/<name>/hf and prints the final validation loss next to the
 #      data's unigram entropy.
@@ -19,7 +21,6 @@ EXTRA=()
 if [[ -n "${DATA_DIR:-}" ]]; then EXTRA+=("data.dirs=[$DATA_DIR]"); fi   # else the config's data group decides
 DATA_DIR=${DATA_DIR:-data/python_stdlib}
 VOCAB=${VOCAB:-4096}
-BIN=$(dirname "$PYTHON")
 
 if [[ ! -f "$DATA_DIR/manifest.json" ]]; then
     echo "== preparing $DATA_DIR (python_stdlib corpus, BPE tokenizer of $VOCAB tokens)"
@@ -37,10 +38,20 @@ MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "import socket; s=socket.socket(); s.b
 # One id for every rank of this launch (names the multirun sweep directory and wandb group).
 export DSV3_LAUNCH_ID=${DSV3_LAUNCH_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
 
-DEEPSPEED="$BIN/deepspeed"
-[[ -x "$DEEPSPEED" ]] || DEEPSPEED=deepspeed
-echo "== training on $NPROC ranks ($([[ "$GPUS" == "0" ]] && echo CPU/gloo || echo "GPU/nccl")): $DEEPSPEED --num_gpus $NPROC --module trainer.train $*"
+# A signal to this script (Slurm or a test signals every process of the job) must not end it before the
+# launcher, which returns the ranks' exit code (75 after a preemption checkpoint): trap, do not ignore (an
+# ignored signal would stay ignored in the ranks).
+trap ':' TERM USR1 USR2
+echo "== training on $NPROC ranks ($([[ "$GPUS" == "0" ]] && echo CPU/gloo || echo "GPU/nccl")): $PYTHON -m trainer.launch --nproc-per-node $NPROC $*"
 start=$(date +%s)
-"$DEEPSPEED" --log_level warning --num_gpus "$NPROC" --master_port "$MASTER_PORT" \
-    --module trainer.train checkpoint.export_hf=true "${EXTRA[@]}" "$@"
-echo "== finished in $(( $(date +%s) - start )) s (logs, plots, checkpoints, hf/: see docs/trainer.md)"
+set +e
+"$PYTHON" -m trainer.launch --nproc-per-node "$NPROC" --master-port "$MASTER_PORT" \
+    checkpoint.export_hf=true "${EXTRA[@]}" "$@"
+rc=$?
+set -e
+case "$rc" in
+0) echo "== finished in $(( $(date +%s) - start )) s (logs, plots, checkpoints, hf/: see docs/trainer.md)" ;;
+75) echo "== preempted after $(( $(date +%s) - start )) s with a complete checkpoint: run the same command again to resume" ;;
+*) echo "== exit code $rc after $(( $(date +%s) - start )) s (docs/cluster.md, Exit codes)" ;;
+esac
+exit "$rc"

@@ -133,6 +133,10 @@ def init_process_group(env: DistEnv) -> None:
 
     if env.device == "cpu":
         _skip_shm_comm_build()
+    # torch.distributed.nn.functional takes `group=group.WORLD` as default arguments, evaluated at import: imported
+    # once the group exists (DeepSpeed does, building an engine), its functions would hold the default group, and
+    # its gloo threads, until the interpreter's end (see end_process); imported now, those defaults are None
+    import torch.distributed.nn.functional  # noqa: F401
     deepspeed.init_distributed(dist_backend="gloo" if env.device == "cpu" else "nccl", verbose=False)
     global _ended
     _ended = False
@@ -198,8 +202,7 @@ def end_process(code: Any = 0, together: bool = True) -> None:
             atexit.unregister(sum)
             atexit.unregister(_late_release_at_exit)
     if "report" in flags:
-        tasks = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
-        print(f"end_process: rank {os.environ.get('RANK')}: threads left: {tasks} (Python: "
+        print(f"end_process: rank {os.environ.get('RANK')}: threads left: {_thread_names()} (Python: "
               f"{sorted(t.name for t in threading.enumerate())})", file=sys.stderr, flush=True)
     stuck = [t.name for t in threading.enumerate() if t.name in ("dsv3-watchdog", "dsv3-end-process")]
     if not ok or stuck:
@@ -248,11 +251,18 @@ def _wait_for_peers(timeout: float) -> bool:
 
 def _destroy_groups() -> None:
     """Destroy every process group and drop the handles DeepSpeed keeps (its group caches); the last reference
-    to a gloo group joins its threads (gc: the engine's reference cycles)."""
+    to a gloo group joins its threads (gc: the engine's reference cycles).
+
+    A DeepSpeed engine nobody destroyed (a job that ended by an error) is destroyed here first: its ZeRO gradient
+    hooks sit in C++ autograd nodes of the parameters and close over the optimizer, a cycle through C++ that the
+    garbage collector cannot see, so the engine, the model (each parameter keeps its `_dp_group`) and their
+    process groups would otherwise live, with their gloo threads, until the interpreter's end."""
     import gc
 
     import torch.distributed as dist
 
+    gc.collect()
+    _destroy_engines()
     dist.destroy_process_group()
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
@@ -308,3 +318,29 @@ def _late_release_at_exit(store: Any) -> None:
     # output the interpreter flushes while finalizing: the write releases the GIL to the waiting worker
     print(f"rank {os.environ.get('RANK')}: late-release: exit functions done, the interpreter finalizes next")
     store.set("dsv3/test/late-release-go", "1")  # rank 0 joins the collective (unless the group is gone)
+
+
+def _destroy_engines() -> None:
+    """engine.destroy() (idempotent, no collective) on every DeepSpeed engine still alive."""
+    import gc
+
+    engine_type = getattr(sys.modules.get("deepspeed.runtime.engine"), "DeepSpeedEngine", None)
+    if engine_type is None:
+        return
+    for engine in [o for o in gc.get_objects() if issubclass(type(o), engine_type)]:
+        try:
+            engine.destroy()
+        except Exception as err:  # the teardown goes on: at worst this engine's groups live to the end
+            print(f"warning: destroying a DeepSpeed engine failed ({type(err).__name__}: {err})", file=sys.stderr,
+                  flush=True)
+
+
+def _thread_names() -> list[str]:
+    """The names of this process's OS threads (Linux; gloo's are pt_gloo_runloop and gloo_tcp_loop)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        except OSError:  # a thread that just ended
+            pass
+    return sorted(names)

@@ -1,7 +1,8 @@
 """One training job from a composed config: validate, start the process group, build, resume, train, report.
 
 The order is the contract of docs/trainer.md: nothing distributed happens (and nothing is written) until the
-config has passed validation, so a mistake costs one line and exit code 2, never a hung rendezvous.
+config has passed validation, so a mistake costs one line and exit code 2, never a hung rendezvous. Then rank 0
+takes the run directory's lock (trainer/cluster/run_lock.py) before the run writes anything into it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.cluster.run_guard import RunGuard
 from trainer.cluster.run_guard import check_config as check_cluster_config
+from trainer.cluster.run_lock import hold_run_dir
 from trainer.config import JobConfig, config_hash, training_identity
 from trainer.distributed import DistEnv, dp_rank, init_process_group, prepare_env
 from trainer.ds_config import deep_merge
@@ -224,7 +226,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     job, resolved, layout, env, paths = prepare(cfg)
     _set_threads(env)
     init_process_group(env)
-    with RunGuard(job.train, env) as guard:
+    # one job per run directory: rank 0 holds <run_dir>/run.lock from here to the end (a held one: exit 2)
+    with hold_run_dir(paths.run_dir, env), RunGuard(job.train, env) as guard:
         return _run(job, resolved, layout, env, paths, guard)
 
 
@@ -302,7 +305,9 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         extra = {"model_config.json": json.dumps(job.model.to_dict(), indent=1) + "\n",
                  "config.yaml": OmegaConf.to_yaml(resolved)}
         faults.break_checkpoint_write(training_state, s.step)
-        if job.checkpoint.async_save:  # written in the background; published by the loop (`finish_save`)
+        # written in the background, published by the loop (`finish_save`); the last save of a run (the final
+        # step, a preemption) is written now: the loop would wait for it anyway
+        if job.checkpoint.async_save and not s.preempted and s.step < job.train.steps:
             checkpointer.save_async(training_state, s.step, meta_out, extra)
         else:
             checkpointer.save(training_state, s.step, meta_out, extra)
@@ -341,6 +346,10 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         logger.log(0, {"unigram_entropy": entropy, "params": sum(p.numel() for p in schedule.module.parameters())},
                    kind="data")
     state = run_loop(schedule, job, layout, state, hooks)
+    # DeepSpeed's own teardown (no collective): ZeRO's gradient hooks sit in the parameters' C++ autograd nodes and
+    # close over the optimizer, so without it the engine and its process groups outlive the job (an error path
+    # that skips this is covered by trainer.distributed.end_process)
+    schedule.engine.destroy()
     if state.preempted:
         logger.finish(dict(state.expert_load) if state.expert_load else None)
         guard.exit_preempted(state.step, paths.ckpt_dir / tag_for(state.step))

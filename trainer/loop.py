@@ -4,10 +4,11 @@
         losses = schedule.train_batch(stream)       # all microbatches, backward, optimizer step
         counts = update_router_biases(routers, dp)   # global expert counts -> bias update
         metrics (reduced over dp) -> logger; checkpoint every N, then eval every N (a failing evaluation
-        never costs training); stop on: train.steps, train.max_seconds, a preemption signal (checkpoint, no
-        eval), a non-finite step (train.on_nonfinite, trainer/cluster/nonfinite.py); the stop flags are summed
-        over all ranks with the losses, and so is "my asynchronous checkpoint write is still running": once no
-        rank is writing, the save is published (the same step on every rank); the loop returns with none pending
+        never costs training); stop on: train.steps, train.max_seconds, a preemption signal (checkpoint before
+        the step is logged, no eval), a non-finite step (train.on_nonfinite, trainer/cluster/nonfinite.py); the
+        stop flags are summed over all ranks with the losses, and so is "my asynchronous checkpoint write is still
+        running": once no rank is writing, the save is published (the same step on every rank); the loop returns
+        with none pending
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
             for layer, c in counts.items():
                 state.expert_load[layer] = state.expert_load.get(layer, torch.zeros_like(c)) + c
         state.last_train = row
+        # a preemption checkpoints first: nothing (a logger whose service died with the job, a slow progress bar)
+        # stands between the signal and the checkpoint; a non-finite stop never checkpoints its step
+        saved = preempt and (bad is None or bad.skipped)
+        if saved:
+            hooks.save(state)
         hooks.log(state.step, row, "train")
         hooks.progress(state.step, {"loss": row["lm_loss"], "tok/s": tok_s})
         if bad is not None and not bad.skipped:
@@ -149,7 +155,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
 
         last = state.step == t.steps or stop
         # the checkpoint first: an evaluation that fails (bad validation data, a lost peer) costs no training
-        if (ckpt_every and state.step % ckpt_every == 0) or (last and cfg.checkpoint.save_final) or preempt:
+        if not saved and ((ckpt_every and state.step % ckpt_every == 0) or (last and cfg.checkpoint.save_final)):
             hooks.save(state)
         # a preempted run has seconds left: it checkpoints and goes, evaluation waits for the resumed run
         if t.eval_batches > 0 and not preempt and ((eval_every and state.step % eval_every == 0) or last):

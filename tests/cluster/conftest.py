@@ -5,15 +5,22 @@ names two "nodes" that are both this machine ("localhost,127.0.0.1"), and SRUN i
 local-srun`, which starts nodes x tasks processes with the environment srun gives its tasks. So the batch
 script's mapping (MASTER_ADDR from the node list, MASTER_PORT from the job id) and the trainer's (SLURM_PROCID
 -> RANK ...) are exercised as on a cluster, with distinct node ranks.
+
+`start_job` / `job_processes` / `left_behind` run a whole job (a script, its launcher, the ranks, the wandb service)
+in a session of its own and deliver signals the way a cluster does (every process of the job, or one of them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from parallel.spawn import free_port
 from tests.trainer.conftest import ROOT, base_overrides, losses, rows, tiny_data  # noqa: F401
@@ -57,3 +64,89 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 def meta(ckpt: Path) -> dict:
     return json.loads((ckpt / "meta.json").read_text())
+
+
+def start_job(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A job in a session of its own (the test can signal it as a whole), stdout and stderr together."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not [r for r in train_rows(run_dir) if r["step"] >= step]:
+        if proc.poll() is not None or time.time() > deadline:
+            kill_job(proc)
+            raise AssertionError(f"the job ended (or took too long) before step {step}:\n"
+                                 f"{proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+
+
+def job_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The job's processes: the one started and every descendant (launchers, ranks, rank 0's wandb service, which
+    runs in a session of its own but is still a child of rank 0)."""
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def names(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(" ".join(p.cmdline()[:4]) or p.name())
+        except psutil.Error:
+            out.append(f"pid {p.pid} (gone)")
+    return out
+
+
+def left_behind(procs: list[psutil.Process], timeout: float = 30) -> list[str]:
+    """Those of `procs` still running `timeout` s after the job ended (zombies count as gone)."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        if not alive or time.time() > deadline:
+            return names(alive)
+        time.sleep(0.1)
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """Clean up after a failed test: every process of the job, the wandb service (a session of its own) included."""
+    try:
+        procs = job_processes(proc)
+    except psutil.Error:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def finish_job(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+
+
+def preemption_checkpoint(run_dir: Path, out: str, how: str = "SIGTERM") -> int:
+    """The step the job stopped at, after checking that a complete checkpoint of exactly that step was saved."""
+    stopped = max(r["step"] for r in train_rows(run_dir))
+    ckpt = run_dir / "checkpoints" / f"step{stopped:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.name, out[-3000:]
+    assert meta(ckpt)["step"] == stopped
+    assert {"rank_00000.safetensors", "rank_00001.safetensors"} <= {p.name for p in (ckpt / "state").iterdir()}
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert f"preempted ({how}): stopped after step {stopped} with a complete checkpoint" in out, out[-3000:]
+    return stopped

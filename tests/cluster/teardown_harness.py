@@ -2,10 +2,12 @@
 
 Not part of the test run (no `test_` prefix); tests/cluster/test_teardown.py runs one forced case from it.
 
-Each rank does what `python -m trainer.train` does around a job, minus the model: `prepare_env`,
+Each rank does what `python -m trainer.train` does around a job, with a toy model: `prepare_env`,
 `init_process_group` (DeepSpeed's, gloo), `RunGuard` (preemption handler, the watchdog thread with its own
-TCPStore client), a `RunLogger` (wandb disabled), collectives on the default group and on a second group
-right up to the end, then one of the ways out, through `trainer.train.run_and_end` as `main()` does:
+TCPStore client), a `RunLogger` (wandb disabled), a DeepSpeed ZeRO-1 engine on a linear layer (its gradient
+hooks keep it and its groups alive until someone destroys it; nobody does here, as on an error path),
+training steps and collectives on the default group and on a second group right up to the end, then one of
+the ways out, through `trainer.train.run_and_end` as `main()` does:
 
     normal     return                                  exit 0
     user       a UserError (one line)                  exit 2
@@ -58,11 +60,15 @@ def _body(path: str, workdir: str) -> None:
     with RunGuard(train, env) as guard:
         logger = RunLogger(Path(workdir) / "run", {"harness": path}, env.rank, wandb_mode="disabled",
                            show_progress=False)
+        engine = _toy_engine(env.world_size)
         for step in range(1, 4):
+            loss = engine(torch.randn(2, 64)).square().mean()
+            engine.backward(loss)
+            engine.step()
             dist.all_reduce(torch.full((4096,), float(step)))  # temporaries: the works hold the last references
             dist.all_reduce(torch.ones(4096), group=second)
             guard.step_done(step)
-            logger.log(step, {"lm_loss": 1.0 / step})
+            logger.log(step, {"lm_loss": float(loss)})
         if path == "user":
             raise UserError("harness.key", "a user error on every rank", "nothing to fix")
         if path == "nonfinite":
@@ -72,6 +78,18 @@ def _body(path: str, workdir: str) -> None:
         logger.finish()
         if path == "preempt":
             guard.exit_preempted(3, Path(workdir) / "checkpoints" / "step00000003")
+
+
+def _toy_engine(world_size: int):
+    import deepspeed
+    import torch
+
+    torch.manual_seed(0)
+    config = {"train_batch_size": 2 * world_size, "train_micro_batch_size_per_gpu": 2,
+              "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=torch.nn.Linear(64, 64), config=config)
+    return engine
 
 
 def rank_main(path: str, workdir: str) -> None:

@@ -195,7 +195,7 @@ def assert_evaluation_matches(rep: dict) -> None:
 def assert_matches(rep: dict) -> None:
     """First-step gradients and grad norm, parameters after the steps and every step's loss, against the single
     process, each to the tolerance its arithmetic allows (see the constants above and Reference)."""
-    assert rep["n_grads"] > 0 and rep["n_params"] > 0, rep
+    assert rep["n_grads"] == rep["n_params"] > 0, rep  # every parameter's gradient was captured
     assert rep["grad_rel"][0] <= GRAD_RTOL, rep["grad_rel"]
     assert abs(rep["norm"] - rep["ref_norm"]) <= NORM_RTOL * rep["ref_norm"], (rep["norm"], rep["ref_norm"])
     assert rep["param_ratio"][0] <= 1.0, rep["param_ratio"]

@@ -75,7 +75,8 @@ def run_zero1_adamw(rank: int, world: int, steps: int) -> dict:
     moved = min(float((q.detach() - q0).abs().max()) for (_, q), q0 in zip(ref_named, initial))
     partitions = [len(group) for group in engine.optimizer.params_in_partition]
     return {"worst": max((v, n) for n, v in ratios.items()), "n": len(ratios), "moved": moved,
-            "optimizer": type(engine.optimizer.optimizer).__name__, "params_in_partition": partitions}
+            "optimizer": type(engine.optimizer.optimizer).__name__, "params_in_partition": partitions,
+            "group_sizes": [len(group) for group in engine.optimizer.bit16_groups]}
 
 
 @pytest.mark.multiprocess
@@ -85,5 +86,7 @@ def test_zero1_partitioned_adamw_equals_per_tensor_adamw():
         assert rep["optimizer"] == "AdamW" and rep["n"] > 0
         assert rep["worst"][0] <= 1.0, rep["worst"]
         assert rep["moved"] > 1e-3  # every tensor took its steps (AdamW moves each entry by ~lr per step)
-    # each rank holds part of the tensors (one is cut at the boundary): a real partition, not a copy
-    assert all(0 < n for rep in reports for n in rep["params_in_partition"]), reports
+    # each rank holds tensors of both groups, and a tensor of each group is cut at the partition boundary
+    for g, size in enumerate(reports[0]["group_sizes"]):
+        held = [rep["params_in_partition"][g] for rep in reports]
+        assert all(n > 0 for n in held) and sum(held) > size, (g, held, size)

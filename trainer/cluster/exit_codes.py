@@ -7,7 +7,8 @@
     4   a non-finite loss with train.on_nonfinite=stop: the last good checkpoint is kept; not worth a blind retry
     75  preempted (SIGTERM / SIGUSR1 / SIGUSR2): a complete checkpoint of the last step was saved; run the same
         command again (scripts/slurm/train.sbatch requeues the job) and it resumes exactly
-    137 killed by SIGKILL (128 + 9), e.g. by Slurm after KillWait, or the OOM killer; nothing of ours runs
+    128+N a rank killed by signal N, as srun and trainer.launch report it (137: SIGKILL, e.g. by Slurm after
+        KillWait, or the OOM killer; nothing of ours runs); DeepSpeed's own runner reports 256-N instead (247)
 
 75 is sysexits' EX_TEMPFAIL ("temporary failure; the user is invited to retry"), which is what a preemption is.
 """

@@ -13,6 +13,11 @@ EXIT_PREEMPTED (75). The same command then resumes exactly (train.resume=auto).
 
 A handler that was installed before ours (submitit's requeue handler) is called after the checkpoint, so a
 submitit job is still requeued the way submitit does it.
+
+The same signal can arrive several times and from several senders (Slurm signals every process of the job step,
+and a launcher forwards what it got; srun forwards its own): the handler is idempotent (the first signal is the
+one reported), and once the run leaves after a preemption checkpoint, repeats are absorbed until the process
+exits instead of killing it on its way out (end_process's barrier, destroying the process group).
 """
 
 from __future__ import annotations
@@ -52,10 +57,15 @@ class PreemptionHandler:
         return self.received is not None
 
     def chain_previous(self) -> None:
-        """Call the handler that was installed before ours for the received signal, if it is a Python one
-        (submitit's: it requeues the job and exits); SIG_DFL / SIG_IGN are not called."""
+        """After the preemption checkpoint: call the handler that was installed before ours for the received signal,
+        if it is a Python one (submitit's: it requeues the job and exits); SIG_DFL / SIG_IGN are not called.
+        Python handlers are put back; where the previous one was SIG_DFL / SIG_IGN ours stays, so that a repeat of
+        the signal (another sender, a launcher forwarding it) cannot kill the process while it leaves."""
         previous: Callable[..., Any] | int | None = self._previous.get(self.received) if self.received else None
-        self.restore()
+        for sig, handler in self._previous.items():
+            if callable(handler):
+                signal.signal(sig, handler)
+        self._previous.clear()
         if callable(previous):
             previous(int(self.received), None)
 

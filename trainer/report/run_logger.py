@@ -8,6 +8,12 @@ metrics.jsonl holds one JSON object per `log` call: {"step", "time" (unix s), "k
 Non-finite values are written as null so every line is strict JSON. Resume keeps the file one row per
 (step, kind): rows at or after the first step the resumed run logs are dropped before anything is appended
 (see `RunLogger.__init__` and docs/metrics.md).
+
+wandb never stands between the training loop and its checkpoint: its service process is a child of rank 0, in
+the job, and a cluster's preemption signal (Slurm signals every process of the job step; DeepSpeed's launch.py
+terminates whole process trees) ends it with the ranks. A wandb call that fails after `wandb.init` (log, the
+final images, finish) costs one warning line and turns wandb off for the rest of the run; metrics.jsonl keeps
+every row.
 """
 
 from __future__ import annotations
@@ -200,11 +206,14 @@ class RunLogger:
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         if self._run is not None:
-            if kind not in self._step_metric_kinds:
-                # Plot against our step, not wandb's internal counter (which cannot go back after a resume).
-                self._run.define_metric(f"{kind}/*", step_metric="step")
-                self._step_metric_kinds.add(kind)
-            self._run.log({"step": int(step), **values})
+            try:
+                if kind not in self._step_metric_kinds:
+                    # Plot against our step, not wandb's internal counter (which cannot go back after a resume).
+                    self._run.define_metric(f"{kind}/*", step_metric="step")
+                    self._step_metric_kinds.add(kind)
+                self._run.log({"step": int(step), **values})
+            except Exception as err:
+                self._wandb_failed(err, f"log at step {step}")
 
     # ---- console -----------------------------------------------------------------------------------
     def progress(self, step: int, postfix: Mapping[str, Any] | None = None) -> None:
@@ -264,13 +273,32 @@ class RunLogger:
         if self._run is not None:
             import wandb
 
-            if images:
-                self._run.log({k: wandb.Image(str(p)) for k, p in images.items()})
-            self._run.finish(exit_code=exit_code)
-            self._run = None
-            # finish() can return before wandb's service process has written everything; teardown waits
-            # for it, so the offline run directory is complete when the trainer exits (or a test reads it)
-            wandb.teardown()
+            try:
+                if images:
+                    self._run.log({k: wandb.Image(str(p)) for k, p in images.items()})
+                self._run.finish(exit_code=exit_code)
+                self._run = None
+                # finish() can return before wandb's service process has written everything; teardown waits
+                # for it, so the offline run directory is complete when the trainer exits (or a test reads it)
+                wandb.teardown()
+            except Exception as err:
+                self._wandb_failed(err, "finish")
+
+    def _wandb_failed(self, err: Exception, where: str) -> None:
+        """A wandb call raised (its service process is gone, typically signalled with the job): one warning line,
+        wandb off for the rest of this run. Ending the run and the session (each may raise again, quietly) stops
+        wandb's console capture, which would otherwise keep writing to the dead service, and lets a later job of
+        the same process (a multirun) start a fresh service."""
+        import wandb
+
+        run, self._run = self._run, None
+        self.write(f"warning: wandb failed in {where} ({type(err).__name__}: {err}); wandb is off for the rest of this "
+                   "run (its service process was probably signalled with the job), metrics.jsonl keeps every row")
+        for end in (lambda: run.finish(exit_code=1), wandb.teardown):
+            try:
+                end()
+            except Exception:
+                pass
 
     def __enter__(self) -> RunLogger:
         return self
