@@ -79,6 +79,7 @@ class _Plan:
     sources: list[TokenSource]  # each sample's source, to read samples crossing a shard end (pad mode)
     split_starts: list[int]  # each sample's start in its split's token stream (pad mode)
     max_epoch: int
+    doc_starts: list[np.ndarray] | None = None  # document masking: each sample's shard's document starts
 
 
 class _Sampler:
@@ -94,11 +95,15 @@ class _Sampler:
         seed: int,
         shuffle: bool,
         window: int,
+        document_mask: bool = False,
+        restart_positions: bool = False,
     ) -> None:
         self.sources = sources
         self.seq_len = seq_len
         self.sample_len = seq_len + 1 + mtp_depth
         self.mode = mode
+        self.document_mask, self.restart_positions = document_mask, restart_positions
+        self._doc_starts: dict[tuple[int, int], np.ndarray] = {}  # (source, shard) -> document starts
         make = _pack_table if mode == "pack" else _pad_table
         self.tables = [make(s, seq_len, self.sample_len) for s in sources]
         for s, t in zip(sources, self.tables):
@@ -119,6 +124,7 @@ class _Sampler:
         length = np.full(n, self.sample_len, np.int64)
         arrays: list[Any] = [None] * n
         max_epoch = 0
+        starts: list[Any] = [None] * n if self.document_mask else []
         groups = (
             [(0, np.arange(n))]
             if len(self.sources) == 1
@@ -147,8 +153,37 @@ class _Sampler:
             else:
                 for i, s in zip(sel.tolist(), shard.tolist()):
                     arrays[i] = by_shard[s]
+            if self.document_mask:
+                for i, s in zip(sel.tolist(), shard.tolist()):
+                    starts[i] = self._shard_doc_starts(d, s)
         sources = [self.sources[d] for d in ds.tolist()] if self.mode == "pad" else []
-        return _Plan(arrays, offset.tolist(), length.tolist(), sources, split_start.tolist(), max_epoch)
+        return _Plan(arrays, offset.tolist(), length.tolist(), sources, split_start.tolist(), max_epoch,
+                     starts if self.document_mask else None)
+
+    def _shard_doc_starts(self, source: int, shard: int) -> np.ndarray:
+        key = (source, shard)
+        if key not in self._doc_starts:
+            self._doc_starts[key] = self.sources[source].doc_starts(shard)
+        return self._doc_starts[key]
+
+    def documents(self, plan: _Plan, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """Packed samples lo..hi: each token's document (`segments`: index of the last document start at or
+        before it, so tokens before the shard's first start share one) and, with restart_positions, its
+        position inside the part of its document in the sample (`positions`: 0 at the sample's start and at
+        every document start; RoPE only sees relative positions inside a document, so the document's earlier
+        part outside the sample does not matter)."""
+        L = self.sample_len
+        index = np.arange(L, dtype=np.int64)
+        segments = np.empty((hi - lo, L), dtype=np.int64)
+        for row, (st, o) in enumerate(zip(plan.doc_starts[lo:hi], plan.offsets[lo:hi])):
+            segments[row] = np.searchsorted(st, o + index, side="right")
+        out = {"segments": torch.from_numpy(segments)}
+        if self.restart_positions:
+            first = np.ones((hi - lo, L), dtype=bool)
+            first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            start = np.maximum.accumulate(np.where(first, index, 0), axis=1)
+            out["positions"] = torch.from_numpy(index - start)
+        return out
 
     def fill(self, plan: _Plan, lo: int, hi: int, out: np.ndarray, mask: np.ndarray) -> None:
         """Write samples lo..hi of `plan` into `out` (int64 [hi-lo, L]); zero `mask` (all ones) over padding."""
@@ -179,7 +214,10 @@ class _Sampler:
                 tokens[row] = a[o : o + L]
         else:
             self.fill(plan, lo, hi, tokens, mask)
-        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask)}
+        batch = {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask)}
+        if self.document_mask:
+            batch.update(self.documents(plan, lo, hi))
+        return batch
 
 
 def _open_all(
@@ -218,11 +256,21 @@ def _check_sizes(seq_len: int, mtp_depth: int, micro_batch_size: int, mode: str)
         raise DataError(f"mode={mode!r} is not one of {MODES}")
 
 
+def _check_documents(mode: str, document_mask: bool, restart_positions: bool) -> None:
+    if document_mask and mode != "pack":
+        raise DataError(f"document_mask=true needs mode=pack (mode={mode} holds one document per sample already)")
+    if restart_positions and not document_mask:
+        raise DataError("restart_positions=true needs document_mask=true (positions restart where documents "
+                        "are kept apart)")
+
+
 class TokenStream:
     """This DP rank's infinite stream of microbatches over a seeded, blended, epoch-reshuffled order.
 
     next(stream) -> {"tokens": LongTensor [micro_batch_size, seq_len + 1 + mtp_depth],
-                     "loss_mask": FloatTensor, same shape: 1.0 for real tokens, 0.0 for padding}.
+                     "loss_mask": FloatTensor, same shape: 1.0 for real tokens, 0.0 for padding,
+                     with document_mask: "segments" LongTensor, same shape: the document of each token,
+                     with restart_positions: "positions" LongTensor, same shape: its RoPE position}.
     Global batch b covers global samples [c_b, c_b + global_batch_size) where c_b is consumed_samples at its
     start; rank r reads samples c_b + r * global_batch_size / dp_size + [0, global_batch_size / dp_size), as
     consecutive microbatches. The union over ranks is therefore the same for any dp_size.
@@ -246,8 +294,11 @@ class TokenStream:
         model_vocab_size: int | None = None,
         shuffle: bool = True,
         shuffle_window: int = 8,
+        document_mask: bool = False,
+        restart_positions: bool = False,
     ) -> None:
         _check_sizes(seq_len, mtp_depth, micro_batch_size, mode)
+        _check_documents(mode, document_mask, restart_positions)
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
         if global_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
@@ -262,7 +313,8 @@ class TokenStream:
         self.micro_per_batch = self.per_rank // micro_batch_size
         self.sources = _open_all(data_dirs, weights, split, verify, model_vocab_size)
         self.weights = [float(w) for w in weights] if weights is not None else None
-        self._sampler = _Sampler(self.sources, weights, seq_len, mtp_depth, mode, seed, shuffle, shuffle_window)
+        self._sampler = _Sampler(self.sources, weights, seq_len, mtp_depth, mode, seed, shuffle, shuffle_window,
+                                 document_mask, restart_positions)
         self.fingerprint = hashlib.sha256(
             repr(
                 (
@@ -402,6 +454,8 @@ def validation_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
     model_vocab_size: int | None = None,
+    document_mask: bool = False,
+    restart_positions: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Microbatches of the validation split in a fixed order (no shuffle), one pass at most.
 
@@ -409,10 +463,12 @@ def validation_batches(
     r, r + dp_size, ...; stops after `max_batches` (per rank) or before any sample would repeat.
     """
     _check_sizes(seq_len, mtp_depth, micro_batch_size, mode)
+    _check_documents(mode, document_mask, restart_positions)
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise DataError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
     sources = _open_all(data_dirs, weights, split, verify, model_vocab_size)
-    sampler = _Sampler(sources, weights, seq_len, mtp_depth, mode, seed=0, shuffle=False, window=1)
+    sampler = _Sampler(sources, weights, seq_len, mtp_depth, mode, seed=0, shuffle=False, window=1,
+                       document_mask=document_mask, restart_positions=restart_positions)
     group = micro_batch_size * dp_size  # every rank stops at the same count, so DP evaluation stays in step
     k = 0
     while max_batches is None or k < max_batches:

@@ -18,6 +18,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.gemm import Linear
 from model.norm import RMSNorm
+from model.documents import Documents
 from model.rope import RotaryEmbedding, apply_rope
 
 
@@ -59,33 +60,46 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size)
         self.softmax_scale = cfg.softmax_scale
 
-    def _query(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, start: int, s: int, device: torch.device,
+              positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions [start, start + s) ([S, rope/2]), or of given positions [B, S] ([B, S, rope/2])."""
+        return self.rope.cos_sin(start, s, device) if positions is None else self.rope.at(positions)
+
+    def _query(self, x: torch.Tensor, start: int,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q_nope [B, S, H, nope], q_pe [B, S, H, rope] (rotated)."""
         b, s, _ = x.shape
         q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, s, self.n_heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        cos, sin = self.rope.cos_sin(start, s, x.device)
+        cos, sin = self._rope(start, s, x.device, positions)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def _latent(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent(self, x: torch.Tensor, start: int,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> c_kv [B, S, kv_lora] (normed), k_pe [B, S, rope] (rotated, shared by all heads)."""
         b, s, _ = x.shape
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
-        cos, sin = self.rope.cos_sin(start, s, x.device)
+        cos, sin = self._rope(start, s, x.device, positions)
         k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim), cos, sin).view(b, s, self.rope_dim)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Expanded form, causal over the whole sequence (training and scoring)."""
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """Expanded form, causal over the whole sequence (training and scoring); with `documents`, causal inside
+        each packed document (a boolean mask: SDPA's flash kernels do not take one, its others do)."""
         b, s, _ = x.shape
-        q_nope, q_pe = self._query(x, 0)
-        c_kv, k_pe = self._latent(x, 0)
+        positions = None if documents is None else documents.rope_positions(s)
+        q_nope, q_pe = self._query(x, 0, positions)
+        c_kv, k_pe = self._latent(x, 0, positions)
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, self.n_heads, self.rope_dim)], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        if documents is None:
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=documents.attention_mask(s),
+                                                 scale=self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_dim))
 
     def forward_cached(self, x: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import MLA, LatentCache
 from model.config import ModelConfig
+from model.documents import Documents
 from model.mlp import SwiGLU
 from model.moe import MoE
 from model.norm import RMSNorm
@@ -43,9 +44,9 @@ class DecoderBlock(nn.Module):
         self.mlp: nn.Module = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     # ---- sub-steps ---------------------------------------------------------------------------------
-    def attention(self, h: torch.Tensor) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         """Residual stream after attention: h + MLA(norm(h))."""
-        return h + self.self_attn(self.input_layernorm(h))
+        return h + self.self_attn(self.input_layernorm(h), documents)
 
     def ffn(self, h: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
         x = self.post_attention_layernorm(h)
@@ -54,14 +55,14 @@ class DecoderBlock(nn.Module):
         y, routing = self.mlp(x)
         return h + y, BlockAux(counts=routing.counts, balance_loss=routing.balance_loss)
 
-    def _inner(self, h: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
-        return self.ffn(self.attention(h))
+    def _inner(self, h: torch.Tensor, documents: Documents | None) -> tuple[torch.Tensor, BlockAux]:
+        return self.ffn(self.attention(h, documents))
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
+    def forward(self, h: torch.Tensor, documents: Documents | None = None) -> tuple[torch.Tensor, BlockAux]:
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-            h, aux = checkpoint(self._inner, h, use_reentrant=False)
+            h, aux = checkpoint(self._inner, h, documents, use_reentrant=False)
         else:
-            h, aux = self._inner(h)
+            h, aux = self._inner(h, documents)
         if self.is_moe and self.training and aux.counts is not None:
             self.mlp.gate.step_counts += aux.counts
         return h, aux

@@ -13,6 +13,7 @@ from torch import nn
 from model.attention import LatentCache
 from model.block import BlockAux, DecoderBlock
 from model.config import ModelConfig
+from model.documents import Documents
 from model.gemm import Linear
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
@@ -40,8 +41,9 @@ class MTPModule(nn.Module):
     def merge(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
-        return self.block(self.merge(h_prev, emb_next))
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor,
+                documents: Documents | None = None) -> tuple[torch.Tensor, BlockAux]:
+        return self.block(self.merge(h_prev, emb_next), documents)
 
     def forward_cached(
         self, h_prev: torch.Tensor, emb_next: torch.Tensor, cache: LatentCache, start: int

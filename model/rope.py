@@ -66,9 +66,17 @@ class RotaryEmbedding:
         return cos[start : start + length], sin[start : start + length]
 
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, S, rope_dim/2] of per-token positions [B, S] (documents whose positions restart): each
+        position is below S (a document's position never exceeds the token's index), so no host sync is needed."""
+        cos, sin = self.tables(positions.shape[-1], positions.device)
+        return cos[positions], sin[positions]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., seq, heads, rope_dim] (interleaved pairs); cos/sin [seq, rope_dim/2]."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """x [..., seq, heads, rope_dim] (interleaved pairs); cos/sin [seq, rope_dim/2], or [B, seq, rope_dim/2]
+    for per-sample positions."""
+    cos = cos.unsqueeze(-2).to(x.dtype)  # broadcast over heads
+    sin = sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

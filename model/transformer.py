@@ -9,7 +9,8 @@ runs the pieces in order, so a pipeline that cuts the list into stages runs exac
 
 Sample layout: tokens [B, S + 1 + D] for sequence length S and MTP depth D. Inputs are tokens[:, :S], LM
 labels tokens[:, 1:S+1], and MTP module k (1-based) reads tokens[:, k:S+k] and predicts tokens[:, k+1:S+k+1].
-loss_mask (same shape as tokens) marks which tokens are valid targets.
+loss_mask (same shape as tokens) marks which tokens are valid targets. segments / positions (same shape, optional:
+data.document_mask) keep attention and targets inside each packed document (model/documents.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from model.attention import LatentCache
 from model.block import BlockAux, DecoderBlock
 from model.config import ModelConfig
+from model.documents import Documents, combine_masks
 from model.gemm import GroupedLinear, Linear
 from model.mtp import MTPModule
 from model.norm import RMSNorm
@@ -37,6 +39,8 @@ class MicroBatch:
     tokens: torch.Tensor  # [B, S + 1 + D] for training, [B, S] for scoring
     seq_len: int
     loss_mask: torch.Tensor | None = None
+    segments: torch.Tensor | None = None  # document index per token (packed documents kept apart), or None
+    positions: torch.Tensor | None = None  # RoPE position per token (restarting per document), or None
     compute_loss: bool = True
     keep_logits: bool = False
     # side outputs (keyed by layer index, so a pipeline stage can pick out the losses of its own blocks)
@@ -47,9 +51,33 @@ class MicroBatch:
     logits: torch.Tensor | None = None
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
+    _documents: Documents | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor], seq_len: int, device: torch.device | str | None = None,
+                   **flags: bool) -> MicroBatch:
+        """The context of a reader microbatch ({"tokens", "loss_mask"[, "segments"[, "positions"]]}) on `device`."""
+        def get(key: str) -> torch.Tensor | None:
+            t = batch.get(key)
+            return None if t is None else t.to(device) if device is not None else t
+
+        return cls(tokens=get("tokens"), seq_len=seq_len, loss_mask=get("loss_mask"), segments=get("segments"),
+                   positions=get("positions"), **flags)
+
+    def target_mask(self, offset: int) -> torch.Tensor | None:
+        """The mask of the targets at `offset` (1: the main head, k + 1: MTP depth k): padding and documents."""
+        return combine_masks(self.loss_mask, self.documents, self.seq_len, offset)
+
     @property
     def input_ids(self) -> torch.Tensor:
         return self.tokens[:, : self.seq_len]
+
+    @property
+    def documents(self) -> Documents | None:
+        """The packed-document structure (its attention mask is built once per microbatch), or None."""
+        if self._documents is None and self.segments is not None:
+            self._documents = Documents(self.segments, self.positions)
+        return self._documents
 
     def record(self, layer_idx: int, aux: BlockAux) -> None:
         if aux.counts is not None:
@@ -103,7 +131,7 @@ class BlockPiece(nn.Module):
         self.block = block
 
     def forward(self, x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        h, aux = self.block(x)
+        h, aux = self.block(x, mb.documents)
         mb.record(self.block.layer_idx, aux)
         return h
 
@@ -143,19 +171,18 @@ class HeadPiece(nn.Module):
             mb.logits = logits
         if not mb.compute_loss:
             return None
-        mask = mb.loss_mask
-        mb.lm_loss = masked_cross_entropy(logits, mb.tokens[:, 1 : s + 1], None if mask is None else mask[:, 1 : s + 1])
+        docs = mb.documents
+        mb.lm_loss = masked_cross_entropy(logits, mb.tokens[:, 1 : s + 1], mb.target_mask(1))
         total = mb.lm_loss
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embedding.embed_tokens(mb.tokens[:, k : s + k])
-            h_prev, aux = module(h_prev, emb)
+            h_prev, aux = module(h_prev, emb, docs)
             mb.record(module.block.layer_idx, aux)
             mtp_logits = self.lm_head(module.shared_head.norm(h_prev))
             if mb.keep_logits:
                 mb.mtp_logits.append(mtp_logits)
-            target_mask = None if mask is None else mask[:, k + 1 : s + k + 1]
-            mb.mtp_losses.append(masked_cross_entropy(mtp_logits, mb.tokens[:, k + 1 : s + k + 1], target_mask))
+            mb.mtp_losses.append(masked_cross_entropy(mtp_logits, mb.tokens[:, k + 1 : s + k + 1], mb.target_mask(k + 1)))
         if mb.mtp_losses:
             total = total + (self.cfg.mtp_loss_weight / len(self.mtp)) * torch.stack(mb.mtp_losses).sum()
         return total
@@ -210,7 +237,8 @@ class DeepseekV3(nn.Module):
         return x
 
     def forward(
-        self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None, return_logits: bool = False
+        self, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None, return_logits: bool = False,
+        segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Training forward. tokens [B, S + 1 + D] (see module docstring)."""
         seq_len = tokens.shape[1] - 1 - self.cfg.num_nextn_predict_layers
@@ -219,7 +247,8 @@ class DeepseekV3(nn.Module):
                 f"tokens has {tokens.shape[1]} positions; training needs seq_len + 1 + mtp_depth "
                 f"(mtp_depth = {self.cfg.num_nextn_predict_layers})"
             )
-        mb = MicroBatch(tokens=tokens, seq_len=seq_len, loss_mask=loss_mask, keep_logits=return_logits)
+        mb = MicroBatch(tokens=tokens, seq_len=seq_len, loss_mask=loss_mask, keep_logits=return_logits,
+                        segments=segments, positions=positions)
         loss = self.run_pieces(mb)
         if mb.balance_losses:
             loss = loss + mb.balance_loss

@@ -43,7 +43,8 @@ class DataParallelSchedule(StepSchedule):
         for mb in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
             out = self.clock.time(f"F0.{mb}", "F", 0, lambda b=batch: engine(
-                b["tokens"].to(self.device), b["loss_mask"].to(self.device)))
+                b["tokens"].to(self.device), b["loss_mask"].to(self.device), segments=_on(b.get("segments"), self.device),
+                positions=_on(b.get("positions"), self.device)))
             self.clock.time(f"B0.{mb}", "B", 0, lambda o=out: engine.backward(o.loss))
             engine.step()  # an optimizer step only at the gradient-accumulation boundary
             outputs.append(out)
@@ -57,9 +58,7 @@ class DataParallelSchedule(StepSchedule):
         depth = model.cfg.num_nextn_predict_layers
         try:
             for i, batch in enumerate(batches):
-                tokens, mask = batch["tokens"].to(self.device), batch["loss_mask"].to(self.device)
-                mb = MicroBatch(tokens=tokens, seq_len=tokens.shape[1] - 1 - depth, loss_mask=mask,
-                                keep_logits=True)
+                mb = MicroBatch.from_batch(batch, batch["tokens"].shape[1] - 1 - depth, self.device, keep_logits=True)
                 model.run_pieces(mb)
                 on_last_stage(i, mb)
         finally:
@@ -78,3 +77,7 @@ class DataParallelSchedule(StepSchedule):
     @property
     def pipe_group(self) -> None:
         return None
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)

@@ -8,8 +8,9 @@ How the model becomes a list of `LayerSpec`s:
   `partition_method="type:BlockLayer"`: DeepSpeed balances the number of decoder blocks per stage, so every
   stage holds L/S blocks, the embedding goes with stage 0 and the head with the last stage. (`uniform` would
   count the embedding and head as layers; `parameters` would build every layer on every rank to count them.)
-- The activation tuple is (hidden, tokens[, loss_mask]): the token ids ride along as an integer tensor, so the
-  last stage has the LM labels and the MTP future tokens. DeepSpeed sends every tensor of the tuple and sends
+- The activation tuple is (hidden, tokens, loss_mask[, segments[, positions]]): the token ids ride along as an
+  integer tensor, so the last stage has the LM labels and the MTP future tokens (packed documents: every stage
+  has their boundaries). DeepSpeed sends every tensor of the tuple and sends
   gradients back only for the floating-point ones.
 - The MTP modules on the last stage read the embedding table that lives on stage 0: both places use a
   `TiedLayerSpec("embed", ...)`, so DeepSpeed builds a copy on the last stage, broadcasts stage 0's weights to
@@ -85,18 +86,26 @@ class SeedBalanceGrad(torch.autograd.Function):
         return grad_h, torch.full((), ctx.state.grad_scale(), dtype=dtype, device=device), None
 
 
-def _unpack(inputs: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(hidden, tokens, loss_mask) from a pipeline tuple; the first stage gets (tokens[, loss_mask])."""
+def _unpack(inputs: Any) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(hidden, tokens, extras) from a pipeline tuple: (hidden, tokens, *extras), the first stage's without the
+    hidden; extras are (loss_mask[, segments[, positions]]) as `_to_engine_batch` packed them."""
     if torch.is_tensor(inputs):
-        return None, inputs, None
+        return None, inputs, ()
     inputs = tuple(inputs)
     if inputs[0].is_floating_point():
-        return inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None
-    return None, inputs[0], inputs[1] if len(inputs) > 1 else None
+        return inputs[0], inputs[1], inputs[2:]
+    return None, inputs[0], inputs[1:]
 
 
-def _pack(h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    return (h, tokens) if mask is None else (h, tokens, mask)
+def _pack(h: torch.Tensor, tokens: torch.Tensor, extras: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (h, tokens, *extras)
+
+
+def _microbatch(tokens: torch.Tensor, extras: tuple[torch.Tensor, ...], seq_len: int, **flags: bool) -> MicroBatch:
+    """The model's context of one microbatch from the tuple's extras (the mask travels as integers)."""
+    names = ("loss_mask", "segments", "positions")
+    batch = {"tokens": tokens, **dict(zip(names, extras))}
+    return MicroBatch.from_batch(batch, seq_len, **flags)
 
 
 class EmbedLayer(nn.Module):
@@ -108,9 +117,9 @@ class EmbedLayer(nn.Module):
 
 
 def _embed_forward(layer: EmbedLayer, inputs: Any) -> tuple[torch.Tensor, ...]:
-    _, tokens, mask = _unpack(inputs)
+    _, tokens, extras = _unpack(inputs)
     h = layer.piece(None, MicroBatch(tokens=tokens, seq_len=layer.seq_len))
-    return _pack(h, tokens, mask)
+    return _pack(h, tokens, extras)
 
 
 def _tied_copy_forward(layer: EmbedLayer, inputs: Any) -> Any:
@@ -127,8 +136,8 @@ class BlockLayer(nn.Module):
         self.piece, self.seq_len, self.state, self.on_loss_stage = piece, seq_len, state, on_loss_stage
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        h, tokens, mask = _unpack(inputs)
-        mb = MicroBatch(tokens=tokens, seq_len=self.seq_len, loss_mask=mask)
+        h, tokens, extras = _unpack(inputs)
+        mb = _microbatch(tokens, extras, self.seq_len)
         h = self.piece(h, mb)
         balance = mb.balance_losses.get(self.piece.block.layer_idx)
         if balance is not None and torch.is_grad_enabled():
@@ -137,7 +146,7 @@ class BlockLayer(nn.Module):
                 self.state.pending_balance.append(balance)
             else:
                 h = SeedBalanceGrad.apply(h, balance, self.state)
-        return _pack(h, tokens, mask)
+        return _pack(h, tokens, extras)
 
 
 class HeadLayer(nn.Module):
@@ -148,10 +157,9 @@ class HeadLayer(nn.Module):
         self.piece, self.seq_len, self.state = piece, seq_len, state
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        h, tokens, mask = _unpack(inputs)
+        h, tokens, extras = _unpack(inputs)
         state = self.state
-        mb = MicroBatch(tokens=tokens, seq_len=self.seq_len, loss_mask=mask,
-                        keep_logits=state.on_last_stage is not None)
+        mb = _microbatch(tokens, extras, self.seq_len, keep_logits=state.on_last_stage is not None)
         loss = self.piece(h, mb)
         state.loss.append(loss.detach())
         state.lm.append(mb.lm_loss.detach())
@@ -191,12 +199,15 @@ def layer_specs(model: DeepseekV3, held_stages: list[int], num_stages: int, seq_
 
 
 def _to_engine_batch(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """{"tokens", "loss_mask"} -> DeepSpeed's (inputs, labels); the mask travels as integers (DeepSpeed would
-    send a gradient back for a floating-point tensor)."""
+    """{"tokens", "loss_mask"[, "segments"[, "positions"]]} -> DeepSpeed's (inputs, labels); the mask travels as
+    integers (DeepSpeed would send a gradient back for a floating-point tensor)."""
     tokens = batch["tokens"]
-    mask = batch.get("loss_mask")
-    inputs = (tokens,) if mask is None else (tokens, mask.to(tokens.dtype))
-    return inputs, tokens  # labels: unused (the head computes the loss) but the last stage loads them
+    extras = []
+    for key in ("loss_mask", "segments", "positions"):  # each one only with the ones before it
+        if batch.get(key) is None:
+            break
+        extras.append(batch[key].to(tokens.dtype))
+    return (tokens, *extras), tokens  # labels: unused (the head computes the loss) but the last stage loads them
 
 
 class DeepSpeedPipeSchedule(StepSchedule):

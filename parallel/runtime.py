@@ -152,11 +152,8 @@ class PipelineRuntime:
     def _microbatch(self, mb: int) -> MicroBatch:
         if mb not in self.mbs:
             batch = self.batches[mb]
-            self.mbs[mb] = MicroBatch(
-                tokens=batch["tokens"].to(self.device), seq_len=self.seq_len,
-                loss_mask=None if batch.get("loss_mask") is None else batch["loss_mask"].to(self.device),
-                compute_loss=self.compute_loss, keep_logits=self.keep_logits,
-            )
+            self.mbs[mb] = MicroBatch.from_batch(batch, self.seq_len, self.device, compute_loss=self.compute_loss,
+                                                 keep_logits=self.keep_logits)
         return self.mbs[mb]
 
     def _timed(self, ins: Instr, fn: Callable[[], None]) -> None:

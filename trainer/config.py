@@ -66,6 +66,9 @@ class DataConfig:
     dirs: list[str] = field(default_factory=lambda: ["data/python_stdlib"])  # prepared data_prep directories
     weights: list[float] | None = None  # blend weights, one per directory (null: equal)
     mode: str = "pack"  # pack (documents concatenated) | pad (one document per sample)
+    # pack: attention and targets stay inside each document (false: across them, as DeepSeek-V3 pre-trains)
+    document_mask: bool = False
+    restart_positions: bool = False  # with document_mask: RoPE positions restart at each document
     # shard checks: size (file sizes, token ids) | full (also sha256; every shard hashed and scanned at start)
     verify: str = "size"
     seed: int = 1234  # sample order seed

@@ -23,6 +23,7 @@ def train_stream(cfg: JobConfig, layout: Layout, dp_rank: int) -> TokenStream:
         mtp_depth=cfg.model.num_nextn_predict_layers, micro_batch_size=layout.micro_batch_size,
         global_batch_size=layout.global_batch_size, dp_rank=dp_rank, dp_size=layout.dp, seed=d.seed,
         mode=d.mode, verify=d.verify, split="train", model_vocab_size=cfg.model.vocab_size,
+        document_mask=d.document_mask, restart_positions=d.restart_positions,
     )
 
 
@@ -35,6 +36,7 @@ def eval_batches(cfg: JobConfig, layout: Layout, dp_rank: int) -> Iterator[dict[
         micro_batch_size=layout.micro_batch_size, max_batches=-(-t.eval_batches // layout.dp),
         weights=None if d.weights is None else list(d.weights), mode=d.mode, verify=d.verify, split="val",
         dp_rank=dp_rank, dp_size=layout.dp, model_vocab_size=cfg.model.vocab_size,
+        document_mask=d.document_mask, restart_positions=d.restart_positions,
     )
 
 

@@ -9,6 +9,8 @@ one line; anything else is an internal bug and keeps its traceback.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -89,8 +91,25 @@ def user_error_line(exc: BaseException) -> str | None:
 
 
 def fail(line: str) -> NoReturn:
-    print(f"error: {line}", file=sys.stderr, flush=True)
+    """Print the one line (once per job, however many ranks hit it) and exit 2."""
+    if _first_to_report(line):
+        sys.stderr.write(f"error: {line}\n")  # one write of the whole line: print writes the newline apart
+        sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
+
+
+def _first_to_report(line: str) -> bool:
+    """Whether this rank prints `line`. Before the process group starts, every rank checks the same config and
+    manifests, so rank 0 speaks for all. After, a line may be one rank's alone: the first rank to count it in the
+    group's store prints it, the others stay quiet (one line per distinct error, not one per rank)."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (importing torch here costs seconds)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return os.environ.get("RANK", "0") == "0"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return store.add("dsv3/error/" + hashlib.sha256(line.encode()).hexdigest()[:16], 1) == 1
+    except Exception:  # the store's host (rank 0) is gone: better twice than never
+        return True
 
 
 def run_reporting_user_errors(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

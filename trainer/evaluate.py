@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from model.documents import combine_masks
 from model.transformer import MicroBatch
 from parallel.step_schedule import StepSchedule
 
@@ -24,12 +25,12 @@ def microbatch_sums(mb: MicroBatch, tokens: torch.Tensor, mask: torch.Tensor) ->
     microbatch (its logits kept in `mb`)."""
     sums = torch.zeros(6, dtype=torch.float64)
     seq = mb.seq_len
-    lm_mask = mask[:, 1 : seq + 1]
+    lm_mask = combine_masks(mask, mb.documents, seq, 1)  # padding, and targets in another packed document
     lm = F.cross_entropy(mb.logits.float().flatten(0, 1), tokens[:, 1 : seq + 1].flatten(), reduction="none")
     sums[0] += float((lm * lm_mask.flatten()).sum())
     sums[1] += float(lm_mask.sum())
     if mb.mtp_logits:
-        mtp_mask = mask[:, 2 : seq + 2]
+        mtp_mask = combine_masks(mask, mb.documents, seq, 2)
         mtp = F.cross_entropy(mb.mtp_logits[0].float().flatten(0, 1), tokens[:, 2 : seq + 2].flatten(),
                               reduction="none")
         sums[2] += float((mtp * mtp_mask.flatten()).sum())
@@ -51,7 +52,7 @@ def evaluate_schedule(schedule: StepSchedule, batches: Iterable[dict[str, torch.
     sums = torch.zeros(6, dtype=torch.float64)
     if real:
         count = schedule.eval_microbatches(len(real))
-        padded = real + [{"tokens": real[0]["tokens"], "loss_mask": torch.zeros_like(real[0]["loss_mask"])}
+        padded = real + [{**real[0], "loss_mask": torch.zeros_like(real[0]["loss_mask"])}
                          for _ in range(count - len(real))]
 
         def score(index: int, mb: MicroBatch) -> None:

@@ -1,7 +1,8 @@
 """`python -m trainer.train [group=option ...] [key=value ...] [-m]`: the Hydra entry point of a training job.
 
-Launch several ranks with the deepspeed launcher (`deepspeed --num_gpus N -m trainer.train ...`; on CPU
-see scripts/train.sh). The launcher's `--local_rank` argument is removed before Hydra parses argv. Hydra
+Launch several ranks with `python -m trainer.launch --nproc-per-node N ...` (scripts/train.sh; it keeps the
+signal and exit-code contract of docs/cluster.md); DeepSpeed's `deepspeed --num_gpus N -m trainer.train` works too.
+DeepSpeed's `--local_rank` argument is removed before Hydra parses argv. Hydra
 errors are re-raised to us (HYDRA_FULL_ERROR) so that every user mistake ends in one line and exit code 2.
 Every way out ends in `run_and_end`: the process group is destroyed before the interpreter finalizes.
 """

@@ -160,6 +160,12 @@ def _check_data(cfg: JobConfig) -> int:
           "use positive blend weights")
     _need(d.mode in ("pack", "pad"), "data.mode", f"unknown mode {d.mode!r}", "use pack or pad")
     _need(d.verify in ("size", "full"), "data.verify", f"unknown mode {d.verify!r}", "use size or full")
+    _need(not d.document_mask or d.mode == "pack", "data.document_mask",
+          f"keeps packed documents apart, but data.mode={d.mode} holds one document per sample",
+          "use data.mode=pack, or data.document_mask=false")
+    _need(not d.restart_positions or d.document_mask, "data.restart_positions",
+          "restarts RoPE positions at document starts, which needs data.document_mask=true",
+          "set data.document_mask=true too, or data.restart_positions=false")
     evaluates = cfg.train.eval_batches > 0
     vocab = 0
     manifests: list[tuple[str, Manifest]] = []

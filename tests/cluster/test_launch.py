@@ -102,3 +102,14 @@ def test_the_ranks_do_not_outlive_a_killed_launcher(tmp_path: Path):
         assert time.time() < deadline, "ranks outlived their launcher"
         time.sleep(0.05)
     assert all((tmp_path / f"rank{r}.signal").read_text().startswith("SIGTERM") for r in (0, 1))
+
+
+@pytest.mark.multiprocess
+def test_a_config_mistake_is_one_line_from_two_ranks(tmp_path: Path):
+    # both ranks refuse the same config; rank 0 alone says so (the line used to print once per rank)
+    cmd = [sys.executable, "-m", "trainer.launch", "--nproc-per-node", "2", "optim.lr=inf",
+           f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: optim.lr: "), proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -284,3 +284,30 @@ def test_shuffle_window_bounds_shards_touched(prepared_a: Path) -> None:
     first = [next(s)["tokens"] for _ in range(5)]
     shards = {i for t in first for r in t for i, sb in enumerate(shard_bytes) if sb.find(r.numpy().tobytes()) >= 0}
     assert len(shards) <= 2
+
+
+def test_document_segments_and_positions_follow_the_eos_tokens(prepared_a: Path) -> None:
+    # every prepared document ends with EOS, so a packed sample's documents start right after each EOS
+    eos = read_manifest(prepared_a).eos_id
+    s = stream([prepared_a], document_mask=True, restart_positions=True)
+    val = next(validation_batches([str(prepared_a)], SEQ, MTP, MB, 1, document_mask=True))
+    assert set(val) == {"tokens", "loss_mask", "segments"}  # no positions asked for
+    boundaries_seen = 0
+    for _ in range(8):
+        b = next(s)
+        for tokens, segments, positions in zip(b["tokens"].numpy(), b["segments"].numpy(), b["positions"].numpy()):
+            starts = np.flatnonzero(tokens[:-1] == eos) + 1
+            new_doc = np.zeros(L, dtype=bool)
+            new_doc[starts] = True
+            assert np.array_equal(segments[1:] != segments[:-1], new_doc[1:])
+            first = np.maximum.accumulate(np.where(new_doc, np.arange(L), 0))
+            assert np.array_equal(positions, np.arange(L) - first)
+            boundaries_seen += len(starts)
+    assert boundaries_seen > 0  # samples of 66 tokens from stdlib modules do cross documents
+
+
+def test_document_mask_needs_pack_mode(prepared_a: Path) -> None:
+    with pytest.raises(DataError, match="document_mask=true needs mode=pack"):
+        stream([prepared_a], mode="pad", seq_len=256, global_batch_size=MB, document_mask=True)
+    with pytest.raises(DataError, match="restart_positions=true needs document_mask=true"):
+        stream([prepared_a], restart_positions=True)

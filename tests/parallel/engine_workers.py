@@ -17,7 +17,7 @@ import torch
 
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
-from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
+from tests.parallel.pipeline_workers import MICRO, SEQ, forward, make_batches
 
 LR, WD = 1e-2, 0.1
 U = 2.0**-24  # fp32 unit roundoff (eps_fp32 / 2)
@@ -107,7 +107,7 @@ def reference_steps(cfg, batches_per_step, clip: float) -> Reference:
         opt.zero_grad()
         total = 0.0
         for b in batches:
-            out = model(b["tokens"])
+            out = forward(model, b)
             (out.loss / len(batches)).backward()
             total += float(out.loss.detach()) / len(batches)
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in named}
@@ -137,7 +137,7 @@ def evaluate_reference(cfg, ref: Reference, batches, steps: int) -> list[tuple[f
     out = []
     for b in batches:
         model.zero_grad()
-        loss = model(b["tokens"]).lm_loss
+        loss = forward(model, b).lm_loss
         loss.backward()
         tol = FWD_RTOL * abs(float(loss)) + steps * sum(float(p.grad.abs().sum()) * ref.param_tolerance(n)
                                                         for n, p in model.named_parameters() if p.grad is not None)
@@ -205,7 +205,7 @@ def assert_matches(rep: dict) -> None:
 
 
 def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int, steps: int, clip: float,
-               layers: int):
+               layers: int, documents: bool = False):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.ops
 
@@ -219,7 +219,7 @@ def run_engine(rank: int, world: int, schedule: str, pp: int, microbatches: int,
     topo.build_groups()
     sched = build_schedule(schedule, cfg, topo, microbatches, ds_config(clip))
     grads = capture_grads(sched.engine, sched.module.named_parameters())
-    all_batches = make_batches(cfg, steps * microbatches * dp)
+    all_batches = make_batches(cfg, steps * microbatches * dp, documents=documents)
     # global batch of a step: dp x microbatches samples; data rank d takes its contiguous slice
     per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
     losses, norms = [], []

@@ -18,10 +18,26 @@ from tests.conftest import tiny_config
 SEQ, MICRO = 8, 2
 
 
-def make_batches(cfg, microbatches: int, seed: int = 7) -> list[dict[str, torch.Tensor]]:
+def make_batches(cfg, microbatches: int, seed: int = 7, documents: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Random token microbatches; with `documents`, packed documents as the reader gives them (data.document_mask,
+    data.restart_positions): a document starts at each position with probability 1/6."""
     g = torch.Generator().manual_seed(seed)
     width = SEQ + 1 + cfg.num_nextn_predict_layers
-    return [{"tokens": torch.randint(0, cfg.vocab_size, (MICRO, width), generator=g)} for _ in range(microbatches)]
+    batches = [{"tokens": torch.randint(0, cfg.vocab_size, (MICRO, width), generator=g)} for _ in range(microbatches)]
+    if documents:
+        index = torch.arange(width)
+        for b in batches:
+            starts = torch.rand(MICRO, width, generator=g) < 1 / 6
+            starts[:, 0] = True
+            first = torch.where(starts, index, 0).cummax(dim=1).values
+            b.update(loss_mask=torch.ones(MICRO, width), segments=starts.long().cumsum(1), positions=index - first)
+    return batches
+
+
+def forward(model, batch: dict[str, torch.Tensor]):
+    """The single-process model on a microbatch as the schedules see it (mask and documents when present)."""
+    return model(batch["tokens"], batch.get("loss_mask"), segments=batch.get("segments"),
+                 positions=batch.get("positions"))
 
 
 def reference(cfg, batches):

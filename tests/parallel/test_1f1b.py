@@ -12,7 +12,8 @@ from tests.parallel.engine_workers import assert_evaluation_matches, assert_matc
 from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
 
 
-def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip: float, layers: int) -> dict:
+def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip: float, layers: int,
+             documents: bool = False) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.ops
 
@@ -27,7 +28,7 @@ def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip
     topo.build_groups()
     sched = build_schedule("1f1b", cfg, topo, microbatches, ds_config(clip))
     grads = capture_grads(sched.engine, sched.model.named_parameters())  # the tied copy: its tied gradient
-    all_batches = make_batches(cfg, steps * microbatches * dp)
+    all_batches = make_batches(cfg, steps * microbatches * dp, documents=documents)
     per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
     dp_rank = rank % dp
     routers = moe_routers(sched.module)
@@ -59,12 +60,14 @@ def run_1f1b(rank: int, world: int, pp: int, microbatches: int, steps: int, clip
 
 
 @pytest.mark.multiprocess
-def test_1f1b_steps_equal_single_process():
+@pytest.mark.parametrize("documents", [False, True], ids=["plain", "packed_documents"])
+def test_1f1b_steps_equal_single_process(documents: bool):
     """pp=2, MoE (grouped routing, shared expert) and MTP: stage 0 holds a MoE block whose balance loss only
     reaches backward through the seed, stage 1 the head whose MTP reads the tied embedding. Tolerances as in
     test_pipeline_engine.py (clipping on, so the grad norm must count the tied copy once; the tied copy's
-    gradient is the sum over both stages)."""
-    reports = run_ranks(2, run_1f1b, 2, 4, 2, 1.0, 4)
+    gradient is the sum over both stages). Packed documents: their boundaries ride the pipeline tuple to every
+    stage (attention masks on both, the target masks on the loss stage)."""
+    reports = run_ranks(2, run_1f1b, 2, 4, 2, 1.0, 4, documents)
     for rep in reports:
         assert_matches(rep)
     assert reports[0]["lm"] == reports[1]["lm"]  # the loss stage's LM loss reaches every rank

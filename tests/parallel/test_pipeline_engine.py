@@ -15,15 +15,16 @@ from tests.parallel.engine_workers import assert_evaluation_matches, assert_matc
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "schedule, world, pp, microbatches, clip, layers",
+    "schedule, world, pp, microbatches, clip, layers, documents",
     [
-        ("dualpipe", 2, 2, 4, 0.0, 2),
-        ("dualpipev", 2, 2, 4, 1.0, 4),
-        ("dualpipe", 4, 2, 4, 1.0, 2),  # pp=2 x dp=2
+        ("dualpipe", 2, 2, 4, 0.0, 2, False),
+        ("dualpipev", 2, 2, 4, 1.0, 4, False),
+        ("dualpipe", 4, 2, 4, 1.0, 2, False),  # pp=2 x dp=2
+        ("dualpipev", 2, 2, 4, 1.0, 4, True),  # packed documents: masks on every stage, from the rank's batches
     ],
 )
-def test_engine_steps_equal_single_process(schedule, world, pp, microbatches, clip, layers):
-    reports = run_ranks(world, run_engine, schedule, pp, microbatches, 2, clip, layers)
+def test_engine_steps_equal_single_process(schedule, world, pp, microbatches, clip, layers, documents):
+    reports = run_ranks(world, run_engine, schedule, pp, microbatches, 2, clip, layers, documents)
     for rep in reports:
         assert_matches(rep)
         assert_evaluation_matches(rep)

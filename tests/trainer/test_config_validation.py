@@ -73,6 +73,8 @@ def test_default_config_composes_and_validates(tiny_data):
         (1, ["parallel=dp", "precision.dtype=fp8"], "precision.dtype:", "unknown dtype"),
         (1, ["parallel=dp", "+deepspeed.scheduler={type: WarmupLR}"], "deepspeed.scheduler:", "optim.schedule"),
         (1, ["parallel=dp", "model.n_group=3"], "model.n_routed_experts:", "n_group=3"),
+        (1, ["parallel=dp", "data.mode=pad", "data.document_mask=true"], "data.document_mask:", "data.mode=pad"),
+        (1, ["parallel=dp", "data.restart_positions=true"], "data.restart_positions:", "document_mask=true"),
     ],
 )
 def test_validation_rules(tiny_data, world, overrides, key, words):

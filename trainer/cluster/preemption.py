@@ -2,8 +2,9 @@
 
 What clusters send before a kill: Slurm sends SIGTERM to every task when a job is preempted or cancelled and
 SIGKILL `KillWait` seconds later (default 30); `#SBATCH --signal=USR1@180` adds SIGUSR1 three minutes before the
-time limit (scripts/slurm/train.sbatch); submitit (hydra/launcher=slurm) uses SIGUSR2. The deepspeed launcher
-passes SIGTERM to its ranks and kills them 30 s later.
+time limit (scripts/slurm/train.sbatch); submitit (hydra/launcher=slurm) uses SIGUSR2. Our launcher (`python -m
+trainer.launch`) forwards these signals to its ranks and waits for them; DeepSpeed's launch.py terminates them
+and kills them 30 s later (docs/cluster.md has the table).
 
 The handler only sets a flag (a signal can arrive in the middle of a collective; nothing else is safe there).
 At the end of each step the training loop sums the flag over all ranks together with its other stop
