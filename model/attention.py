@@ -20,6 +20,7 @@ from model.gemm import Linear
 from model.norm import RMSNorm
 from model.documents import Documents
 from model.rope import RotaryEmbedding, apply_rope
+from model.sequence_shard import SequenceShard
 
 
 @dataclass
@@ -59,11 +60,16 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size)
         self.softmax_scale = cfg.softmax_scale
+        self.sequence_shard: SequenceShard | None = None  # context parallelism (model/sequence_shard.py)
 
     def _rope(self, start: int, s: int, device: torch.device,
               positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of positions [start, start + s) ([S, rope/2]), or of given positions [B, S] ([B, S, rope/2])."""
-        return self.rope.cos_sin(start, s, device) if positions is None else self.rope.at(positions)
+        """cos/sin of positions [start, start + s) ([s, rope/2]), or of the given positions of the whole sequence
+        [B, S] at those indices ([B, s, rope/2])."""
+        if positions is None:
+            return self.rope.cos_sin(start, s, device)
+        cos, sin = self.rope.at(positions)
+        return cos[:, start : start + s], sin[:, start : start + s]
 
     def _query(self, x: torch.Tensor, start: int,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,21 +92,32 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         """Expanded form, causal over the whole sequence (training and scoring); with `documents`, causal inside
-        each packed document (a boolean mask: SDPA's flash kernels do not take one, its others do)."""
+        each packed document (a boolean mask: SDPA's flash kernels do not take one, its others do). Under
+        context parallelism x holds this rank's positions; attention runs on its share of the heads over the
+        whole sequence (model/sequence_shard.py)."""
         b, s, _ = x.shape
-        positions = None if documents is None else documents.rope_positions(s)
-        q_nope, q_pe = self._query(x, 0, positions)
-        c_kv, k_pe = self._latent(x, 0, positions)
+        shard = self.sequence_shard
+        start, total = (0, s) if shard is None else (shard.rank * s, shard.size * s)
+        positions = None if documents is None else documents.rope_positions(total)
+        q_nope, q_pe = self._query(x, start, positions)
+        c_kv, k_pe = self._latent(x, start, positions)
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, self.n_heads, self.rope_dim)], dim=-1).transpose(1, 2)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, self.n_heads, self.rope_dim)], dim=-1)
+        if shard is not None:  # one all-to-all for q, k and v: [B, S/N, H, .] -> [B, S, H/N, .]
+            dq = q.shape[-1]
+            q, k, v = shard.exchange.to_heads(torch.cat([q, k, v], dim=-1)).split([dq, dq, self.v_dim], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if documents is None:
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=documents.attention_mask(s),
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attention_mask(total),
                                                  scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_dim))
+        out = out.transpose(1, 2)
+        if shard is not None:
+            out = shard.exchange.to_sequence(out.contiguous())
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.v_dim))
 
     def forward_cached(self, x: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
         """Absorbed form: x holds positions [start, start + S); writes them into the cache and attends to

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.sequence_shard import SequenceShard
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # tokens routed to each expert since the last bias update (all microbatches of the optimizer step)
         self.register_buffer("step_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.float64), persistent=False)
+        self.sequence_shard: SequenceShard | None = None  # context parallelism: the balance loss's sequence
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Sigmoid affinities in fp32, [T, E]."""
@@ -85,9 +87,14 @@ class Router(nn.Module):
         one_hot_counts = torch.zeros(b, e, device=scores.device, dtype=scores.dtype)
         chosen = experts.reshape(b, -1)
         one_hot_counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=scores.dtype))
+        shard, scale = self.sequence_shard, 1
+        if shard is not None:  # the sequence is split over the CP group: its counts are the group's sum, and this
+            # rank's P is its positions' part of the sequence mean, scaled so the group's mean is the whole loss
+            one_hot_counts = shard.exchange.sum(one_hot_counts)
+            s, scale = s * shard.size, shard.size
         f = one_hot_counts * (e / (self.top_k * s))
-        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
-        return alpha * (f * p).sum(-1).mean()
+        p = (scores / scores.sum(-1, keepdim=True)).sum(1) / s
+        return alpha * scale * (f * p).sum(-1).mean()
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor | None = None, gamma: float | None = None) -> None:

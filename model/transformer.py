@@ -30,6 +30,7 @@ from model.gemm import GroupedLinear, Linear
 from model.mtp import MTPModule
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
+from model.sequence_shard import SequenceShard, span
 
 
 @dataclass
@@ -50,6 +51,7 @@ class MicroBatch:
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
     logits: torch.Tensor | None = None
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    span: tuple[int, int] | None = None  # the positions [start, end) the head computed (context parallelism)
 
     _documents: Documents | None = field(default=None, repr=False)
 
@@ -112,15 +114,29 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+                          shard: SequenceShard | None) -> torch.Tensor:
+    """`masked_cross_entropy` of this rank's part of the sequences: its share of the whole group's token mean,
+    scaled by the group size, so the mean over the group (the data-parallel average) is the global mean."""
+    if shard is None or mask is None:  # equal parts, all targets: the mean of the parts' means is the mean
+        return masked_cross_entropy(logits, targets, mask)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    mask = mask.flatten().to(losses.dtype)
+    count = shard.exchange.sum(mask.sum().detach())
+    return (losses * mask).sum() * shard.size / count.clamp(min=1.0)
+
+
 class EmbeddingPiece(nn.Module):
     """token ids -> h [B, S, hidden]. HF name: model.embed_tokens."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.sequence_shard: SequenceShard | None = None
 
     def forward(self, x: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor:
-        return self.embed_tokens(mb.input_ids)
+        start, end = span(self.sequence_shard, mb.seq_len)
+        return self.embed_tokens(mb.tokens[:, start:end])
 
 
 class BlockPiece(nn.Module):
@@ -155,6 +171,7 @@ class HeadPiece(nn.Module):
             MTPModule(cfg, cfg.num_hidden_layers + k, rope) for k in range(cfg.num_nextn_predict_layers)
         )
         self._embedding = [embedding]  # a list, so the shared module is not registered twice
+        self.sequence_shard: SequenceShard | None = None
 
     @property
     def embedding(self) -> EmbeddingPiece:
@@ -164,25 +181,32 @@ class HeadPiece(nn.Module):
         self._embedding[0] = embedding
 
     def forward(self, h: torch.Tensor, mb: MicroBatch) -> torch.Tensor | None:
-        s = mb.seq_len
+        shard = self.sequence_shard
+        a, b = mb.span = span(shard, mb.seq_len)  # this rank's positions (all of them without a shard)
         h = self.norm(h)  # the MTP modules read the normed state, as transformers and vLLM feed them
         logits = self.lm_head(h)
         if mb.keep_logits:
             mb.logits = logits
         if not mb.compute_loss:
             return None
+
+        def loss(logits: torch.Tensor, offset: int) -> torch.Tensor:  # targets `offset` tokens ahead
+            mask = mb.target_mask(offset)
+            return sharded_cross_entropy(logits, mb.tokens[:, a + offset : b + offset],
+                                         None if mask is None else mask[:, a:b], shard)
+
         docs = mb.documents
-        mb.lm_loss = masked_cross_entropy(logits, mb.tokens[:, 1 : s + 1], mb.target_mask(1))
+        mb.lm_loss = loss(logits, 1)
         total = mb.lm_loss
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
-            emb = self.embedding.embed_tokens(mb.tokens[:, k : s + k])
+            emb = self.embedding.embed_tokens(mb.tokens[:, a + k : b + k])
             h_prev, aux = module(h_prev, emb, docs)
             mb.record(module.block.layer_idx, aux)
             mtp_logits = self.lm_head(module.shared_head.norm(h_prev))
             if mb.keep_logits:
                 mb.mtp_logits.append(mtp_logits)
-            mb.mtp_losses.append(masked_cross_entropy(mtp_logits, mb.tokens[:, k + 1 : s + k + 1], mb.target_mask(k + 1)))
+            mb.mtp_losses.append(loss(mtp_logits, k + 1))
         if mb.mtp_losses:
             total = total + (self.cfg.mtp_loss_weight / len(self.mtp)) * torch.stack(mb.mtp_losses).sum()
         return total

@@ -98,6 +98,12 @@ def build_rank_model(cfg: ModelConfig, spec: PipelineSpec, gemm_backend: GemmBac
     model = build_stage_model(cfg, rank_stages(spec.name, spec.topo, cfg), spec.device, spec.dtype)
     if spec.topo.ep > 1:
         shard_experts_over(model, spec.topo)
+    if spec.topo.cp > 1:  # each rank holds seq_len / cp positions; attention swaps to heads and back
+        from model.sequence_shard import SequenceShard, shard_sequences
+        from parallel.context_parallel import UlyssesExchange
+
+        exchange = UlyssesExchange(spec.topo.groups["cp"], spec.topo.cp)
+        shard_sequences(model, SequenceShard(spec.topo.cp_rank, spec.topo.cp, exchange))
     if gemm_backend is not None:
         apply_fp8(model, gemm_backend)
     if fp8_dispatch:

@@ -9,6 +9,8 @@ Groups every rank belongs to:
 - copies:  for DualPipe, the ranks holding a copy of the same two stages (pipe ranks p and pp-1-p, every dp
            index): router counts are summed here;
 - mirror:  for DualPipe, the pair (p, pp-1-p) inside one replica: the two copies' gradients are summed here.
+- cp (parallel.cp > 1): the cp adjacent data ranks that split each sequence of one data replica (Ulysses
+           attention's all-to-alls); `dp` is then the size of the whole data group, replicas x cp;
 - ep, expert_data (parallel.ep > 1): inside each pipeline rank's data group, EP group = ep consecutive data
            ranks (the experts' all-to-all), expert-DP group = the data ranks with the same data % ep (expert
            gradients and their ZeRO-1 partitions). DualPipe's mirror ranks share the data index, hence the
@@ -29,6 +31,7 @@ class PipelineTopology:
     rank: int
     dualpipe: bool = False
     ep: int = 1
+    cp: int = 1  # context parallelism: `dp` counts the ranks of a stage's data group, cp adjacent ones per replica
     groups: dict[str, object] = field(default_factory=dict)
     group_ranks: dict[str, list[int]] = field(default_factory=dict)
 
@@ -44,6 +47,10 @@ class PipelineTopology:
     def ep_rank(self) -> int:
         return self.dp_rank % self.ep
 
+    @property
+    def cp_rank(self) -> int:
+        return self.dp_rank % self.cp
+
     def global_rank(self, pipe: int, data: int) -> int:
         return pipe * self.dp + data
 
@@ -58,6 +65,8 @@ class PipelineTopology:
             raise ValueError(f"topology pp={self.pp} x dp={self.dp} != world size {dist.get_world_size()}")
         if self.ep < 1 or self.dp % self.ep:
             raise ValueError(f"parallel.ep={self.ep} does not divide the {self.dp} data-parallel ranks of a stage")
+        if self.cp < 1 or self.dp % self.cp:
+            raise ValueError(f"parallel.cp={self.cp} does not divide the {self.dp} data-parallel ranks of a stage")
 
         def make(name: str, ranks_list: list[list[int]]) -> None:
             for ranks in ranks_list:
@@ -75,6 +84,9 @@ class PipelineTopology:
                             for d in range(self.dp) for p in half])
         else:
             self.groups["copies"], self.group_ranks["copies"] = self.groups["data"], self.group_ranks["data"]
+        if self.cp > 1:
+            make("cp", [[self.global_rank(p, d) for d in range(k, k + self.cp)]
+                        for p in range(self.pp) for k in range(0, self.dp, self.cp)])
         if self.ep > 1:
             make("ep", [[self.global_rank(p, d) for d in range(k, k + self.ep)]
                         for p in range(self.pp) for k in range(0, self.dp, self.ep)])

@@ -30,8 +30,8 @@ from trainer.validate import Layout
 
 
 def build_topology(cfg: JobConfig, layout: Layout) -> PipelineTopology:
-    topo = PipelineTopology(pp=layout.pp, dp=layout.dp, rank=dist.get_rank(),
-                            dualpipe=cfg.parallel.schedule == "dualpipe", ep=layout.ep)
+    topo = PipelineTopology(pp=layout.pp, dp=layout.dp * layout.cp, rank=dist.get_rank(),
+                            dualpipe=cfg.parallel.schedule == "dualpipe", ep=layout.ep, cp=layout.cp)
     topo.build_groups()
     return topo
 

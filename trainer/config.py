@@ -28,8 +28,11 @@ WANDB_MODES = ("offline", "online", "disabled")
 class ParallelConfig:
     schedule: str = "none"  # none (plain DeepSpeedEngine: data parallel) | 1f1b | dualpipe | dualpipev
     pp: int = 1  # pipeline-parallel size
-    dp: int | None = None  # data-parallel size; null: world_size / pp
-    ep: int = 1  # expert-parallel size, inside the data-parallel group (must divide dp)
+    dp: int | None = None  # data-parallel size (replicas reading different samples); null: world_size / (pp x cp)
+    # context parallelism: each sequence split over cp ranks (Ulysses attention, docs/long_context.md); its ranks
+    # read the same samples and reduce gradients with the data-parallel ones (ZeRO-1 over dp x cp)
+    cp: int = 1
+    ep: int = 1  # expert-parallel size, inside the dp x cp ranks of a stage (must divide dp x cp)
     # EP ranks per node when the EP group spans nodes (null: one node). Node-limited routing: the router's
     # groups must map onto nodes (n_group a multiple of ep / ep_ranks_per_node), so each token reaches at most
     # min(topk_group, nodes) nodes

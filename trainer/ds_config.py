@@ -30,7 +30,8 @@ def build_ds_config(cfg: JobConfig, layout: Layout) -> dict[str, Any]:
     o = cfg.optim
     torch_adam = o.torch_adam if o.torch_adam is not None else layout.device == "cpu"
     ds: dict[str, Any] = {
-        "train_batch_size": layout.global_batch_size,
+        # DeepSpeed counts a microbatch per rank of its data group (dp x cp): a CP rank's part-sequences count
+        "train_batch_size": layout.global_batch_size * layout.cp,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": float(o.grad_clip),

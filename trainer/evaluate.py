@@ -25,13 +25,14 @@ def microbatch_sums(mb: MicroBatch, tokens: torch.Tensor, mask: torch.Tensor) ->
     microbatch (its logits kept in `mb`)."""
     sums = torch.zeros(6, dtype=torch.float64)
     seq = mb.seq_len
-    lm_mask = combine_masks(mask, mb.documents, seq, 1)  # padding, and targets in another packed document
-    lm = F.cross_entropy(mb.logits.float().flatten(0, 1), tokens[:, 1 : seq + 1].flatten(), reduction="none")
+    a, b = mb.span if mb.span is not None else (0, seq)  # the positions this rank scored (context parallelism)
+    lm_mask = combine_masks(mask, mb.documents, seq, 1)[:, a:b]  # padding, and targets in another document
+    lm = F.cross_entropy(mb.logits.float().flatten(0, 1), tokens[:, a + 1 : b + 1].flatten(), reduction="none")
     sums[0] += float((lm * lm_mask.flatten()).sum())
     sums[1] += float(lm_mask.sum())
     if mb.mtp_logits:
-        mtp_mask = combine_masks(mask, mb.documents, seq, 2)
-        mtp = F.cross_entropy(mb.mtp_logits[0].float().flatten(0, 1), tokens[:, 2 : seq + 2].flatten(),
+        mtp_mask = combine_masks(mask, mb.documents, seq, 2)[:, a:b]
+        mtp = F.cross_entropy(mb.mtp_logits[0].float().flatten(0, 1), tokens[:, a + 2 : b + 2].flatten(),
                               reduction="none")
         sums[2] += float((mtp * mtp_mask.flatten()).sum())
         sums[3] += float(mtp_mask.sum())

@@ -87,7 +87,7 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
     check_cluster_config(job.train)
     from trainer.data import check_before_training  # imports torch: only once the config is sound
 
-    check_before_training(job, layout, dp_rank(env, layout.pp))  # bad ids, too little validation data
+    check_before_training(job, layout, layout.data_rank(env.rank))  # bad ids, too little validation data
     # checkpoint.dir must take files: found now, not at the first save after the training it was to keep
     # (last: the first check here that writes anything)
     probe = paths.ckpt_dir / f".write-probe-{os.uname().nodename}-{os.getpid()}"
@@ -277,7 +277,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     ds_config = redact(deep_merge(ds_config, resolved["deepspeed"]))
     if env.is_main:
         (paths.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n")
-    stream = train_stream(job, layout, my_dp_rank)
+    stream = train_stream(job, layout, layout.data_rank(env.rank))  # a replica's cp ranks read the same samples
     training_state = TrainingState(schedule, my_dp_rank)  # what checkpoints hold of the schedule
     state = LoopState()
     if resume_path is not None:
@@ -299,7 +299,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
             return
         meta_out = {"tokens_seen": s.tokens_seen, "data": stream.state_dict(), "config_hash": config_hash(resolved),
                     "identity": training_identity(resolved), "wandb_run_id": logger.wandb_run_id,
-                    "world_size": env.world_size, "dp": layout.dp, "pp": layout.pp, "ep": layout.ep,
+                    "world_size": env.world_size, "dp": layout.dp, "pp": layout.pp, "ep": layout.ep, "cp": layout.cp,
                     "ep_ranks_per_node": job.parallel.ep_ranks_per_node,
                     "schedule": job.parallel.schedule, "run_dir": str(paths.run_dir)}
         extra = {"model_config.json": json.dumps(job.model.to_dict(), indent=1) + "\n",
@@ -333,7 +333,7 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
         stream=faults.wrap_stream(stream),
         log=lambda step, row, kind: logger.log(step, row, kind=kind),
         progress=logger.progress,
-        evaluate=lambda: evaluate_schedule(schedule, eval_batches(job, layout, my_dp_rank)),
+        evaluate=lambda: evaluate_schedule(schedule, eval_batches(job, layout, layout.data_rank(env.rank))),
         save=save,
         timeline=write_timeline,
         preempt_requested=lambda: guard.preemption.requested,
@@ -372,14 +372,14 @@ def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv,
     return summary
 
 
-LAYOUT_KEYS = ("schedule", "pp", "dp", "ep", "ep_ranks_per_node")
+LAYOUT_KEYS = ("schedule", "pp", "dp", "ep", "ep_ranks_per_node", "cp")
 
 
 def _layout_of(meta: dict[str, Any], layout: Layout | None = None, job: JobConfig | None = None) -> dict[str, Any]:
     if layout is None:
         return {k: meta.get(k) for k in LAYOUT_KEYS}
     return {"schedule": job.parallel.schedule, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
-            "ep_ranks_per_node": job.parallel.ep_ranks_per_node}
+            "ep_ranks_per_node": job.parallel.ep_ranks_per_node, "cp": layout.cp}
 
 
 def _layout_change(meta: dict[str, Any], layout: Layout, job: JobConfig, point: Any) -> str:

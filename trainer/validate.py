@@ -37,6 +37,11 @@ class Layout:
     dtype: str  # "bf16" | "fp32" (auto resolved)
     device: str  # "cpu" | "cuda"
     data_vocab_size: int
+    cp: int = 1  # context parallelism: dp counts data replicas; a stage's ZeRO-1 group has dp x cp ranks
+
+    def data_rank(self, rank: int) -> int:
+        """The data replica a rank reads samples for (ranks are pipe-major, the cp ranks of a replica adjacent)."""
+        return (rank % (self.dp * self.cp)) // self.cp
 
 
 def _need(cond: bool, key: str, problem: str, fix: str) -> None:
@@ -102,21 +107,33 @@ def _check_scalars(cfg: JobConfig) -> None:
               f"set {own} instead")
 
 
-def _parallel_sizes(cfg: JobConfig, world_size: int) -> tuple[int, int, int]:
+def _parallel_sizes(cfg: JobConfig, world_size: int) -> tuple[int, int, int, int]:
     p = cfg.parallel
-    _need(world_size % p.pp == 0, "parallel.pp",
-          f"world size {world_size} is not a multiple of pp={p.pp}", "launch pp x dp ranks or change parallel.pp")
-    dp = p.dp if p.dp is not None else world_size // p.pp
+    _need(p.cp >= 1, "parallel.cp", f"must be >= 1, got {p.cp}", "set parallel.cp=1 (no context parallelism)")
+    _need(world_size % (p.pp * p.cp) == 0, "parallel.pp" if p.cp == 1 else "parallel.cp",
+          f"world size {world_size} is not a multiple of pp={p.pp}" + (f" x cp={p.cp}" if p.cp > 1 else ""),
+          "launch pp x dp x cp ranks or change parallel.pp / parallel.cp")
+    dp = p.dp if p.dp is not None else world_size // (p.pp * p.cp)
     _need(dp >= 1, "parallel.dp", f"must be >= 1, got {dp}", "set parallel.dp=null to derive it")
-    _need(p.pp * dp == world_size, "parallel.dp",
-          f"pp x dp = {p.pp} x {dp} = {p.pp * dp} but {world_size} ranks were launched",
-          f"launch {p.pp * dp} ranks, or set parallel.dp={world_size // p.pp} (or null)")
-    _need(dp % p.ep == 0, "parallel.ep", f"ep={p.ep} does not divide dp={dp}",
-          "choose an expert-parallel size that divides the data-parallel size")
+    _need(p.pp * dp * p.cp == world_size, "parallel.dp",
+          f"pp x dp x cp = {p.pp} x {dp} x {p.cp} = {p.pp * dp * p.cp} but {world_size} ranks were launched",
+          f"launch {p.pp * dp * p.cp} ranks, or set parallel.dp={world_size // (p.pp * p.cp)} (or null)")
+    _need((dp * p.cp) % p.ep == 0, "parallel.ep", f"ep={p.ep} does not divide dp={dp}" + (
+          f" x cp={p.cp}" if p.cp > 1 else ""), "choose an expert-parallel size that divides the data-parallel size")
     _need(p.ep <= 1 or cfg.model.n_routed_experts % p.ep == 0, "parallel.ep",
           f"{cfg.model.n_routed_experts} routed experts do not split over ep={p.ep} ranks",
           "choose ep dividing model.n_routed_experts")
-    return p.pp, dp, p.ep
+    if p.cp > 1:  # Ulysses: every rank holds seq_len / cp positions and num_attention_heads / cp heads
+        _need(p.schedule == "none", "parallel.cp",
+              f"context parallelism runs with parallel.schedule=none so far, not {p.schedule}",
+              "set parallel.schedule=none (parallel=dp), or parallel.cp=1")
+        _need(cfg.train.seq_len % p.cp == 0, "parallel.cp",
+              f"train.seq_len={cfg.train.seq_len} does not split into cp={p.cp} equal parts",
+              f"use a train.seq_len divisible by {p.cp}")
+        _need(cfg.model.num_attention_heads % p.cp == 0, "parallel.cp",
+              f"model.num_attention_heads={cfg.model.num_attention_heads} do not split over cp={p.cp} ranks "
+              "(Ulysses attention gives each rank heads / cp heads)", "choose cp dividing the number of heads")
+    return p.pp, dp, p.ep, p.cp
 
 
 def _batch_sizes(cfg: JobConfig, dp: int, pp: int) -> int:
@@ -296,7 +313,7 @@ def resolve_dtype(cfg: JobConfig, device: str) -> str:
 def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = True) -> Layout:
     """All cross-field rules; raises UserError on the first violation, else returns the Layout."""
     _check_scalars(cfg)
-    pp, dp, ep = _parallel_sizes(cfg, world_size)
+    pp, dp, ep, cp = _parallel_sizes(cfg, world_size)
     accum = _batch_sizes(cfg, dp, pp)
     _check_model_fit(cfg)
     vocab = _check_data(cfg) if check_data else 0
@@ -322,5 +339,5 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     return Layout(
         world_size=world_size, pp=pp, dp=dp, ep=ep, micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=accum, global_batch_size=cfg.train.global_batch_size, dtype=resolve_dtype(cfg, device),
-        device=device, data_vocab_size=vocab,
+        device=device, data_vocab_size=vocab, cp=cp,
     )

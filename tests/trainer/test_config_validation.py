@@ -75,6 +75,11 @@ def test_default_config_composes_and_validates(tiny_data):
         (1, ["parallel=dp", "model.n_group=3"], "model.n_routed_experts:", "n_group=3"),
         (1, ["parallel=dp", "data.mode=pad", "data.document_mask=true"], "data.document_mask:", "data.mode=pad"),
         (1, ["parallel=dp", "data.restart_positions=true"], "data.restart_positions:", "document_mask=true"),
+        (2, ["parallel=dp", "parallel.cp=2", "train.seq_len=31"], "parallel.cp:", "does not split into cp=2"),
+        (4, ["parallel=dp", "parallel.cp=4"], "parallel.cp:", "num_attention_heads=2 do not split"),
+        (4, ["parallel.cp=2"], "parallel.cp:", "parallel.schedule=none so far, not dualpipe"),
+        (3, ["parallel=dp", "parallel.cp=2"], "parallel.cp:", "not a multiple of pp=1 x cp=2"),
+        (2, ["parallel=dp", "parallel.cp=0"], "parallel.cp:", "must be >= 1"),
     ],
 )
 def test_validation_rules(tiny_data, world, overrides, key, words):
