@@ -3,7 +3,7 @@ one rank holding whole sequences, with packed documents and MTP (the model-level
 tests/parallel/test_context_parallel.py), and a cp=2 checkpoint resumes on one rank without cp.
 
 Runs: A, cp=2 on 2 ranks, 4 steps (checkpoints at 2 and 4); O, the same on one rank; B, A's step-2 checkpoint
-resumed on one rank for steps 3-4."""
+resumed on one rank for steps 3-4; E, two steps of cp=2 with ep=2 on the same 2 ranks."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ RUN = ["parallel=dp", "train.steps=4", "train.eval_interval=4", "checkpoint.inte
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("cp")
-    a, o, b = base / "a", base / "o", base / "b"
+    a, o, b, e = base / "a", base / "o", base / "b", base / "e"
     launch(base_overrides(tiny_data, a, *RUN, "parallel.cp=2"), nproc=2)
+    launch(base_overrides(tiny_data, e, *RUN, "parallel.cp=2", "parallel.ep=2", "train.steps=2",
+                          "checkpoint.interval=0", "checkpoint.save_final=false"), nproc=2)
     launch(base_overrides(tiny_data, o, *RUN), nproc=1)
     out = launch(base_overrides(tiny_data, b, *RUN, f"train.resume={a / 'checkpoints' / tag_for(2)}"), nproc=1)
     (b / "stdout.txt").write_text(out.stdout)
-    return {"a": a, "o": o, "b": b}
+    return {"a": a, "o": o, "b": b, "e": e}
 
 
 def _close(got: dict, want: dict) -> None:
@@ -48,6 +50,11 @@ def test_cp2_trains_as_one_rank(runs: dict[str, Path]):
     assert [e["step"] for e in evals] == [e["step"] for e in want] == [4]
     # the validation sums come from both halves of every sequence: the targets counted are the single rank's
     assert evals[0]["eval/tokens"] == want[0]["eval/tokens"]
+
+
+def test_cp2_with_the_experts_split_over_the_same_ranks(runs: dict[str, Path]):
+    # ep=2 over the 2 CP ranks: each expert's tokens come from both halves of every sequence
+    _close(rows(runs["e"])[0], rows(runs["o"])[0])
 
 
 def test_a_cp_checkpoint_resumes_without_cp(runs: dict[str, Path]):
