@@ -124,9 +124,9 @@ def _parallel_sizes(cfg: JobConfig, world_size: int) -> tuple[int, int, int, int
           f"{cfg.model.n_routed_experts} routed experts do not split over ep={p.ep} ranks",
           "choose ep dividing model.n_routed_experts")
     if p.cp > 1:  # Ulysses: every rank holds seq_len / cp positions and num_attention_heads / cp heads
-        _need(p.schedule == "none", "parallel.cp",
-              f"context parallelism runs with parallel.schedule=none so far, not {p.schedule}",
-              "set parallel.schedule=none (parallel=dp), or parallel.cp=1")
+        _need(p.schedule != "1f1b", "parallel.cp",
+              "context parallelism runs with parallel.schedule none, dualpipe or dualpipev, not 1f1b (DeepSpeed's "
+              "PipelineEngine)", "use parallel.schedule=dualpipev (or dualpipe, none), or parallel.cp=1")
         _need(cfg.train.seq_len % p.cp == 0, "parallel.cp",
               f"train.seq_len={cfg.train.seq_len} does not split into cp={p.cp} equal parts",
               f"use a train.seq_len divisible by {p.cp}")

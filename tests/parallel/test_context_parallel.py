@@ -10,15 +10,9 @@ import torch
 
 from parallel.spawn import run_ranks
 from tests.conftest import tiny_config
+from tests.parallel.engine_workers import CP_FWD_RTOL as LOSS_RTOL  # the bounds and their derivation
+from tests.parallel.engine_workers import CP_GRAD_RTOL as GRAD_RTOL
 from tests.parallel.pipeline_workers import forward, make_batches
-
-# fp32. A rank's GEMMs see S / cp rows instead of S: each output element is the same K-term dot product, but the
-# kernel may block K differently for another row count, so activations differ by <= K u |terms| per layer
-# (K <= 128, u = 2^-24: ~1e-5 of their scale over the 4 blocks here, MTP's included); gradients inherit that and
-# add the reassociation of their sums over positions split in cp parts (<= n u, n <= 64): 1e-4 of each tensor's
-# largest entry. A wrong position offset, exchange or loss scale moves them by O(1) of that scale.
-GRAD_RTOL = 1e-4
-LOSS_RTOL = 1e-5  # a mean over 64 tokens of per-token losses, each as exact as the activations
 
 
 def run_cp(rank: int, world: int, cp: int, documents: bool) -> dict:
@@ -82,3 +76,17 @@ def test_cp2_equals_single_process(documents: bool):
 @pytest.mark.multiprocess
 def test_cp4_equals_single_process():
     check(run_ranks(4, run_cp, 4, True), reference(True))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
+def test_cp2_with_a_pp2_pipeline_trains_as_single_process(schedule: str):
+    """cp=2 x pp=2 (4 ranks): two AdamW steps through the DeepSpeed engine with ZeRO-1 over the cp pair, packed
+    documents, MTP; the comparison and its tolerances of tests/parallel/engine_workers.py at the CP bounds."""
+    from tests.parallel.engine_workers import assert_evaluation_matches, assert_matches, run_engine
+
+    reports = run_ranks(4, run_engine, schedule, 2, 4, 2, 1.0, 4 if schedule == "dualpipev" else 2, True, 2)
+    for rep in reports:
+        assert_matches(rep)
+        assert_evaluation_matches(rep)

@@ -77,7 +77,7 @@ def test_default_config_composes_and_validates(tiny_data):
         (1, ["parallel=dp", "data.restart_positions=true"], "data.restart_positions:", "document_mask=true"),
         (2, ["parallel=dp", "parallel.cp=2", "train.seq_len=31"], "parallel.cp:", "does not split into cp=2"),
         (4, ["parallel=dp", "parallel.cp=4"], "parallel.cp:", "num_attention_heads=2 do not split"),
-        (4, ["parallel.cp=2"], "parallel.cp:", "parallel.schedule=none so far, not dualpipe"),
+        (4, ["parallel=1f1b", "parallel.cp=2"], "parallel.cp:", "not 1f1b"),
         (3, ["parallel=dp", "parallel.cp=2"], "parallel.cp:", "not a multiple of pp=1 x cp=2"),
         (2, ["parallel=dp", "parallel.cp=0"], "parallel.cp:", "must be >= 1"),
     ],
