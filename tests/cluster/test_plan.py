@@ -117,3 +117,41 @@ def test_cli_prints_the_line_and_rejects_bad_keys():
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: gpu: unknown GPU 'a100x'; choose one of h800, h100, " \
         "h200, b200"
+
+
+def _v3(*extra: str) -> P.Plan:
+    return P.plan(P.parse_args(["model=dsv3_671b", "gpus=2048", "gpu=h800", "parallel.pp=16", "parallel.ep=64",
+                                *extra]))
+
+
+def test_context_parallelism_and_recompute_in_the_plan():
+    # 32K with cp=8: a GPU holds 4096 positions of each microbatch, as at 4K without cp, and ZeRO-1 spans the same
+    # 128 GPUs of a stage, so the optimizer share is unchanged
+    base = _v3("train.seq_len=4096", "train.global_batch_size=15360")
+    long = _v3("train.seq_len=32768", "train.global_batch_size=1920", "parallel.cp=8")
+    full = _v3("train.seq_len=32768", "train.global_batch_size=1920", "parallel.cp=8", "train.recompute=full")
+    assert (long.dp, long.microbatches) == (16, base.microbatches)
+    state = long.cfg.precision.master_bytes + 2 * long.cfg.precision.moment_bytes
+    zero = long.dp * 8  # dp x cp
+    assert long.memory["optimizer"] == pytest.approx(
+        (long.params["rank_dense"] / zero + long.params["rank_experts"] / (zero // 64)) * state)
+    # full recompute keeps a block's input only (2 h bytes per token instead of ~30 h) and pays a second forward
+    assert full.memory["activations"] < long.memory["activations"] / 5
+    assert full.costs["b_compute"] > long.costs["b_compute"]
+    # attention grows with the sequence: the same tokens per step take longer at 32K
+    assert long.step["total"] > base.step["total"]
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["parallel.cp=3"], "gpus:"),
+    (["parallel.cp=2", "train.seq_len=4095"], "parallel.cp:"),
+    (["parallel.cp=256", "train.seq_len=65536", "train.global_batch_size=16", "parallel.pp=8", "parallel.ep=1"],
+     "parallel.cp:"),  # 128 heads
+    (["train.recompute=some"], "train.recompute:"),
+])
+def test_context_parallel_plan_mistakes_are_one_line(extra, key):
+    from trainer.errors import UserError, user_error_line
+
+    with pytest.raises(UserError) as info:
+        _v3(*extra)
+    assert user_error_line(info.value).startswith(key), user_error_line(info.value)

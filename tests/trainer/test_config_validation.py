@@ -139,3 +139,14 @@ def test_expert_parallel_layouts_that_validate(tiny_data):
                           "precision=fp8", "precision.fp8.backend=emulated", "precision.fp8.dispatch=true",
                           "parallel.ep_ranks_per_node=1"), world_size=4, device="cpu")
     assert (layout.pp, layout.dp, layout.ep) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("phase, seq, batch", [("long_32k", 32768, 1920), ("long_128k", 131072, 480)])
+def test_context_extension_phases_compose_and_validate(tiny_data, phase, seq, batch):
+    # the report's two YaRN phases as presets over any model (here the tiny one), on two ranks splitting sequences
+    cfg = OmegaConf.to_object(composed(f"+phase={phase}", "parallel=dp", "parallel.cp=2", f"data.dirs=[{tiny_data}]"))
+    layout = validate(cfg, world_size=2, device="cpu")
+    assert (cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.steps) == (seq, batch, 1000)
+    assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps) == ("constant", 7.3e-6, 0)
+    assert (cfg.model.rope_scaling_type, cfg.model.rope_factor, cfg.model.max_position_embeddings) == ("yarn", 40.0, seq)
+    assert (layout.dp, layout.cp) == (1, 2)

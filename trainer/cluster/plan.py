@@ -77,6 +77,9 @@ class PlanParallel:
     ep: int = 64  # expert-parallel size (inside data parallel)
     schedule: str = "dualpipe"  # 1f1b | zb1p | dualpipe | dualpipev
     zero_stage: int = 1  # 1: optimizer states sharded over the data-parallel group; 0: replicated
+    # context parallelism: each sequence split over cp GPUs (Ulysses attention: two all-to-alls per attention
+    # layer and pass, on NVLink when cp <= gpus_per_node); ZeRO-1 and the experts' groups span dp x cp
+    cp: int = 1
     balance_layers: bool = True  # split layers so ranks carry equal compute (head + MTP weigh ~4 layers)
 
 
@@ -85,6 +88,9 @@ class PlanTrain:
     seq_len: int = 4096
     global_batch_size: int = 15360  # sequences per optimizer step
     micro_batch_size: int = 1  # sequences per microbatch
+    # what a block keeps for its backward: selective (the report's: RMSNorm and the MLA up-projections are
+    # recomputed, the rest kept) | full (only the block's input; the backward runs the block's forward again)
+    recompute: str = "selective"
     tokens: float = 14.8e12  # the run's length, for the total GPU-hours line
 
 
@@ -358,12 +364,18 @@ def _check(cfg: PlanConfig) -> tuple[int, int]:
     p, t = cfg.parallel, cfg.train
     if cfg.gpu not in GPUS:
         raise UserError("gpu", f"unknown GPU {cfg.gpu!r}", f"choose one of {', '.join(GPUS)}")
-    if cfg.gpus % p.pp or cfg.gpus % cfg.gpus_per_node:
-        raise UserError("gpus", f"{cfg.gpus} GPUs are not a multiple of pp={p.pp} and of gpus_per_node="
-                        f"{cfg.gpus_per_node}", "use a multiple of both")
-    dp = cfg.gpus // p.pp
-    if dp % p.ep:
-        raise UserError("parallel.ep", f"ep={p.ep} does not divide dp={dp}", "choose ep dividing gpus / pp")
+    if cfg.gpus % (p.pp * p.cp) or cfg.gpus % cfg.gpus_per_node:
+        raise UserError("gpus", f"{cfg.gpus} GPUs are not a multiple of pp x cp = {p.pp} x {p.cp} and of "
+                        f"gpus_per_node={cfg.gpus_per_node}", "use a multiple of both")
+    dp = cfg.gpus // (p.pp * p.cp)  # data replicas; the data group of a stage has dp x cp GPUs
+    if (dp * p.cp) % p.ep:
+        raise UserError("parallel.ep", f"ep={p.ep} does not divide dp x cp = {dp * p.cp}",
+                        "choose ep dividing gpus / pp")
+    if t.seq_len % p.cp:
+        raise UserError("parallel.cp", f"train.seq_len={t.seq_len} does not split into cp={p.cp} parts",
+                        "choose cp dividing the sequence length")
+    if t.recompute not in ("selective", "full"):
+        raise UserError("train.recompute", f"unknown mode {t.recompute!r}", "use selective or full")
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise UserError("train.global_batch_size", f"{t.global_batch_size} is not a multiple of micro_batch_size x "
@@ -393,10 +405,19 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
 
         raise UserError("parallel.ep", f"{mc.n_routed_experts} routed experts do not split over ep={p.ep}",
                         "choose ep dividing the expert count")
+    if mc.num_attention_heads % p.cp:
+        from trainer.errors import UserError
+
+        raise UserError("parallel.cp", f"{mc.num_attention_heads} heads do not split over cp={p.cp}",
+                        "choose cp dividing the number of heads")
     units = inventory(mc)
+    if t.recompute == "full":  # a block keeps its input only
+        for key, u in units.items():
+            if key.startswith(("layer", "mtp")):
+                u.act_bytes = 2 * mc.hidden_size
     stages = 2 * p.pp if p.schedule == "dualpipev" else p.pp
     holds = rank_stages(p.schedule, p.pp)
-    tokens_mb = t.micro_batch_size * t.seq_len
+    tokens_mb = t.micro_batch_size * t.seq_len // p.cp  # the positions a GPU holds of each microbatch
 
     # ---- compute time per microbatch-chunk -----------------------------------------------------------------
     sm = (gpu.sms - e.comm_sms) / gpu.sms
@@ -415,6 +436,11 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
     per_copy = mc.hidden_size * (comm.dispatch_bytes + comm.combine_bytes)  # one pass (dispatch + combine)
     a2a_ib, a2a_nvlink = remote_nodes * per_copy, remote_gpus * per_copy  # bytes per token per MoE layer and pass
     comm_token = max(a2a_ib / ib_bw if ib_bw else 0.0, a2a_nvlink / nvlink_bw) * e.expert_imbalance
+    # Ulysses: q, k, v out and the attention output back (BF16), (cp - 1) / cp of them leave the GPU; on the
+    # attention's own critical path, so counted as compute time (nothing in the chunk hides them)
+    cp_bytes = 2 * mc.num_attention_heads * (2 * mc.qk_head_dim + 2 * mc.v_head_dim) * (p.cp - 1) / p.cp
+    cp_bw = nvlink_bw if p.cp <= cfg.gpus_per_node else ib_bw
+    cp_token = cp_bytes / cp_bw if p.cp > 1 and cp_bw else 0.0
 
     def chunk(stage: list[Unit]) -> dict[str, float]:
         fl: dict[str, float] = {}
@@ -426,10 +452,13 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
         moe_layers = sum(1 for u in stage if u.moe)
         dense_layers = sum(1 for u in stage if u.name.startswith(("layer", "mtp")))
         elem = e.elementwise_bytes * mc.hidden_size * dense_layers / hbm  # forward, per token
+        forward = gemm / 3 / gemm_peak + fl.get("bf16", 0.0) / 3 / bf16_peak + attn / 3 / attn_peak + elem
+        forward += dense_layers * cp_token
+        recompute = forward if t.recompute == "full" else fl.get("recompute", 0.0) / gemm_peak
         per_token = {
-            "f": gemm / 3 / gemm_peak + fl.get("bf16", 0.0) / 3 / bf16_peak + attn / 3 / attn_peak + elem,
+            "f": forward,
             "b_in": gemm / 3 / gemm_peak + fl.get("bf16", 0.0) / 3 / bf16_peak + 2 * attn / 3 / attn_peak
-            + fl.get("recompute", 0.0) / gemm_peak + 2 * elem,
+            + recompute + 2 * elem + dense_layers * cp_token,
             "w": gemm / 3 / gemm_peak + fl.get("bf16", 0.0) / 3 / bf16_peak,
             "comm": moe_layers * comm_token,
         }
@@ -458,7 +487,8 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
                              costs.pair)
 
     # ---- memory per rank ------------------------------------------------------------------------------------
-    exp_dp = dp // p.ep  # data-parallel replicas of one expert
+    zero = dp * p.cp  # ZeRO-1's group: the data replicas and their cp ranks
+    exp_dp = zero // p.ep  # data-parallel replicas of one expert
     state_bytes = prec.master_bytes + 2 * prec.moment_bytes
     memory_by_rank = []
     for r, held in enumerate(holds):
@@ -470,7 +500,7 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
         mem = {
             "weights": (dense + experts) * prec.weight_bytes + fp8 * prec.fp8_weight_cache_bytes,
             "gradients": (dense + experts) * prec.grad_bytes,
-            "optimizer": (dense / (dp if p.zero_stage else 1) + experts / (exp_dp if p.zero_stage else 1))
+            "optimizer": (dense / (zero if p.zero_stage else 1) + experts / (exp_dp if p.zero_stage else 1))
             * state_bytes,
             "activations": tl.peak_activations[r] * act_chunk,
             "reserve": e.reserve_gib * GIB,
@@ -482,9 +512,9 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
     # ZeRO-1: reduce-scatter the gradients, all-gather the updated BF16 weights, over the data-parallel group
     # (dense) and the expert-data-parallel group (experts); both cross nodes, so InfiniBand sets the pace.
     ring = lambda n: (n - 1) / n if n > 1 else 0.0  # noqa: E731
-    sync_bytes = (heavy_dense * ring(dp) + heavy_experts * ring(exp_dp)) * (comm.grad_sync_bytes + prec.weight_bytes)
+    sync_bytes = (heavy_dense * ring(zero) + heavy_experts * ring(exp_dp)) * (comm.grad_sync_bytes + prec.weight_bytes)
     grad_sync = sync_bytes / ib_bw if ib_bw else 0.0
-    shard = heavy_dense / (dp if p.zero_stage else 1) + heavy_experts / (exp_dp if p.zero_stage else 1)
+    shard = heavy_dense / (zero if p.zero_stage else 1) + heavy_experts / (exp_dp if p.zero_stage else 1)
     optimizer = shard * 2 * (state_bytes + prec.grad_bytes + prec.weight_bytes) / (gpu.hbm_tbps * 1e12 * e.hbm)
     step = tl.makespan + grad_sync + optimizer
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -531,8 +561,9 @@ def render(pl: Plan) -> str:
     c, p, t, e = pl.cfg, pl.cfg.parallel, pl.cfg.train, pl.cfg.efficiency
     lines = [
         f"plan: {c.model} on {c.gpus} x {pl.gpu.name} ({c.gpus // c.gpus_per_node} nodes of {c.gpus_per_node}); "
-        f"{p.schedule} pp={p.pp} x dp={pl.dp} (ep={p.ep} inside dp, {max(1, p.ep // c.gpus_per_node)} nodes per "
-        f"expert group), ZeRO-{p.zero_stage}, {c.precision.gemm.upper()} GEMMs",
+        f"{p.schedule} pp={p.pp} x dp={pl.dp}" + (f" x cp={p.cp}" if p.cp > 1 else "")
+        + f" (ep={p.ep} inside dp, {max(1, p.ep // c.gpus_per_node)} nodes per "
+        f"expert group), ZeRO-{p.zero_stage}, {c.precision.gemm.upper()} GEMMs, {t.recompute} recompute",
         f"model: {pl.params['total'] / 1e9:.1f}B parameters (+{pl.params['mtp'] / 1e9:.1f}B MTP), "
         f"{pl.params['activated'] / 1e9:.1f}B matmul parameters per training token (MTP's reuse of the head "
         f"counted), "
