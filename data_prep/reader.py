@@ -21,6 +21,7 @@ from data_prep.order import Blend, EpochOrder
 from data_prep.sources import TokenSource, open_source
 
 MODES = ("pack", "pad")
+DOC_STARTS_CACHED = 64  # shards whose document index a reader keeps (document masking)
 STATE_VERSION = 1
 
 
@@ -161,10 +162,15 @@ class _Sampler:
                      starts if self.document_mask else None)
 
     def _shard_doc_starts(self, source: int, shard: int) -> np.ndarray:
+        """A shard's document starts, from a bounded cache (the shuffle window touches a few shards at a time)."""
         key = (source, shard)
-        if key not in self._doc_starts:
-            self._doc_starts[key] = self.sources[source].doc_starts(shard)
-        return self._doc_starts[key]
+        starts = self._doc_starts.pop(key, None)
+        if starts is None:
+            starts = self.sources[source].doc_starts(shard)
+            if len(self._doc_starts) >= DOC_STARTS_CACHED:
+                self._doc_starts.pop(next(iter(self._doc_starts)))  # the least recently used
+        self._doc_starts[key] = starts  # (re)inserted last: dicts keep insertion order
+        return starts
 
     def documents(self, plan: _Plan, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """Packed samples lo..hi: each token's document (`segments`: index of the last document start at or

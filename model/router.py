@@ -93,7 +93,8 @@ class Router(nn.Module):
             one_hot_counts = shard.exchange.sum(one_hot_counts)
             s, scale = s * shard.size, shard.size
         f = one_hot_counts * (e / (self.top_k * s))
-        p = (scores / scores.sum(-1, keepdim=True)).sum(1) / s
+        normed = scores / scores.sum(-1, keepdim=True)
+        p = normed.mean(1) if shard is None else normed.sum(1) / s  # a part of the sequence's mean under cp
         return alpha * scale * (f * p).sum(-1).mean()
 
     @torch.no_grad()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 EXIT_USER_ERROR = 2
@@ -90,23 +91,45 @@ def user_error_line(exc: BaseException) -> str | None:
     return None
 
 
-def fail(line: str) -> NoReturn:
-    """Print the one line (once per job, however many ranks hit it) and exit 2."""
-    if _first_to_report(line):
+def fail(line: str, same_on_every_rank: bool = False) -> NoReturn:
+    """Print the one line (once per job where the ranks can tell, see `_first_to_report`) and exit 2."""
+    if _first_to_report(line, same_on_every_rank):
         sys.stderr.write(f"error: {line}\n")  # one write of the whole line: print writes the newline apart
         sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
 
 
-def _first_to_report(line: str) -> bool:
-    """Whether this rank prints `line`. Before the process group starts, every rank checks the same config and
-    manifests, so rank 0 speaks for all. After, a line may be one rank's alone: the first rank to count it in the
-    group's store prints it, the others stay quiet (one line per distinct error, not one per rank)."""
+@contextmanager
+def same_on_every_rank() -> Iterator[None]:
+    """Mark the errors raised inside as the config's alone (every rank finds the same): rank 0 reports them."""
+    try:
+        yield
+    except Exception as exc:
+        exc.same_on_every_rank = True  # type: ignore[attr-defined]
+        raise
+
+
+def _is_shared(exc: BaseException) -> bool:
+    from model.config import ConfigError
+
+    if getattr(exc, "same_on_every_rank", False) or isinstance(exc, ConfigError):
+        return True
+    return type(exc).__module__.split(".")[0] in ("hydra", "omegaconf")  # composing the config
+
+
+def _first_to_report(line: str, same_on_every_rank: bool) -> bool:
+    """Whether this rank prints `line`. Before the process group starts: rank 0 alone for a config error (every
+    rank checks the same config), every rank that hits anything else (its own data shards, its node's
+    filesystem). After: the first rank to count the line in the rendezvous store prints it, the others stay
+    quiet (one line per distinct error, not one per rank)."""
     dist = sys.modules.get("torch.distributed")  # not imported: no group (importing torch here costs seconds)
     if dist is None or not dist.is_available() or not dist.is_initialized():
-        return os.environ.get("RANK", "0") == "0"
+        return os.environ.get("RANK", "0") == "0" or not same_on_every_rank
     try:
+        from datetime import timedelta
+
         store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=10))  # an unreachable rank 0: print rather than wait (we exit next)
         return store.add("dsv3/error/" + hashlib.sha256(line.encode()).hexdigest()[:16], 1) == 1
     except Exception:  # the store's host (rank 0) is gone: better twice than never
         return True
@@ -120,4 +143,4 @@ def run_reporting_user_errors(fn: Callable[..., T], *args: Any, **kwargs: Any) -
         line = user_error_line(exc)
         if line is None:
             raise
-        fail(line)
+        fail(line, _is_shared(exc))

@@ -23,7 +23,7 @@ from trainer.cluster.run_lock import hold_run_dir
 from trainer.config import JobConfig, config_hash, training_identity
 from trainer.distributed import DistEnv, dp_rank, init_process_group, prepare_env
 from trainer.ds_config import deep_merge
-from trainer.errors import UserError
+from trainer.errors import UserError, same_on_every_rank
 from trainer.redaction import env_paths, redact, redact_override
 from trainer.schema_checks import check_finite, check_known_keys
 from trainer.validate import Layout, validate
@@ -78,13 +78,14 @@ def prepare(cfg: DictConfig) -> tuple[JobConfig, dict[str, Any], Layout, DistEnv
     paths = resolve_paths(cfg)
     cfg.run_dir = str(paths.run_dir)
     cfg.checkpoint.dir = str(paths.ckpt_dir)
-    check_known_keys(cfg, JobConfig)  # before to_object, which drops keys the schema lacks
-    # what the run writes (config.yaml, checkpoints, wandb, meta, summary): secrets redacted (trainer/redaction.py)
-    resolved = redact(OmegaConf.to_container(cfg, resolve=True), env_paths(cfg))
-    job: JobConfig = OmegaConf.to_object(cfg)  # builds ModelConfig, which validates itself
-    check_finite(job)
-    layout = validate(job, env.world_size, env.device)
-    check_cluster_config(job.train)
+    with same_on_every_rank():  # the config's own mistakes: rank 0 reports them for all
+        check_known_keys(cfg, JobConfig)  # before to_object, which drops keys the schema lacks
+        # what the run writes (config.yaml, checkpoints, wandb, meta, summary): secrets redacted
+        resolved = redact(OmegaConf.to_container(cfg, resolve=True), env_paths(cfg))
+        job: JobConfig = OmegaConf.to_object(cfg)  # builds ModelConfig, which validates itself
+        check_finite(job)
+        layout = validate(job, env.world_size, env.device)
+        check_cluster_config(job.train)
     from trainer.data import check_before_training  # imports torch: only once the config is sound
 
     check_before_training(job, layout, layout.data_rank(env.rank))  # bad ids, too little validation data
@@ -396,11 +397,13 @@ def _layout_change(meta: dict[str, Any], layout: Layout, job: JobConfig, point: 
 def check_same_layout(path: Path, meta: dict[str, Any], layout: Layout, schedule: str) -> None:
     """A format-1 checkpoint (DeepSpeed's per-layout files, written before layout-free checkpoints) resumes only
     on the layout that wrote it; its next save is layout-free, after which any layout resumes it."""
-    for key, now in (("pp", layout.pp), ("ep", layout.ep), ("schedule", schedule), ("dp", layout.dp)):
-        if meta.get(key, now) != now:
+    for key, now in (("pp", layout.pp), ("ep", layout.ep), ("schedule", schedule), ("dp", layout.dp),
+                     ("cp", layout.cp)):
+        if meta.get(key, 1 if key == "cp" else now) != now:  # format 1 predates cp: it was 1
+            saved = meta.get(key, 1)
             raise UserError(f"parallel.{key}", f"{path} is an older checkpoint (DeepSpeed's per-layout files) saved "
-                            f"with {key}={meta[key]}, this run has {now}",
-                            f"resume it once with parallel.{key}={meta[key]} (its next checkpoint resumes on any "
+                            f"with {key}={saved}, this run has {now}",
+                            f"resume it once with parallel.{key}={saved} (its next checkpoint resumes on any "
                             f"layout), or start over with train.resume=never")
 
 

@@ -44,6 +44,9 @@ class Layout:
         return (rank % (self.dp * self.cp)) // self.cp
 
 
+MAX_DOCUMENT_MASK_LEN = 16384  # a dense boolean mask of 256 MiB per sample
+
+
 def _need(cond: bool, key: str, problem: str, fix: str) -> None:
     if not cond:
         raise UserError(key, problem, fix)
@@ -180,6 +183,10 @@ def _check_data(cfg: JobConfig) -> int:
     _need(not d.document_mask or d.mode == "pack", "data.document_mask",
           f"keeps packed documents apart, but data.mode={d.mode} holds one document per sample",
           "use data.mode=pack, or data.document_mask=false")
+    _need(not d.document_mask or cfg.train.seq_len <= MAX_DOCUMENT_MASK_LEN, "data.document_mask",
+          f"builds a dense [S, S] mask per sample: {cfg.train.seq_len ** 2 / 2**30:.1f} GiB at train.seq_len="
+          f"{cfg.train.seq_len}", f"use data.document_mask=false above seq_len {MAX_DOCUMENT_MASK_LEN} (a varlen/flex "
+          "attention path is not built yet)")
     _need(not d.restart_positions or d.document_mask, "data.restart_positions",
           "restarts RoPE positions at document starts, which needs data.document_mask=true",
           "set data.document_mask=true too, or data.restart_positions=false")

@@ -150,3 +150,16 @@ def test_context_extension_phases_compose_and_validate(tiny_data, phase, seq, ba
     assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps) == ("constant", 7.3e-6, 0)
     assert (cfg.model.rope_scaling_type, cfg.model.rope_factor, cfg.model.max_position_embeddings) == ("yarn", 40.0, seq)
     assert (layout.dp, layout.cp) == (1, 2)
+
+
+@pytest.mark.parametrize("rank, shared, printed", [("0", True, True), ("1", True, False), ("1", False, True)])
+def test_who_prints_a_user_error_before_the_process_group(monkeypatch, capsys, rank, shared, printed):
+    # a config mistake is every rank's: rank 0 says it; anything else (a rank's own shards, its node's disk) is
+    # printed by each rank that hits it
+    from trainer.errors import fail
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as info:
+        fail("data.dirs: a problem; a fix", same_on_every_rank=shared)
+    assert info.value.code == 2
+    assert (capsys.readouterr().err == "error: data.dirs: a problem; a fix\n") == printed

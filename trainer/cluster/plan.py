@@ -411,10 +411,12 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
         raise UserError("parallel.cp", f"{mc.num_attention_heads} heads do not split over cp={p.cp}",
                         "choose cp dividing the number of heads")
     units = inventory(mc)
-    if t.recompute == "full":  # a block keeps its input only
+    recompute_peak = 0.0  # full recompute: one block's activations exist again while its backward runs
+    if t.recompute == "full":  # a block keeps its input only (an MTP module also its normed inputs and loss stats)
         for key, u in units.items():
             if key.startswith(("layer", "mtp")):
-                u.act_bytes = 2 * mc.hidden_size
+                recompute_peak = max(recompute_peak, u.act_bytes)
+                u.act_bytes = 2 * mc.hidden_size + (2 * 2 * mc.hidden_size + 4 if key.startswith("mtp") else 0)
     stages = 2 * p.pp if p.schedule == "dualpipev" else p.pp
     holds = rank_stages(p.schedule, p.pp)
     tokens_mb = t.micro_batch_size * t.seq_len // p.cp  # the positions a GPU holds of each microbatch
@@ -480,8 +482,10 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
     per_rank = [{k: sum(chunks[s][k] for s in held) / len(held) for k in chunks[0]} for held in holds]
     c = max(per_rank, key=lambda d: d["f"] + d["b_in"] + d["w"] + d["comm"])
     f_comp, b_comp, w_comp, comm_pass = c["f"], c["b_in"] + c["w"], c["w"], c["comm"]
-    costs = Costs(f=f_comp + comm_pass, b=b_comp + comm_pass, w=w_comp,
-                  fb=max(f_comp + b_comp, 2 * comm_pass))
+    # full recompute runs each block's forward again in its backward: its dispatch and combine too
+    comm_b = 2 * comm_pass if t.recompute == "full" else comm_pass
+    costs = Costs(f=f_comp + comm_pass, b=b_comp + comm_b, w=w_comp,
+                  fb=max(f_comp + b_comp, comm_pass + comm_b))
     tl = simulate(build_instructions(p.schedule, p.pp, m), Placement(p.schedule, p.pp), costs)
     formula = formula_bubble("zb1p" if p.schedule == "zb1p" else p.schedule, p.pp, costs.f, costs.b, costs.w,
                              costs.pair)
@@ -502,7 +506,7 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
             "gradients": (dense + experts) * prec.grad_bytes,
             "optimizer": (dense / (zero if p.zero_stage else 1) + experts / (exp_dp if p.zero_stage else 1))
             * state_bytes,
-            "activations": tl.peak_activations[r] * act_chunk,
+            "activations": tl.peak_activations[r] * act_chunk + recompute_peak * tokens_mb,
             "reserve": e.reserve_gib * GIB,
         }
         memory_by_rank.append((sum(mem.values()), r, mem, dense, experts))
@@ -522,7 +526,7 @@ def plan(cfg: PlanConfig, model_cfg: Any = None) -> Plan:
     notes = []
     if sum(memory.values()) > gpu.hbm_gib * GIB:
         notes.append(f"does not fit: rank {heavy} needs {sum(memory.values()) / GIB:.1f} GiB of {gpu.hbm_gib} GiB")
-    if p.schedule == "dualpipe" and 2 * comm_pass > f_comp + b_comp:
+    if p.schedule == "dualpipe" and comm_pass + comm_b > f_comp + b_comp:
         notes.append("communication-bound: an F&B pair's all-to-all outlasts its compute")
     total = sum(u.dense + u.experts for k, u in units.items() if not k.startswith("mtp"))
     return Plan(
