@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.documents import Documents
 from model.gemm import Linear
 from model.norm import RMSNorm
-from model.documents import Documents
 from model.rope import RotaryEmbedding, apply_rope
 from model.sequence_shard import SequenceShard
 

@@ -6,8 +6,8 @@ the heads and runs ordinary attention (causal, or the packed-document mask, whic
 boundaries: every rank has them, the reader gives each CP rank the whole sample). Its cost per layer is two
 all-to-alls in which a rank sends (N - 1) / N of its B x S/N x H x (2 d_qk + d_v) query/key/value values and of
 its output, so its traffic falls as 1/N; the 128 heads of DeepSeek-V3 divide by any practical N. Ring attention
-would pass K/V blocks around N - 1 times and needs its own causal load balancing. The MTP modules' shifted tokens are token-local inputs (each rank reads
-the whole sample), so nothing crosses ranks but attention.
+would pass K/V blocks around N - 1 times and needs its own causal load balancing. The MTP modules' shifted
+tokens are token-local inputs (each rank reads the whole sample), so nothing crosses ranks but attention.
 
 Layout of one all-to-all (even splits over the group's N ranks):
     to_heads:    [B, S/N, H, d] -> chunks by head group j -> rank j; received chunks stack by source rank,
@@ -46,26 +46,17 @@ def _to_sequence(x: torch.Tensor, group: Any, n: int) -> torch.Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(b, s, n * hn, d)
 
 
-class _ToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One of the two all-to-alls; its backward is the other (they are inverse permutations)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any, n: int) -> torch.Tensor:
-        ctx.group, ctx.n = group, n
-        return _to_heads(x, group, n)
+    def forward(ctx, x: torch.Tensor, group: Any, n: int, to_heads: bool) -> torch.Tensor:
+        ctx.group, ctx.n, ctx.to_heads = group, n, to_heads
+        return (_to_heads if to_heads else _to_sequence)(x, group, n)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _to_sequence(grad, ctx.group, ctx.n), None, None
-
-
-class _ToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any, n: int) -> torch.Tensor:
-        ctx.group, ctx.n = group, n
-        return _to_sequence(x, group, n)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _to_heads(grad, ctx.group, ctx.n), None, None
+        return (_to_sequence if ctx.to_heads else _to_heads)(grad, ctx.group, ctx.n), None, None, None
 
 
 class UlyssesExchange:
@@ -77,10 +68,10 @@ class UlyssesExchange:
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[2] % self.size:
             raise ValueError(f"{x.shape[2]} heads do not split over cp={self.size} ranks")
-        return _ToHeads.apply(x, self.group, self.size)
+        return _Exchange.apply(x, self.group, self.size, True)
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        return _ToSequence.apply(x, self.group, self.size)
+        return _Exchange.apply(x, self.group, self.size, False)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         out = x.detach().clone()

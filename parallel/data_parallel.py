@@ -41,10 +41,9 @@ class DataParallelSchedule(StepSchedule):
         engine.train()
         outputs = []
         for mb in range(engine.gradient_accumulation_steps()):
-            batch = next(batches)
+            batch = {k: t.to(self.device) for k, t in next(batches).items()}
             out = self.clock.time(f"F0.{mb}", "F", 0, lambda b=batch: engine(
-                b["tokens"].to(self.device), b["loss_mask"].to(self.device), segments=_on(b.get("segments"), self.device),
-                positions=_on(b.get("positions"), self.device)))
+                b["tokens"], b["loss_mask"], segments=b.get("segments"), positions=b.get("positions")))
             self.clock.time(f"B0.{mb}", "B", 0, lambda o=out: engine.backward(o.loss))
             engine.step()  # an optimizer step only at the gradient-accumulation boundary
             outputs.append(out)
@@ -77,7 +76,3 @@ class DataParallelSchedule(StepSchedule):
     @property
     def pipe_group(self) -> None:
         return None
-
-
-def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)

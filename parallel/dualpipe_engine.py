@@ -71,7 +71,8 @@ class DualPipeSchedule(StepSchedule):
         p2p = P2P(topo.pipe_ranks(), topo.groups["pipe"]) if topo.pp > 1 else None
         self.runtime = PipelineRuntime(
             self.placement, topo.pipe_rank, stages, p2p, self.store,
-            activation_shape=(spec.micro_batch_size, spec.seq_len // spec.topo.cp, model.cfg.hidden_size), dtype=spec.dtype,
+            activation_shape=(spec.micro_batch_size, spec.seq_len // spec.topo.cp, model.cfg.hidden_size),
+            dtype=spec.dtype,
             device=spec.device, seq_len=spec.seq_len, precision_context=spec.precision_context,
             record_timeline=spec.record_timeline,
         )

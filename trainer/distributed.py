@@ -95,7 +95,8 @@ def prepare_env() -> DistEnv:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("MASTER_PORT is not set for a multi-rank launch; launch the ranks with `python -m trainer.launch --nproc-per-node N`")
+            raise RuntimeError("MASTER_PORT is not set for a multi-rank launch; launch the ranks with "
+                               "`python -m trainer.launch --nproc-per-node N`")
         os.environ["MASTER_PORT"] = str(free_port())
     import torch
 

@@ -148,7 +148,8 @@ def test_context_extension_phases_compose_and_validate(tiny_data, phase, seq, ba
     layout = validate(cfg, world_size=2, device="cpu")
     assert (cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.steps) == (seq, batch, 1000)
     assert (cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps) == ("constant", 7.3e-6, 0)
-    assert (cfg.model.rope_scaling_type, cfg.model.rope_factor, cfg.model.max_position_embeddings) == ("yarn", 40.0, seq)
+    model = cfg.model
+    assert (model.rope_scaling_type, model.rope_factor, model.max_position_embeddings) == ("yarn", 40.0, seq)
     assert (layout.dp, layout.cp) == (1, 2)
 
 
