@@ -1,0 +1,139 @@
+"""Passkey documents: a key hidden at a random depth of filler text, asked for at the end.
+
+    python -m data_prep.passkey OUT_PREFIX --tokenizer data/python_stdlib/tokenizer.json \\
+        --docs 20000 --min-len 30 --max-len 66 [--seed 0]
+
+writes OUT_PREFIX.bin/.idx (a Megatron pair, which `data.dirs` takes beside prepared directories), one passkey
+document per sequence. A document of n tokens (its EOS included) reads
+
+    <filler> The pass key is <key>. Remember it. <key> is the pass key.<filler> What is the pass key? The pass
+    key is <key><EOS>
+
+the classic passkey prompt: one filler sentence group repeated (entered at a random offset), the needle at a
+uniformly random depth, the key stated twice in it as in the original test. The key is one token drawn from
+the single-character tokens the rest of the document never uses (" 0" .. " Z", ~30 of them), so it is found by
+content. Both choices make the lookup learnable by a tiny model in a few hundred steps: the second statement
+can be copied from a few tokens back, which teaches the copy before the model must find the key far away
+(without it, and with multi-token keys, the tiny model learned nothing in 800 steps). What is left to fail at
+a longer length is position (RoPE at distances never trained, attention spread over more tokens): what a
+context-extension phase fixes. `bench/long_context.py` mixes these into training and scores the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.megatron import write_indexed_dataset
+
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = (" The pass key is", ". Remember it.", " is the pass key.")  # the key goes between the pieces
+QUESTION = " What is the pass key? The pass key is"
+KEY_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True)
+class PasskeyFormat:
+    """The token ids of the template pieces and of the keys, from one tokenizer."""
+
+    filler: tuple[int, ...]
+    needle: tuple[tuple[int, ...], ...]
+    question: tuple[int, ...]
+    keys: tuple[int, ...]
+    eos: int
+
+    @property
+    def overhead(self) -> int:
+        """Tokens of a document that are not filler (key twice and EOS included): the shortest document."""
+        return sum(len(p) for p in self.needle) + len(self.question) + len(self.needle) + 1
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer_file: str | Path, eos_id: int = 1) -> PasskeyFormat:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_file))
+
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(tok.encode(text).ids)
+
+        filler, question = ids(FILLER), ids(QUESTION)
+        needle = tuple(ids(piece) for piece in NEEDLE)
+        used = set(filler) | set(question) | {t for piece in needle for t in piece}
+        # a key must be one token, and one the template never holds: then the only place to copy it from is the needle
+        # (" 7" reads naturally; a small vocabulary may lack it, then the bare characters, always single tokens)
+        def single(prefix: str) -> list[int]:
+            encoded = [tok.encode(prefix + c).ids for c in KEY_CHARS]
+            return [e[0] for e in encoded if len(e) == 1 and e[0] not in used]
+
+        keys = single(" ")
+        if len(keys) < 10:
+            keys = list(dict.fromkeys(keys + single("")))
+        if len(keys) < 10:
+            raise ValueError(f"{tokenizer_file}: only {len(keys)} single-token keys (0-9, A-Z); need 10")
+        return cls(filler, needle, question, tuple(keys), eos_id)
+
+    def document(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, int]:
+        """(ids of one document of exactly `length` tokens, its key); the key is the token before the EOS."""
+        fill = length - self.overhead
+        if fill < 0:
+            raise ValueError(f"a passkey document needs at least {self.overhead} tokens, asked for {length}")
+        key = int(rng.choice(self.keys))
+        depth = int(rng.integers(0, fill + 1))
+        offset = int(rng.integers(0, len(self.filler)))
+        reps = (offset + fill) // len(self.filler) + 1
+        text = np.tile(np.asarray(self.filler, np.int64), reps)[offset : offset + fill]
+        needle = [x for piece in self.needle for x in (piece, [key])][:-1]  # piece, key, piece, key, piece
+        parts = [text[:depth], *needle, text[depth:], self.question, [key], [self.eos]]
+        return np.concatenate([np.asarray(p, np.int64) for p in parts]), key
+
+    def documents(self, seed: int, count: int, min_len: int, max_len: int) -> list[np.ndarray]:
+        """`count` documents with lengths uniform in [min_len, max_len]; the first is max_len long (so a
+        `data.mode=pad` reader at that sample length accepts the set)."""
+        rng = np.random.default_rng(seed)
+        lengths = rng.integers(min_len, max_len + 1, size=count)
+        lengths[0] = max_len
+        return [self.document(rng, int(n))[0] for n in lengths]
+
+
+def write_passkey_corpus(prefix: str | Path, fmt: PasskeyFormat, count: int, min_len: int, max_len: int,
+                         seed: int = 0) -> Path:
+    """Write `count` passkey documents as PREFIX.bin/.idx (atomically); returns the prefix."""
+    if not fmt.overhead <= min_len <= max_len:
+        raise ValueError(f"need {fmt.overhead} <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if max(fmt.keys + (fmt.eos,) + fmt.filler + fmt.question) < 2**16 else np.uint32
+    write_indexed_dataset(prefix, fmt.documents(seed, count, min_len, max_len), dtype=dtype)
+    return prefix
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.passkey", description=__doc__.split("\n")[0])
+    p.add_argument("out_prefix")
+    p.add_argument("--tokenizer", default="data/python_stdlib/tokenizer.json")
+    p.add_argument("--eos-id", type=int, default=1)
+    p.add_argument("--docs", type=int, default=20000)
+    p.add_argument("--min-len", type=int, default=30)
+    p.add_argument("--max-len", type=int, default=66)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not Path(a.tokenizer).is_file():
+        print(f"data_prep.passkey: --tokenizer {a.tokenizer} does not exist: prepare a corpus first "
+              "(`python -m data_prep`) or pass its tokenizer.json", file=sys.stderr)
+        return 2
+    try:
+        fmt = PasskeyFormat.from_tokenizer(a.tokenizer, a.eos_id)
+        write_passkey_corpus(a.out_prefix, fmt, a.docs, a.min_len, a.max_len, a.seed)
+    except ValueError as e:
+        print(f"data_prep.passkey: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.docs} passkey documents of {a.min_len}-{a.max_len} tokens to {a.out_prefix}.bin/.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
