@@ -3,9 +3,13 @@
 One sample of SEQ tokens through a small model (8 heads, MoE, MTP), forward and backward, fp32, one thread per
 process: `cp=2` splits it over 2 gloo processes (Ulysses attention, parallel/context_parallel.py), `cp=1` runs it
 whole in one process. Rounds alternate the two so machine noise hits both alike; each round's figure is the
-median of STEPS steps. Memory: the growth of a rank's peak resident set over one forward (Linux VmHWM reset
-just before), the activations it keeps for the backward, per token it holds; with and without activation
-checkpointing (the trainer's `model.activation_checkpointing`: each block keeps its input only).
+median of STEPS steps. Memory, per token a rank holds: `kept_bytes_per_token_held`, the tensors autograd keeps
+for the backward (model/activation_memory.py, exact), and `forward_bytes_per_token_held`, the growth of the
+rank's peak resident set over one forward (Linux VmHWM reset just before: transients and allocator included,
+noisy); each keeping everything, with the report's selective recompute (`model.selective_recompute`: norms,
+MLA projections and RoPE redone in backward) and with whole-block activation checkpointing
+(`model.activation_checkpointing`: each block keeps its input only). `selective_recompute_step_cost`: the cp=1
+step time with selective recompute over the one without.
 
 `ours` = cp=2 step time, `peer` = cp=1 step time; `ratio` = cp=1 / cp=2 (2.0 would be perfect scaling; the
 all-to-alls and the duplicated per-sample work take the rest). On 2 cores each cp rank has a core of its own.
@@ -37,18 +41,20 @@ def _kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _worker(rank: int, world: int, checkpointing: bool) -> dict[str, Any]:
+def _worker(rank: int, world: int, recompute: str) -> dict[str, Any]:
     import gc
 
     import torch.distributed as dist
 
+    from model.activation_memory import kept_for_backward
     from model.config import ModelConfig
     from model.sequence_shard import SequenceShard, shard_sequences
     from model.transformer import DeepseekV3
     from parallel.context_parallel import UlyssesExchange
 
     torch.manual_seed(0)
-    model = DeepseekV3(ModelConfig(**MODEL, activation_checkpointing=checkpointing)).train()
+    model = DeepseekV3(ModelConfig(**MODEL, activation_checkpointing=recompute == "full",
+                                   selective_recompute=recompute == "selective")).train()
     if world > 1:
         shard_sequences(model, SequenceShard(rank, world, UlyssesExchange(dist.group.WORLD, world)))
     tokens = torch.randint(0, MODEL["vocab_size"], (1, SEQ + 2), generator=torch.Generator().manual_seed(1))
@@ -71,25 +77,29 @@ def _worker(rank: int, world: int, checkpointing: bool) -> dict[str, Any]:
     out = model(tokens)  # what the forward keeps for the backward (and its transients' peak)
     grown = (_kib("VmHWM") - before) * 1024
     del out
-    return {"step_s": statistics.median(times), "forward_peak_bytes": grown, "tokens": SEQ // world}
+    _, kept = kept_for_backward(lambda: model(tokens))
+    return {"step_s": statistics.median(times), "forward_peak_bytes": grown, "kept_bytes": kept,
+            "tokens": SEQ // world}
 
 
 def run(repeats: int = 3) -> dict[str, Any]:
-    rounds: dict[str, list[float]] = {"cp1": [], "cp2": []}
+    rounds: dict[str, list[float]] = {"cp1": [], "cp2": [], "cp1_selective": []}
     for _ in range(repeats):
-        rounds["cp1"].append(run_ranks(1, _worker, False)[0]["step_s"])
-        rounds["cp2"].append(max(r["step_s"] for r in run_ranks(2, _worker, False)))
-    memory = {}
-    for ckpt in (False, True):
+        rounds["cp1"].append(run_ranks(1, _worker, "none")[0]["step_s"])
+        rounds["cp2"].append(max(r["step_s"] for r in run_ranks(2, _worker, "none")))
+        rounds["cp1_selective"].append(run_ranks(1, _worker, "selective")[0]["step_s"])
+    memory, kept = {}, {}
+    for recompute, suffix in (("none", ""), ("selective", "_selective"), ("full", "_checkpointing")):
         for cp in (1, 2):
-            reps = run_ranks(cp, _worker, ckpt)
-            memory[f"cp{cp}{'_checkpointing' if ckpt else ''}"] = max(r["forward_peak_bytes"] / r["tokens"]
-                                                                      for r in reps)
+            reps = run_ranks(cp, _worker, recompute)
+            memory[f"cp{cp}{suffix}"] = max(r["forward_peak_bytes"] / r["tokens"] for r in reps)
+            kept[f"cp{cp}{suffix}"] = max(r["kept_bytes"] / r["tokens"] for r in reps)
     cp1, cp2 = statistics.median(rounds["cp1"]), statistics.median(rounds["cp2"])
     return result(
         "context_parallel", ours=cp2, peer=cp1, unit="s/step", higher_is_better=False, repeats=repeats,
         goal="cp=2 faster than cp=1 at the same sequence (ratio > 1; 2 is perfect scaling)",
-        seq_len=SEQ, rounds=rounds, forward_bytes_per_token_held=memory,
+        seq_len=SEQ, rounds=rounds, kept_bytes_per_token_held=kept, forward_bytes_per_token_held=memory,
+        selective_recompute_step_cost=statistics.median(rounds["cp1_selective"]) / cp1,
         setup=f"one sample of {SEQ} tokens, {MODEL['num_hidden_layers']} layers + MTP, hidden {MODEL['hidden_size']},"
               f" {MODEL['num_attention_heads']} heads, fp32, 1 thread per process, gloo",
     )

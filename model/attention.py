@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.documents import Documents
@@ -90,30 +91,56 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim), cos, sin).view(b, s, self.rope_dim)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
-        """Expanded form, causal over the whole sequence (training and scoring); with `documents`, causal inside
-        each packed document (a boolean mask: SDPA's flash kernels do not take one, its others do). Under
-        context parallelism x holds this rank's positions; attention runs on its share of the heads over the
-        whole sequence (model/sequence_shard.py)."""
+    def _qkv(self, x: torch.Tensor, norm: nn.Module | None, start: int,
+             positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's norm (if given), the down- and up-projections, the latent norms and RoPE: x -> q, k, v
+        [B, S, H, .] (v a view into the up-projection's output)."""
+        if norm is not None:
+            x = norm(x)
         b, s, _ = x.shape
-        shard = self.sequence_shard
-        start, total = (0, s) if shard is None else (shard.rank * s, shard.size * s)
-        positions = None if documents is None else documents.rope_positions(total)
         q_nope, q_pe = self._query(x, start, positions)
         c_kv, k_pe = self._latent(x, start, positions)
         kv = self.kv_b_proj(c_kv).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, self.n_heads, self.rope_dim)], dim=-1)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, documents: Documents | None = None,
+                norm: nn.Module | None = None) -> torch.Tensor:
+        """Expanded form, causal over the whole sequence (training and scoring); with `documents`, causal inside
+        each packed document (a boolean mask: SDPA's flash kernels do not take one, its others do). Under
+        context parallelism x holds this rank's positions; attention runs on its share of the heads over the
+        whole sequence (model/sequence_shard.py). `norm`: the block's input RMSNorm, applied here so that
+        selective recompute covers it.
+
+        Selective recompute (`model.selective_recompute`, the DeepSeek-V3 report's): everything before the
+        attention core runs again in backward, so its activations (normed input, latents and their norms,
+        up-projection outputs, RoPE inputs) are not kept; only x and the q, k, v the attention core saves are.
+        The down-projections run again too (torch's checkpoint replays the whole region)."""
+        b, s, _ = x.shape
+        shard = self.sequence_shard
+        start, total = (0, s) if shard is None else (shard.rank * s, shard.size * s)
+        positions = None if documents is None else documents.rope_positions(total)
+        if self.cfg.selective_recompute and self.training and torch.is_grad_enabled():
+            q, k, v = checkpoint(self._qkv, x, norm, start, positions, use_reentrant=False)
+        else:
+            q, k, v = self._qkv(x, norm, start, positions)
         if shard is not None:  # one all-to-all for q, k and v: [B, S/N, H, .] -> [B, S, H/N, .]
             dq = q.shape[-1]
             q, k, v = shard.exchange.to_heads(torch.cat([q, k, v], dim=-1)).split([dq, dq, self.v_dim], dim=-1)
+        # SDPA's flash kernels (CPU and CUDA) need one head size for q, k and v; with MLA's narrower v (128 of 192
+        # in DeepSeek-V3) it falls back to the math kernel, which keeps the [S, S] probabilities of every head for
+        # the backward. Zero columns appended to v cost S x H x 64 values instead and leave the output's first
+        # v_dim columns unchanged. Either way v is a fresh tensor, so the up-projection's output is not kept.
+        v = F.pad(v, (0, q.shape[-1] - self.v_dim)) if self.v_dim < q.shape[-1] else v.contiguous()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if documents is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attention_mask(total),
                                                  scale=self.softmax_scale)
+        out = out[..., : self.v_dim]
         out = out.transpose(1, 2)
         if shard is not None:
             out = shard.exchange.to_sequence(out.contiguous())

@@ -46,7 +46,7 @@ class DecoderBlock(nn.Module):
     # ---- sub-steps ---------------------------------------------------------------------------------
     def attention(self, h: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         """Residual stream after attention: h + MLA(norm(h))."""
-        return h + self.self_attn(self.input_layernorm(h), documents)
+        return h + self.self_attn(h, documents, norm=self.input_layernorm)
 
     def ffn(self, h: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
         x = self.post_attention_layernorm(h)

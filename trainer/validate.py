@@ -296,9 +296,11 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
     _need(resolve_dtype(cfg, device) == "bf16", "precision.dtype",
           f"Transformer Engine FP8 runs with bf16 parameters, got {cfg.precision.dtype}",
           "set precision.dtype=bf16 (or auto)")
-    _need(not (f.recipe == "delayed" and cfg.model.activation_checkpointing), "precision.fp8.recipe",
-          "delayed scaling with activation checkpointing records every amax twice (forward and recompute), so "
-          "the recompute quantizes differently", "use recipe=blockwise or current, or turn checkpointing off")
+    recomputes = cfg.model.activation_checkpointing or cfg.model.selective_recompute
+    _need(not (f.recipe == "delayed" and recomputes), "precision.fp8.recipe",
+          "delayed scaling with activation checkpointing or selective recompute records every amax twice (forward "
+          "and recompute), so the recompute quantizes differently",
+          "use recipe=blockwise or current, or turn model.activation_checkpointing / selective_recompute off")
     from model.fp8.te import TEUnavailable, check_te, shape_problems
 
     try:

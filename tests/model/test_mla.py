@@ -135,7 +135,7 @@ def test_absorbed_cache_holds_only_latents(variant: str) -> None:
     # expanded forward, through kv_a_proj_with_mqa + kv_a_layernorm (latent) and RoPE (shared key)
     fed = tokens[:, :-1]
     inputs: list[torch.Tensor] = []
-    hooks = [piece.block.self_attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    hooks = [piece.block.input_layernorm.register_forward_hook(lambda _m, _args, out: inputs.append(out))
              for piece in model.layers]
     with torch.no_grad():
         model.logits(fed)

@@ -1,5 +1,6 @@
 import torch
 
+from model.activation_memory import kept_for_backward
 from model.moe import MoE
 from model.transformer import DeepseekV3, MicroBatch
 from tests.conftest import tiny_config
@@ -75,6 +76,40 @@ def test_activation_checkpointing_same_result_and_counts_not_doubled():
         assert torch.equal(r1.step_counts, r2.step_counts)
         # one forward of 2 x 16 tokens, top-2: 64 routed choices, counted once despite the recompute
         assert int(r2.step_counts.sum()) == 2 * 16 * cfg.num_experts_per_tok
+
+
+def test_selective_recompute_same_result_less_kept():
+    """The report's selective recompute (norms, MLA projections, RoPE run again in backward): the same loss and
+    gradients bit for bit (the same kernels on the same inputs), the router counted once, and less kept for the
+    backward: per block at least the normed input, the two latents and their norms (hidden + 2 q_lora +
+    2 kv_lora + rope floats per token) are gone."""
+    cfg = tiny_config()
+    torch.manual_seed(3)
+    plain = DeepseekV3(cfg).train()
+    sel = DeepseekV3(tiny_config(selective_recompute=True)).train()
+    sel.load_state_dict(plain.state_dict())
+    tokens = batch(cfg)
+    a, kept_plain = kept_for_backward(lambda: plain(tokens))
+    b, kept_sel = kept_for_backward(lambda: sel(tokens))
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.equal(a.loss, b.loss)
+    for (n, p), q in zip(plain.named_parameters(), sel.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
+    for r1, r2 in zip(plain.routers(), sel.routers()):
+        assert torch.equal(r1.step_counts, r2.step_counts)
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    per_token = cfg.hidden_size + 2 * cfg.q_lora_rank + 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert kept_plain - kept_sel >= blocks * tokens.shape[0] * 16 * per_token * 4, (kept_plain, kept_sel)
+
+
+def test_selective_recompute_and_whole_block_checkpointing_are_exclusive():
+    import pytest
+
+    from model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.selective_recompute: activation_checkpointing"):
+        tiny_config(selective_recompute=True, activation_checkpointing=True)
 
 
 def test_counts_accumulate_over_microbatches_and_reset_on_update():

@@ -1,7 +1,7 @@
 """Context parallelism (Ulysses, parallel/context_parallel.py) equals the single-process model: each rank holds
 S / cp positions of every sample, and the losses (their mean over the CP group) and the gradients (their mean
 over the group, as the data-parallel reduction takes it) are the single-process ones, with MTP, MoE (the
-sequence-wise balance loss over the whole sequence) and packed documents."""
+sequence-wise balance loss over the whole sequence), packed documents and selective recompute."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from tests.parallel.engine_workers import CP_GRAD_RTOL as GRAD_RTOL
 from tests.parallel.pipeline_workers import forward, make_batches
 
 
-def run_cp(rank: int, world: int, cp: int, documents: bool) -> dict:
+def run_cp(rank: int, world: int, cp: int, documents: bool, selective: bool = False) -> dict:
     import torch.distributed as dist
 
     from model.sequence_shard import SequenceShard, shard_sequences
     from model.transformer import DeepseekV3
     from parallel.context_parallel import UlyssesExchange
 
-    cfg = tiny_config(num_attention_heads=4)
+    cfg = tiny_config(num_attention_heads=4, selective_recompute=selective)
     torch.manual_seed(0)
     model = DeepseekV3(cfg).train()
     shard_sequences(model, SequenceShard(rank, cp, UlyssesExchange(dist.group.WORLD, cp)))
@@ -67,9 +67,11 @@ def check(reports: list[dict], ref: dict) -> None:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("documents", [False, True], ids=["plain", "packed_documents"])
-def test_cp2_equals_single_process(documents: bool):
-    check(run_ranks(2, run_cp, 2, documents), reference(documents))
+@pytest.mark.parametrize(("documents", "selective"), [(False, False), (True, False), (True, True)],
+                         ids=["plain", "packed_documents", "packed_selective_recompute"])
+def test_cp2_equals_single_process(documents: bool, selective: bool):
+    """(the reference keeps every activation: selective recompute, inside each rank, must not change a value)"""
+    check(run_ranks(2, run_cp, 2, documents, selective), reference(documents))
 
 
 @pytest.mark.slow
