@@ -4,12 +4,11 @@ One sample of SEQ tokens through a small model (8 heads, MoE, MTP), forward and 
 process: `cp=2` splits it over 2 gloo processes (Ulysses attention, parallel/context_parallel.py), `cp=1` runs it
 whole in one process. Rounds alternate the two so machine noise hits both alike; each round's figure is the
 median of STEPS steps. Memory, per token a rank holds: `kept_bytes_per_token_held`, the tensors autograd keeps
-for the backward (model/activation_memory.py, exact), and `forward_bytes_per_token_held`, the growth of the
-rank's peak resident set over one forward (Linux VmHWM reset just before: transients and allocator included,
-noisy); each keeping everything, with the report's selective recompute (`model.selective_recompute`: norms,
-MLA projections and RoPE redone in backward) and with whole-block activation checkpointing
-(`model.activation_checkpointing`: each block keeps its input only). `selective_recompute_step_cost`: the cp=1
-step time with selective recompute over the one without.
+for the backward (model/activation_memory.py, exact; a resident-set peak mostly measures the allocator's reuse
+of the previous step's memory), each keeping everything, with the report's selective recompute
+(`model.selective_recompute`: norms, MLA projections and RoPE redone in backward) and with whole-block
+activation checkpointing (`model.activation_checkpointing`: each block keeps its input only).
+`selective_recompute_step_cost`: the cp=1 step time with selective recompute over the one without.
 
 `ours` = cp=2 step time, `peer` = cp=1 step time; `ratio` = cp=1 / cp=2 (2.0 would be perfect scaling; the
 all-to-alls and the duplicated per-sample work take the rest). On 2 cores each cp rank has a core of its own.
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,16 +32,7 @@ MODEL = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=2, first_k_dens
              n_group=2, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=SEQ, name="bench-cp")
 
 
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def _worker(rank: int, world: int, recompute: str) -> dict[str, Any]:
-    import gc
-
     import torch.distributed as dist
 
     from model.activation_memory import kept_for_backward
@@ -71,15 +60,8 @@ def _worker(rank: int, world: int, recompute: str) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    before = _kib("VmRSS")
-    out = model(tokens)  # what the forward keeps for the backward (and its transients' peak)
-    grown = (_kib("VmHWM") - before) * 1024
-    del out
     _, kept = kept_for_backward(lambda: model(tokens))
-    return {"step_s": statistics.median(times), "forward_peak_bytes": grown, "kept_bytes": kept,
-            "tokens": SEQ // world}
+    return {"step_s": statistics.median(times), "kept_bytes": kept, "tokens": SEQ // world}
 
 
 def run(repeats: int = 3) -> dict[str, Any]:
@@ -88,17 +70,16 @@ def run(repeats: int = 3) -> dict[str, Any]:
         rounds["cp1"].append(run_ranks(1, _worker, "none")[0]["step_s"])
         rounds["cp2"].append(max(r["step_s"] for r in run_ranks(2, _worker, "none")))
         rounds["cp1_selective"].append(run_ranks(1, _worker, "selective")[0]["step_s"])
-    memory, kept = {}, {}
+    kept = {}
     for recompute, suffix in (("none", ""), ("selective", "_selective"), ("full", "_checkpointing")):
         for cp in (1, 2):
             reps = run_ranks(cp, _worker, recompute)
-            memory[f"cp{cp}{suffix}"] = max(r["forward_peak_bytes"] / r["tokens"] for r in reps)
             kept[f"cp{cp}{suffix}"] = max(r["kept_bytes"] / r["tokens"] for r in reps)
     cp1, cp2 = statistics.median(rounds["cp1"]), statistics.median(rounds["cp2"])
     return result(
         "context_parallel", ours=cp2, peer=cp1, unit="s/step", higher_is_better=False, repeats=repeats,
         goal="cp=2 faster than cp=1 at the same sequence (ratio > 1; 2 is perfect scaling)",
-        seq_len=SEQ, rounds=rounds, kept_bytes_per_token_held=kept, forward_bytes_per_token_held=memory,
+        seq_len=SEQ, rounds=rounds, kept_bytes_per_token_held=kept,
         selective_recompute_step_cost=statistics.median(rounds["cp1_selective"]) / cp1,
         setup=f"one sample of {SEQ} tokens, {MODEL['num_hidden_layers']} layers + MTP, hidden {MODEL['hidden_size']},"
               f" {MODEL['num_attention_heads']} heads, fp32, 1 thread per process, gloo",
