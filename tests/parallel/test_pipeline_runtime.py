@@ -25,20 +25,22 @@ def check(reports, microbatches):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "schedule, world, microbatches, defer_w, checkpointing",
+    "schedule, world, microbatches, defer_w, recompute",
     [
-        ("dualpipev", 1, 2, True, False),
-        ("dualpipev", 2, 4, True, False),
-        ("dualpipev", 3, 6, True, True),
-        ("dualpipev", 4, 8, False, False),
-        ("dualpipe", 2, 4, True, False),
-        ("dualpipe", 2, 6, False, True),
-        ("dualpipe", 4, 8, True, True),
+        ("dualpipev", 1, 2, True, "selective"),
+        ("dualpipev", 2, 4, True, "selective"),
+        ("dualpipev", 3, 6, True, "full"),
+        ("dualpipev", 4, 8, False, "none"),
+        ("dualpipe", 2, 4, True, "none"),
+        ("dualpipe", 2, 6, False, "full"),
+        ("dualpipe", 4, 8, True, "full"),
     ],
 )
-def test_pipeline_equals_single_process(schedule, world, microbatches, defer_w, checkpointing):
-    """The tiny model with MoE (grouped routing, shared expert) and MTP; one block per stage."""
+def test_pipeline_equals_single_process(schedule, world, microbatches, defer_w, recompute):
+    """The tiny model with MoE (grouped routing, shared expert) and MTP; one block per stage. `recompute`: none,
+    selective (model.selective_recompute) or full (whole blocks, model.activation_checkpointing)."""
     stages = 2 * world if schedule == "dualpipev" else world
-    overrides = {"num_hidden_layers": stages, "first_k_dense_replace": 1, "activation_checkpointing": checkpointing}
+    overrides = {"num_hidden_layers": stages, "first_k_dense_replace": 1,
+                 "activation_checkpointing": recompute == "full", "selective_recompute": recompute == "selective"}
     reports = run_ranks(world, run_pipeline, schedule, microbatches, overrides, defer_w)
     check(reports, microbatches)
