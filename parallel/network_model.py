@@ -1,0 +1,142 @@
+"""A modelled interconnect: how long a transfer would take on a GPU cluster's links, and a wait that honours it.
+
+On a CPU box gloo moves bytes only when its thread gets a core, so measured communication describes the
+machine (docs/expert_parallel.md). This module gives every transfer the duration it would have on the
+report's cluster instead: latency + bytes / bandwidth of the link it crosses, NVLink-like inside a node,
+InfiniBand-like across nodes (which ranks share a node: `ranks_per_node` consecutive global ranks, as a
+launcher places them). A transfer posted at time t is complete no earlier than t + its duration; the real
+transfer still runs underneath. A wait posted long enough before costs nothing, one that comes early blocks
+for the remainder; the modelled time spends no CPU (a NIC or copy engine would spend none), so the clock's
+`sleep` hands the core to the other ranks.
+
+Collectives, per rank (the slowest rank decides when all are done, which the caller's wait provides):
+- point-to-point: one message over the link between the two ranks;
+- all-to-all: the bytes to same-node peers go over NVLink and those to other nodes over InfiniBand at the same
+  time (separate engines), so it takes latency + the longer of the two;
+- ring all-reduce / reduce-scatter / all-gather over n ranks: 2(n-1)/n, (n-1)/n and (n-1)/n of the buffer
+  through the ring's slowest link (InfiniBand as soon as the group spans nodes).
+
+Defaults are the DeepSeek-V3 report's H800 cluster: 400 Gb/s InfiniBand per GPU (50 GB/s), 160 GB/s NVLink,
+8 GPUs per node. Clocks are injected (`WallClock` here; a fake one in tests) so the timing semantics are
+tested without sleeping.
+
+Status: the model and its wait semantics only. The seam that applies it to every transfer (ours and DeepSpeed's,
+under `deepspeed.comm`), its Hydra switch, and the per-rank virtual clock for runs with more ranks than cores
+are not built yet, so nothing in training or the benchmarks uses it today.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+GB = 1e9
+
+
+class NetworkModelError(ValueError):
+    """An impossible network model (non-positive bandwidth, negative latency, ...): names the key."""
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    latency_us: float = 5.0  # per message (and per collective step), microseconds
+    intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU
+    inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s)
+    ranks_per_node: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("intra_node_gbs", "inter_node_gbs"):
+            if not getattr(self, key) > 0:
+                raise NetworkModelError(f"{key}: a bandwidth must be positive, got {getattr(self, key)}")
+        if not self.latency_us >= 0:
+            raise NetworkModelError(f"latency_us: must be >= 0, got {self.latency_us}")
+        if self.ranks_per_node < 1:
+            raise NetworkModelError(f"ranks_per_node: must be >= 1, got {self.ranks_per_node}")
+
+    @property
+    def latency(self) -> float:
+        return self.latency_us * 1e-6
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def same_node(self, a: int, b: int) -> bool:
+        return self.node_of(a) == self.node_of(b)
+
+    def bandwidth(self, a: int, b: int) -> float:
+        """Bytes per second of the link between global ranks a and b."""
+        return (self.intra_node_gbs if self.same_node(a, b) else self.inter_node_gbs) * GB
+
+    def p2p_seconds(self, nbytes: int, src: int, dst: int) -> float:
+        if src == dst:
+            return 0.0
+        return self.latency + nbytes / self.bandwidth(src, dst)
+
+    def all_to_all_seconds(self, rank: int, peers: Sequence[int], send_bytes: Sequence[int],
+                           recv_bytes: Sequence[int]) -> float:
+        """One rank's all-to-all: `peers[i]` receives send_bytes[i] from it and sends it recv_bytes[i]. A GPU's
+        link bandwidth is shared by all its peers of that link type, in each direction (full duplex); NVLink
+        and InfiniBand run concurrently."""
+        out = {True: 0, False: 0}  # same node? -> bytes sent
+        inc = {True: 0, False: 0}
+        for peer, sent, received in zip(peers, send_bytes, recv_bytes, strict=True):
+            if peer != rank:  # to itself: a local copy
+                out[self.same_node(rank, peer)] += sent
+                inc[self.same_node(rank, peer)] += received
+        if not any(out.values()) and not any(inc.values()):
+            return 0.0
+        intra = max(out[True], inc[True]) / (self.intra_node_gbs * GB)
+        inter = max(out[False], inc[False]) / (self.inter_node_gbs * GB)
+        return self.latency + max(intra, inter)
+
+    def ring_seconds(self, kind: str, nbytes: int, ranks: Sequence[int]) -> float:
+        """A ring collective over `ranks` on a buffer of `nbytes` (all_reduce | reduce_scatter | all_gather)."""
+        n = len(ranks)
+        if n <= 1:
+            return 0.0
+        share = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}[kind] * (n - 1) / n
+        steps = (2 if kind == "all_reduce" else 1) * (n - 1)
+        spans_nodes = len({self.node_of(r) for r in ranks}) > 1
+        bw = (self.inter_node_gbs if spans_nodes else self.intra_node_gbs) * GB
+        return steps * self.latency + share * nbytes / bw
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class WallClock:
+    """Wall time; a modelled wait sleeps (the core goes to other ranks, as a NIC would leave it)."""
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class ModelledWork:
+    """A posted transfer (a torch.distributed Work, or None for one already done) that completes no earlier than
+    post time + its modelled duration. wait() waits for the real transfer, then for what is left of the model's."""
+
+    def __init__(self, work: Any, seconds: float, clock: Clock) -> None:
+        self.work, self.clock = work, clock
+        self.ready_at = clock.now() + seconds
+        self.blocked = 0.0  # seconds the modelled remainder held the waiter (the exposed communication)
+
+    def is_completed(self) -> bool:
+        real = self.work is None or self.work.is_completed()
+        return real and self.clock.now() >= self.ready_at
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+        remaining = self.ready_at - self.clock.now()
+        if remaining > 0:
+            self.clock.sleep(remaining)
+            self.blocked += remaining
+        return True
