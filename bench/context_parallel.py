@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, recompute: str) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    _, kept = kept_for_backward(lambda: model(tokens))
+    _, kept = kept_for_backward(lambda: model(tokens), model.parameters())
     return {"step_s": statistics.median(times), "kept_bytes": kept, "tokens": SEQ // world}
 
 

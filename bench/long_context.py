@@ -105,7 +105,7 @@ def run(repeats: int = 1) -> dict:
 
     _ensure_data()
     torch.set_num_threads(2)
-    fmt = PasskeyFormat.from_tokenizer(CORPUS / "tokenizer.json")
+    fmt = PasskeyFormat.from_prepared(CORPUS)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         base_docs = write_passkey_corpus(tmp / "passkey_base", fmt, 20000, fmt.overhead, L + 2, seed=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.config import ModelConfig
 from model.documents import Documents
@@ -22,6 +22,23 @@ from model.gemm import Linear
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding, apply_rope
 from model.sequence_shard import SequenceShard
+
+# SDPA's fused kernels: selective recompute keeps their results (output, softmax statistics) and reruns the rest
+_ATTENTION_CORE_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def keep_attention_core(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save the attention core's results, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_CORE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_core_contexts() -> tuple[object, object]:
+    return create_selective_checkpoint_contexts(keep_attention_core)
 
 
 @dataclass
@@ -106,45 +123,63 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, s, self.n_heads, self.rope_dim)], dim=-1)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, documents: Documents | None = None,
-                norm: nn.Module | None = None) -> torch.Tensor:
-        """Expanded form, causal over the whole sequence (training and scoring); with `documents`, causal inside
-        each packed document (a boolean mask: SDPA's flash kernels do not take one, its others do). Under
-        context parallelism x holds this rank's positions; attention runs on its share of the heads over the
-        whole sequence (model/sequence_shard.py). `norm`: the block's input RMSNorm, applied here so that
-        selective recompute covers it.
-
-        Selective recompute (`model.selective_recompute`, the DeepSeek-V3 report's): everything before the
-        attention core runs again in backward, so its activations (normed input, latents and their norms,
-        up-projection outputs, RoPE inputs) are not kept; only x and the q, k, v the attention core saves are.
-        The down-projections run again too (torch's checkpoint replays the whole region)."""
-        b, s, _ = x.shape
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None,
+              total: int) -> torch.Tensor:
+        """Attention over the whole sequence: q, k, v [B, S, H, .] of this rank's positions -> [B, S, H x v]."""
+        b, s = q.shape[:2]
         shard = self.sequence_shard
-        start, total = (0, s) if shard is None else (shard.rank * s, shard.size * s)
-        positions = None if documents is None else documents.rope_positions(total)
-        if self.cfg.selective_recompute and self.training and torch.is_grad_enabled():
-            q, k, v = checkpoint(self._qkv, x, norm, start, positions, use_reentrant=False)
-        else:
-            q, k, v = self._qkv(x, norm, start, positions)
         if shard is not None:  # one all-to-all for q, k and v: [B, S/N, H, .] -> [B, S, H/N, .]
             dq = q.shape[-1]
             q, k, v = shard.exchange.to_heads(torch.cat([q, k, v], dim=-1)).split([dq, dq, self.v_dim], dim=-1)
-        # SDPA's flash kernels (CPU and CUDA) need one head size for q, k and v; with MLA's narrower v (128 of 192
-        # in DeepSeek-V3) it falls back to the math kernel, which keeps the [S, S] probabilities of every head for
-        # the backward. Zero columns appended to v cost S x H x 64 values instead and leave the output's first
-        # v_dim columns unchanged. Either way v is a fresh tensor, so the up-projection's output is not kept.
-        v = F.pad(v, (0, q.shape[-1] - self.v_dim)) if self.v_dim < q.shape[-1] else v.contiguous()
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # SDPA's flash kernel needs one head size for q, k and v; MLA's v is narrower (128 of 192 in DeepSeek-V3).
+        # On CPU SDPA then falls back to its math kernel, which keeps every head's [S, S] probabilities for the
+        # backward, so v gets zero columns (v and the output are kept H x 64 values wider per token instead; the
+        # output's first v_dim columns are unchanged). On CUDA the memory-efficient kernel takes the narrow v, and
+        # a mask rules flash out anyway: padding there only buys flash's speed when there is no mask.
+        pad = self.v_dim < q.shape[-1] and (q.device.type == "cpu" or documents is None)
+        v = F.pad(v, (0, q.shape[-1] - self.v_dim)) if pad else v.contiguous()  # fresh: the up-projection's
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # output is not kept through v
         if documents is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attention_mask(total),
                                                  scale=self.softmax_scale)
-        out = out[..., : self.v_dim]
-        out = out.transpose(1, 2)
+        out = out[..., : self.v_dim].transpose(1, 2)
         if shard is not None:
             out = shard.exchange.to_sequence(out.contiguous())
-        return self.o_proj(out.reshape(b, s, self.n_heads * self.v_dim))
+        return out.reshape(b, s, self.n_heads * self.v_dim)
+
+    def _attend(self, x: torch.Tensor, norm: nn.Module | None, start: int, positions: torch.Tensor | None,
+                documents: Documents | None, total: int) -> torch.Tensor:
+        return self._core(*self._qkv(x, norm, start, positions), documents, total)
+
+    def forward(self, x: torch.Tensor, documents: Documents | None = None,
+                norm: nn.Module | None = None) -> torch.Tensor:
+        """Expanded form, causal over the whole sequence (training and scoring); with `documents`, causal inside
+        each packed document (a boolean mask, which SDPA's CPU flash kernel and CUDA memory-efficient kernel
+        take). Under context parallelism x holds this rank's positions; attention runs on its share of the
+        heads over the whole sequence (model/sequence_shard.py). `norm`: the block's input RMSNorm, applied here
+        so that selective recompute covers it.
+
+        Selective recompute (`model.selective_recompute`, the DeepSeek-V3 report's): the norm, the projections,
+        the latent norms, RoPE and the attention core form one checkpointed region whose only kept results are
+        the attention core's (its output and softmax statistics, `keep_attention_core`). Its backward reruns the
+        projections to rebuild q, k and v, so neither they nor the normed input, the latents and their norms are
+        kept: only x, the core's output and the output projection's input are. Under context parallelism the
+        region stops before the all-to-all (rebuilding q, k, v there would repeat it), so q, k, v are kept."""
+        b, s, _ = x.shape
+        shard = self.sequence_shard
+        start, total = (0, s) if shard is None else (shard.rank * s, shard.size * s)
+        positions = None if documents is None else documents.rope_positions(total)
+        if not (self.cfg.selective_recompute and self.training and torch.is_grad_enabled()):
+            out = self._attend(x, norm, start, positions, documents, total)
+        elif shard is None:
+            out = checkpoint(self._attend, x, norm, start, positions, documents, total, use_reentrant=False,
+                             preserve_rng_state=False, context_fn=_keep_attention_core_contexts)
+        else:
+            q, k, v = checkpoint(self._qkv, x, norm, start, positions, use_reentrant=False, preserve_rng_state=False)
+            out = self._core(q, k, v, documents, total)
+        return self.o_proj(out)
 
     def forward_cached(self, x: torch.Tensor, cache: LatentCache, start: int) -> torch.Tensor:
         """Absorbed form: x holds positions [start, start + S); writes them into the cache and attends to

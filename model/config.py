@@ -61,8 +61,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
     activation_checkpointing: bool = False  # recompute each whole block in backward (keeps only its input)
-    # the report's selective recompute: RMSNorm, MLA projections and RoPE before the attention core run again in
-    # backward (keeps x, q, k, v); the rest of the block keeps its activations
+    # the report's selective recompute: the attention core's results are kept, the RMSNorm, MLA projections and
+    # RoPE before it run again in backward (model/attention.py); the rest of the block keeps its activations
     selective_recompute: bool = False
     bos_token_id: int = 0
     eos_token_id: int = 1
@@ -134,7 +134,8 @@ class ModelConfig:
                  f"num_experts_per_tok={self.num_experts_per_tok}; raise topk_group")
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
         need(not (self.selective_recompute and self.activation_checkpointing), "selective_recompute",
-             "activation_checkpointing already recomputes the whole block; set only one of the two")
+             "activation_checkpointing already recomputes the whole block; set only one of the two (presets such as "
+             "dsv3_671b turn checkpointing on: add model.activation_checkpointing=false)")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0 (0 disables MTP)")
         need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
         need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")

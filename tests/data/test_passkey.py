@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_prep.manifest import read_manifest
 from data_prep.passkey import PasskeyFormat, write_passkey_corpus
 from data_prep.reader import TokenStream
 
@@ -17,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def fmt(prepared_a: Path) -> PasskeyFormat:
-    return PasskeyFormat.from_tokenizer(prepared_a / "tokenizer.json")
+    return PasskeyFormat.from_prepared(prepared_a)
 
 
-def test_keys_are_single_tokens_the_template_never_uses(fmt: PasskeyFormat) -> None:
+def test_keys_are_single_tokens_the_template_never_uses(fmt: PasskeyFormat, prepared_a: Path) -> None:
     template = set(fmt.filler) | set(fmt.question) | {t for piece in fmt.needle for t in piece}
     assert len(fmt.keys) >= 10 and not template & set(fmt.keys)
-    assert fmt.eos not in fmt.keys
+    assert fmt.eos == read_manifest(prepared_a).eos_id and fmt.eos not in fmt.keys
 
 
 @pytest.mark.parametrize("filler", [0, 15, 250])  # 0: the shortest document, the template alone
@@ -64,16 +65,28 @@ def test_written_pair_reads_back_one_document_per_sample(fmt: PasskeyFormat, tmp
     assert {r for r in rows if len(r) > 2} == {tuple(d.tolist()) for d in docs}
 
 
-def test_cli_names_a_missing_tokenizer(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "data_prep.passkey", str(tmp_path / "pk"), "--tokenizer",
-                        str(tmp_path / "none.json")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not list(tmp_path.iterdir())
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_prep.passkey", *args], cwd=ROOT, capture_output=True,
+                          text=True)
 
 
-def test_cli_refuses_documents_shorter_than_the_template(prepared_a: Path, tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "data_prep.passkey", str(tmp_path / "pk"), "--tokenizer",
-                        str(prepared_a / "tokenizer.json"), "--min-len", "5"], cwd=ROOT, capture_output=True,
-                       text=True)
-    assert r.returncode == 2 and "min_len" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not list(tmp_path.iterdir())
+def test_cli_writes_a_readable_pair(prepared_a: Path, tmp_path: Path) -> None:
+    r = cli(str(tmp_path / "out" / "pk"), "--data-dir", str(prepared_a), "--docs", "7", "--min-len", "80",
+            "--max-len", "90")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pk.bin", "pk.idx"]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--data-dir", "{missing}"], "does not exist"),  # not a prepared directory
+    (["--min-len", "5"], "min_len"),  # shorter than the template
+    (["--docs", "0"], "docs"),
+])
+def test_cli_refuses_bad_arguments_in_one_line_and_writes_nothing(prepared_a: Path, tmp_path: Path,
+                                                                  args: list[str], says: str) -> None:
+    args = [a.format(missing=tmp_path / "none") for a in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(prepared_a)]
+    r = cli(str(tmp_path / "out" / "pk"), *args)
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()

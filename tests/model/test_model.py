@@ -79,18 +79,19 @@ def test_activation_checkpointing_same_result_and_counts_not_doubled():
 
 
 def test_selective_recompute_same_result_less_kept():
-    """The report's selective recompute (norms, MLA projections, RoPE run again in backward): the same loss and
-    gradients bit for bit (the same kernels on the same inputs), the router counted once, and less kept for the
-    backward: per block at least the normed input, the two latents and their norms (hidden + 2 q_lora +
-    2 kv_lora + rope floats per token) are gone."""
+    """The report's selective recompute (the attention core's results kept, the norm, projections and RoPE before
+    it rerun in backward): the same loss and gradients bit for bit (the same kernels on the same inputs), the
+    router counted once, and less kept for the backward: per block and token at least the normed input, both
+    latents and their norms, and q, k, v (hidden + 2 q_lora + 2 kv_lora + rope + 3 heads x qk_head_dim floats;
+    v is padded to qk_head_dim for SDPA's flash kernel) are gone. Parameters are not counted."""
     cfg = tiny_config()
     torch.manual_seed(3)
     plain = DeepseekV3(cfg).train()
     sel = DeepseekV3(tiny_config(selective_recompute=True)).train()
     sel.load_state_dict(plain.state_dict())
     tokens = batch(cfg)
-    a, kept_plain = kept_for_backward(lambda: plain(tokens))
-    b, kept_sel = kept_for_backward(lambda: sel(tokens))
+    a, kept_plain = kept_for_backward(lambda: plain(tokens), plain.parameters())
+    b, kept_sel = kept_for_backward(lambda: sel(tokens), sel.parameters())
     a.loss.backward()
     b.loss.backward()
     assert torch.equal(a.loss, b.loss)
@@ -99,7 +100,8 @@ def test_selective_recompute_same_result_less_kept():
     for r1, r2 in zip(plain.routers(), sel.routers()):
         assert torch.equal(r1.step_counts, r2.step_counts)
     blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    per_token = cfg.hidden_size + 2 * cfg.q_lora_rank + 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    per_token = (cfg.hidden_size + 2 * cfg.q_lora_rank + 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+                 + 3 * cfg.num_attention_heads * cfg.qk_head_dim)
     assert kept_plain - kept_sel >= blocks * tokens.shape[0] * 16 * per_token * 4, (kept_plain, kept_sel)
 
 
