@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.transformer import BlockPiece, DeepseekV3, EmbeddingPiece, HeadPiece, MicroBatch
+from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
 from parallel.runtime import TimelineEvent
 from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSchedule
 
@@ -247,10 +248,18 @@ class DeepSpeedPipeSchedule(StepSchedule):
         ds_config.update(train_batch_size=spec.micro_batch_size * spec.microbatches * dp,
                          train_micro_batch_size_per_gpu=spec.micro_batch_size,
                          gradient_accumulation_steps=spec.microbatches)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=_in_module_order(spec.param_groups, module), config=ds_config,
-            lr_scheduler=spec.lr_scheduler(),
-        )
+        # expert parallelism: the pipeline module holds this rank's expert shard (parallel/rank_model.py); the
+        # marker makes ZeRO-1 reduce expert gradients over the expert-DP groups, as for the other schedules.
+        # The dispatch is synchronous: each MoE block's all-to-alls run inside DeepSpeed's forward and
+        # backward instructions, in the same order on every rank of a stage's data group (1F1B's order
+        # depends on the pipe rank only), so the collectives pair up
+        with deepspeed_moe_support(module):
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=module, model_parameters=_in_module_order(spec.param_groups, module), config=ds_config,
+                lr_scheduler=spec.lr_scheduler(),
+            )
+        if getattr(self.engine, "has_moe_layers", False):
+            finish_deepspeed_moe(self.engine)
         # what DeepSpeed seeds the last stage's loss with: loss / gradient_accumulation_steps
         self.state.grad_scale = lambda: 1.0 / self.engine.gradient_accumulation_steps()
         self.pipe_rank, self.device = topo.pipe_rank, spec.device

@@ -328,11 +328,17 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
     _check_precision(cfg, device, ep)
-    # -- expert parallelism (parallel/expert_shard.py): our schedules (none, dualpipe, dualpipev) under ZeRO-1 (its
-    # optimizer reduces expert gradients over the expert-DP group; stage 0 would all-reduce them over dp)
-    _need(ep == 1 or cfg.parallel.schedule != "1f1b", "parallel.ep",
-          f"ep={ep} is not supported with parallel.schedule=1f1b (DeepSpeed's PipelineEngine runs the layers "
-          f"itself)", "use parallel.schedule=dualpipe, dualpipev or none with parallel.ep>1")
+    # -- expert parallelism (parallel/expert_shard.py), every schedule, under ZeRO-1 (its optimizer reduces expert
+    # gradients over the expert-DP group; stage 0 would all-reduce them over dp)
+    if ep > 1 and cfg.parallel.schedule == "1f1b" and cfg.model.num_hidden_layers % pp == 0:
+        per_stage = cfg.model.num_hidden_layers // pp
+        # DeepSpeed's ZeRO-1 all-reduces the gradient norm over the pipeline once per parameter group, and a
+        # stage without experts has fewer groups: the stages would wait on each other forever
+        _need(cfg.model.first_k_dense_replace < per_stage, "parallel.ep",
+              f"with parallel.schedule=1f1b every pipeline stage needs a MoE layer, but stage 0 holds layers "
+              f"0-{per_stage - 1}, all dense (model.first_k_dense_replace={cfg.model.first_k_dense_replace})",
+              f"lower model.first_k_dense_replace below {per_stage}, use fewer stages, or "
+              "parallel.schedule=dualpipe|dualpipev")
     if cfg.parallel.ep_ranks_per_node is not None:  # node-limited routing: router groups map onto nodes
         from parallel.expert_shard import node_limited_groups
 

@@ -219,11 +219,11 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
     sched = build_schedule(schedule, cfg, topo, microbatches, pipe_ds_config(clip), lambda m: param_groups(m, WD),
                            overlap_ep=overlap)
     with torch.no_grad():
-        skew(sched.module)
-    grads = capture_grads(sched.engine, sched.module.named_parameters())
+        skew(sched.rank_model)
+    grads = capture_grads(sched.engine, sched.rank_model.named_parameters())
     all_batches = make_batches(cfg, steps * microbatches * dp)
     per_step = [all_batches[s * microbatches * dp:(s + 1) * microbatches * dp] for s in range(steps)]
-    routers = moe_routers(sched.module)
+    routers = moe_routers(sched.rank_model)
     losses, counts, norms = [], {}, []
     for s in range(steps):
         mine = per_step[s][topo.dp_rank * microbatches:(topo.dp_rank + 1) * microbatches]
@@ -239,7 +239,7 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
 
     # the full model: every rank's state and gradients, expert shards gathered per pipeline rank, stages united
     ranks = [[topo.global_rank(p, d) for d in range(ep)] for p in range(pp)]
-    full = gather_full(sched.module.state_dict(), ranks)
+    full = gather_full(sched.rank_model.state_dict(), ranks)
     with skewed_reference():
         ref = reference_steps(cfg, per_step, clip)
     report = compare(ref, gather_full(grads, ranks), norms[0], full, losses, steps)

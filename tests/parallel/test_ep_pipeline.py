@@ -1,5 +1,6 @@
 """Expert parallelism inside pipeline stages (pp=2 x dp=2, ep=2: 4 processes) equals the single-process model,
-and the overlapped sub-step blocks (parallel/ep_overlap.py) equal the sequential layer. Also dp = 2 x ep at
+and the overlapped sub-step blocks (parallel/ep_overlap.py) equal the sequential layer; 1F1B (DeepSpeed's
+PipelineEngine) with synchronous dispatch too. Also dp = 2 x ep at
 pp=1 through the DeepSpeed engine.
 
 Routing is skewed (experts 1, 2, 6 never chosen, 5 always), so some experts, and whole expert slices of a
@@ -60,3 +61,18 @@ def test_dp_twice_ep_engine_steps_equal_single_process(tmp_path):
         assert_matches(rep)
         assert rep["ref_norm"] > 1.0  # the clip is active
         assert rep["bias_diff"] == 0.0 and rep["resume_diff"] == 0.0
+
+
+@pytest.mark.multiprocess
+def test_1f1b_with_ep_steps_equal_single_process():
+    """DeepSpeed's 1F1B PipelineEngine (pp=2 x dp=2) with ep=2: the experts' all-to-alls run synchronously inside
+    its forward and backward instructions; ZeRO-1 reduces expert gradients over the expert-DP pairs. First-step
+    gradients and grad norm, two steps' losses and the bias updates equal single-process training. Four layers,
+    so stage 0 holds a MoE layer too (validate refuses a stage without one: DeepSpeed's per-group grad-norm
+    reduction over the pipeline would not pair up)."""
+    reports = run_ranks(4, run_pipeline_ep, "1f1b", 2, 2, 4, 2, 1.0, 4, False)
+    for rep in reports:
+        assert rep["n"] == rep["n_ref"]
+        assert_matches(rep)
+        assert rep["bias_diff"] == 0.0
+        assert all(set(empty) >= {1, 2, 6} for empty in rep["empty_last_step"].values())

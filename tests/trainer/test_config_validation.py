@@ -65,7 +65,7 @@ def test_default_config_composes_and_validates(tiny_data):
         (2, ["parallel=dp", "parallel.pp=2"], "parallel.pp:", "needs a pipeline schedule"),
         (2, ["parallel=dp", "parallel.ep=2", "parallel.zero_stage=0"], "parallel.ep:", "needs the ZeRO-1 optimizer"),
         (4, ["parallel=1f1b", "parallel.ep=2", "train.global_batch_size=16"], "parallel.ep:",
-         "not supported with parallel.schedule=1f1b"),
+         "every pipeline stage needs a MoE layer"),  # 2 layers: stage 0 holds the dense one alone
         (4, ["parallel=dp", "parallel.ep=4", "parallel.ep_ranks_per_node=1", "train.global_batch_size=16"],
          "parallel.ep_ranks_per_node:", "n_group=2 is not a multiple"),
         (1, ["parallel=dp", "optim.warmup_steps=1000"], "optim.warmup_steps:", "train.steps"),
@@ -97,6 +97,9 @@ def test_pipeline_layouts_validate(tiny_data):
     assert (v.pp, v.dp) == (2, 1)
     one = validate(job(tiny_data, "parallel=1f1b"), world_size=2, device="cpu")
     assert (one.pp, one.dp) == (2, 1)
+    ep = validate(job(tiny_data, "parallel=1f1b", "parallel.ep=2", "model.num_hidden_layers=4",
+                      "train.global_batch_size=16"), world_size=4, device="cpu")
+    assert (ep.pp, ep.dp, ep.ep) == (2, 2, 2)
 
 
 @pytest.mark.parametrize(
