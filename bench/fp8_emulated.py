@@ -9,7 +9,9 @@ the average only removes step-to-step noise). The DeepSeek-V3 report's bar for i
 0.25% against BF16.
 
 Result JSON: the usual fields (ours = blockwise gap, peer = the 0.25% bar, ratio = bar / gap: above 1 is
-within it) plus one entry per recipe, e.g. `"blockwise": {"rel_gap": 0.0012, "final_loss": 3.41}`.
+within it) plus one entry per recipe, e.g. `"blockwise": {"rel_gap": 0.0012, "final_loss": 3.41}`, and the noise
+floor: `fp32_seed_spread` (two fp32 runs from different initial weights) and `blockwise_rel_gap_seed_1` (the
+blockwise gap from the second seed).
 Data: $FP8_BENCH_DATA (a prepared data_prep directory), else the 20 stdlib modules of the tests prepared into a
 temporary directory (512-token BPE, a few seconds). Threads: BENCH_THREADS (default 2).
 """
@@ -137,6 +139,11 @@ def run(repeats: int = 1) -> dict[str, Any]:
                 losses = train_losses(data, recipe)
                 table[recipe] = {"rel_gap": rel_gap(losses, reference), "final_loss": final_loss(losses)}
                 print(f"{recipe}: {json.dumps(table[recipe])}", flush=True)
+            # the noise floor: a second seed (other initial weights, same batches) for fp32 and blockwise
+            reference_1 = train_losses(data, None, seed=1)
+            seeds = {"fp32_seed_spread": rel_gap(reference_1, reference),
+                     "blockwise_rel_gap_seed_1": rel_gap(train_losses(data, "blockwise", seed=1), reference_1)}
+            print(json.dumps(seeds), flush=True)
             seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(before)
@@ -145,5 +152,5 @@ def run(repeats: int = 1) -> dict[str, Any]:
         "fp8_emulated", ours=gap, peer=GOAL, unit="relative final-loss gap vs fp32 (blockwise)",
         goal=f"blockwise rel_gap <= {GOAL} (DeepSeek-V3 report: 0.25% vs BF16)", repeats=1,
         higher_is_better=False, steps=STEPS, tail=TAIL, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, lr=LR, layers=LAYERS,
-        data=str(data), seconds=seconds, **table,
+        data=str(data), seconds=seconds, **seeds, **table,
     )
