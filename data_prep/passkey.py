@@ -23,6 +23,7 @@ context-extension phase fixes. `bench/long_context.py` mixes these into training
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,21 +49,22 @@ class PasskeyFormat:
     question: tuple[int, ...]
     keys: tuple[int, ...]
     eos: int
-
     vocab_size: int
+    bos: int | None = None  # the prepared corpus starts every document with BOS (add_bos=true)
 
     @property
     def overhead(self) -> int:
         """Tokens of a document that are not filler (the needle's two keys, the answer and the EOS included):
         the shortest document."""
-        return sum(len(p) for p in self.needle) + len(self.question) + len(self.needle) + 1
+        return sum(len(p) for p in self.needle) + len(self.question) + len(self.needle) + 1 + (self.bos is not None)
 
     @classmethod
     def from_prepared(cls, directory: str | Path) -> PasskeyFormat:
         """The format of a prepared data_prep directory: its tokenizer and its EOS id."""
         directory = Path(directory)
         manifest = read_manifest(directory)  # DataError naming the file and the fix
-        return cls.from_tokenizer(directory / Path(manifest.tokenizer_file).name, manifest.eos_id)
+        fmt = cls.from_tokenizer(directory / Path(manifest.tokenizer_file).name, manifest.eos_id)
+        return dataclasses.replace(fmt, bos=manifest.bos_id) if manifest.add_bos else fmt
 
     @classmethod
     def from_tokenizer(cls, tokenizer_file: str | Path, eos_id: int) -> PasskeyFormat:
@@ -107,7 +109,8 @@ class PasskeyFormat:
         reps = (offset + fill) // len(self.filler) + 1
         text = np.tile(np.asarray(self.filler, np.int64), reps)[offset : offset + fill]
         needle = [x for piece in self.needle for x in (piece, [key])][:-1]  # piece, key, piece, key, piece
-        parts = [text[:depth], *needle, text[depth:], self.question, [key], [self.eos]]
+        bos = [] if self.bos is None else [self.bos]
+        parts = [bos, text[:depth], *needle, text[depth:], self.question, [key], [self.eos]]
         return np.concatenate([np.asarray(p, np.int64) for p in parts]), key
 
     def documents(self, seed: int, count: int, min_len: int, max_len: int) -> list[np.ndarray]:

@@ -10,12 +10,14 @@ heads x (nope + rope + v)). Both forms compute the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from model.activation_memory import note_kept_outside_autograd
 from model.config import ModelConfig
 from model.documents import Documents
 from model.gemm import Linear
@@ -27,14 +29,23 @@ from model.sequence_shard import SequenceShard
 _ATTENTION_CORE_OPS = frozenset(
     getattr(torch.ops.aten, name).default
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "_scaled_dot_product_fused_attention_overrideable")
     if hasattr(torch.ops.aten, name)
 )
 
 
-def keep_attention_core(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
-    """Selective-checkpoint policy: save the attention core's results, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_CORE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def keep_attention_core(ctx: Any, op: object, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save the attention core's results, recompute everything else. What it keeps
+    (the output [B, H, S, v] and the fp32 softmax statistics [B, H, S]) is reported to the activation counter,
+    whose saved-tensor hooks do not see the policy's cache."""
+    if op not in _ATTENTION_CORE_OPS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if not ctx.is_recompute:
+        q, v = args[0], args[2]
+        rows = q.numel() // q.shape[-1]
+        note_kept_outside_autograd(rows * (v.shape[-1] * q.element_size() + 4))
+    return CheckpointPolicy.MUST_SAVE
 
 
 def _keep_attention_core_contexts() -> tuple[object, object]:
@@ -135,8 +146,9 @@ class MLA(nn.Module):
         # On CPU SDPA then falls back to its math kernel, which keeps every head's [S, S] probabilities for the
         # backward, so v gets zero columns (v and the output are kept H x 64 values wider per token instead; the
         # output's first v_dim columns are unchanged). On CUDA the memory-efficient kernel takes the narrow v, and
-        # a mask rules flash out anyway: padding there only buys flash's speed when there is no mask.
-        pad = self.v_dim < q.shape[-1] and (q.device.type == "cpu" or documents is None)
+        # flash runs only in half precision without a mask: padding there buys flash's speed, and nothing else.
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        pad = self.v_dim < q.shape[-1] and (q.device.type == "cpu" or (half and documents is None))
         v = F.pad(v, (0, q.shape[-1] - self.v_dim)) if pad else v.contiguous()  # fresh: the up-projection's
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # output is not kept through v
         if documents is None:

@@ -85,18 +85,21 @@ class NetworkModel:
             if peer != rank:  # to itself: a local copy
                 out[self.same_node(rank, peer)] += sent
                 inc[self.same_node(rank, peer)] += received
-        if not any(out.values()) and not any(inc.values()):
-            return 0.0
+        if all(peer == rank for peer in peers):
+            return 0.0  # nothing leaves the GPU (a message of 0 bytes to a peer still pays the latency)
         intra = max(out[True], inc[True]) / (self.intra_node_gbs * GB)
         inter = max(out[False], inc[False]) / (self.inter_node_gbs * GB)
         return self.latency + max(intra, inter)
 
     def ring_seconds(self, kind: str, nbytes: int, ranks: Sequence[int]) -> float:
         """A ring collective over `ranks` on a buffer of `nbytes` (all_reduce | reduce_scatter | all_gather)."""
+        passes = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}
+        if kind not in passes:
+            raise NetworkModelError(f"kind: unknown collective {kind!r}; one of {sorted(passes)}")
         n = len(ranks)
         if n <= 1:
             return 0.0
-        share = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}[kind] * (n - 1) / n
+        share = passes[kind] * (n - 1) / n
         steps = (2 if kind == "all_reduce" else 1) * (n - 1)
         spans_nodes = len({self.node_of(r) for r in ranks}) > 1
         bw = (self.inter_node_gbs if spans_nodes else self.intra_node_gbs) * GB

@@ -254,7 +254,7 @@ def run_pipeline_ep(rank: int, world: int, schedule: str, pp: int, ep: int, micr
 
 
 def run_pipeline_ep_grads(rank: int, world: int, schedule: str, pp: int, ep: int, microbatches: int,
-                          checkpointing: bool) -> dict:
+                          checkpointing: bool, documents: bool = False) -> dict:
     """One step of the pipeline runtime (no optimizer) with experts sharded over `ep` data ranks, once with the
     EP blocks as overlapped sub-steps and once sequential: per-microbatch losses and the full model's gradients
     (expert shards gathered, DualPipe mirror copies and data ranks summed), against the single-process model."""
@@ -274,7 +274,7 @@ def run_pipeline_ep_grads(rank: int, world: int, schedule: str, pp: int, ep: int
     topo = PipelineTopology(pp=pp, dp=dp, rank=rank, dualpipe=schedule == "dualpipe", ep=ep)
     topo.build_groups()
     placement = Placement(schedule, pp)
-    batches = make_batches(cfg, microbatches * dp)
+    batches = make_batches(cfg, microbatches * dp, documents=documents)
     mine = batches[topo.dp_rank * microbatches:(topo.dp_rank + 1) * microbatches]
     out: dict = {}
     for overlap in (True, False):

@@ -46,7 +46,7 @@ def reference(cfg, batches):
     model = DeepseekV3(cfg).train()
     losses = []
     for batch in batches:
-        out = model(batch["tokens"])
+        out = forward(model, batch)
         (out.loss / len(batches)).backward()
         losses.append(float((out.loss - (out.balance_loss if out.balance_loss is not None else 0)).detach()))
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

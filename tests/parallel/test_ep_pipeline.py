@@ -16,9 +16,12 @@ from tests.parallel.ep_engine_workers import run_ep_engine, run_pipeline_ep, run
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("schedule, checkpointing", [("dualpipe", False), ("dualpipev", True)])
-def test_pipeline_ep_gradients_equal_single_process(schedule, checkpointing):
-    reports = run_ranks(4, run_pipeline_ep_grads, schedule, 2, 2, 4, checkpointing)
+@pytest.mark.parametrize("schedule, checkpointing, documents",
+                         [("dualpipe", False, False), ("dualpipev", True, False), ("dualpipe", False, True)],
+                         ids=["dualpipe", "dualpipev_checkpointing", "dualpipe_packed_documents"])
+def test_pipeline_ep_gradients_equal_single_process(schedule, checkpointing, documents):
+    """(packed documents: the overlapped sub-steps keep attention inside each document, as the single process)"""
+    reports = run_ranks(4, run_pipeline_ep_grads, schedule, 2, 2, 4, checkpointing, documents)
     seen = 0
     for rep in reports:
         assert rep["n_grads"] == rep["n_ref"]

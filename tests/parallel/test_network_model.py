@@ -52,8 +52,9 @@ def test_all_to_all_shares_each_link_and_runs_nvlink_beside_infiniband():
     intra = max(10 + 20 + 30, 60) / (160 * GB)  # out 60, in 60 (its own 0 bytes stay local)
     inter = max(160, 40) / (50 * GB)
     assert NET.all_to_all_seconds(1, peers, send, recv) == pytest.approx(5e-6 + max(intra, inter))
-    # all traffic local: nothing modelled
+    # all traffic local: nothing modelled; empty messages to peers: the latency
     assert NET.all_to_all_seconds(1, [1], [100], [100]) == 0.0
+    assert NET.all_to_all_seconds(1, [1, 5], [0, 0], [0, 0]) == pytest.approx(5e-6)
 
 
 def test_ring_collectives_take_the_slowest_link():
@@ -64,6 +65,8 @@ def test_ring_collectives_take_the_slowest_link():
     assert NET.ring_seconds("reduce_scatter", nbytes, two_nodes) == pytest.approx(
         3 * 5e-6 + 3 / 4 * nbytes / (50 * GB))
     assert NET.ring_seconds("all_gather", nbytes, [7]) == 0.0
+    with pytest.raises(NetworkModelError, match="^kind: "):
+        NET.ring_seconds("broadcast", nbytes, one_node)
 
 
 def test_a_wait_after_enough_compute_costs_nothing():
