@@ -4,8 +4,9 @@ One sample of SEQ tokens through a small model (8 heads, MoE, MTP), forward and 
 process: `cp=2` splits it over 2 gloo processes (Ulysses attention, parallel/context_parallel.py), `cp=1` runs it
 whole in one process. Rounds alternate the two so machine noise hits both alike; each round's figure is the
 median of STEPS steps. Memory, per token a rank holds: `kept_bytes_per_token_held`, the tensors autograd keeps
-for the backward (model/activation_memory.py, exact; a resident-set peak mostly measures the allocator's reuse
-of the previous step's memory), each keeping everything, with the report's selective recompute
+for the backward and what selective checkpoints cache (model/activation_memory.py, parameters left out; a
+resident-set peak mostly measures the allocator's reuse of the previous step's memory), each keeping everything,
+with the report's selective recompute
 (`model.selective_recompute`: norms, MLA projections and RoPE redone in backward) and with whole-block
 activation checkpointing (`model.activation_checkpointing`: each block keeps its input only).
 `selective_recompute_step_cost`: the cp=1 step time with selective recompute over the one without.
