@@ -59,6 +59,17 @@ def test_pieces_stage_by_stage_equal_the_monolith():
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-9)
 
 
+def assert_same_step(plain, a, other, b) -> None:
+    """Backward of both outputs; the losses, every gradient and the router counts are equal bit for bit."""
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.equal(a.loss, b.loss)
+    for (n, p), q in zip(plain.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
+    for r1, r2 in zip(plain.routers(), other.routers()):
+        assert torch.equal(r1.step_counts, r2.step_counts)
+
+
 def test_activation_checkpointing_same_result_and_counts_not_doubled():
     cfg = tiny_config()
     torch.manual_seed(3)
@@ -66,16 +77,10 @@ def test_activation_checkpointing_same_result_and_counts_not_doubled():
     ckpt = DeepseekV3(tiny_config(activation_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     tokens = batch(cfg)
-    a, b = plain(tokens), ckpt(tokens)
-    a.loss.backward()
-    b.loss.backward()
-    assert torch.equal(a.loss, b.loss)
-    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
-    for r1, r2 in zip(plain.routers(), ckpt.routers()):
-        assert torch.equal(r1.step_counts, r2.step_counts)
+    assert_same_step(plain, plain(tokens), ckpt, ckpt(tokens))
+    for router in ckpt.routers():
         # one forward of 2 x 16 tokens, top-2: 64 routed choices, counted once despite the recompute
-        assert int(r2.step_counts.sum()) == 2 * 16 * cfg.num_experts_per_tok
+        assert int(router.step_counts.sum()) == 2 * 16 * cfg.num_experts_per_tok
 
 
 def test_selective_recompute_same_result_less_kept():
@@ -93,13 +98,7 @@ def test_selective_recompute_same_result_less_kept():
     a, kept_plain = kept_for_backward(lambda: plain(tokens), plain.parameters())
     parts: dict[str, int] = {}
     b, kept_sel = kept_for_backward(lambda: sel(tokens), sel.parameters(), parts)
-    a.loss.backward()
-    b.loss.backward()
-    assert torch.equal(a.loss, b.loss)
-    for (n, p), q in zip(plain.named_parameters(), sel.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
-    for r1, r2 in zip(plain.routers(), sel.routers()):
-        assert torch.equal(r1.step_counts, r2.step_counts)
+    assert_same_step(plain, a, sel, b)
     blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     per_token = (cfg.hidden_size + 2 * cfg.q_lora_rank + 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
                  + 3 * cfg.num_attention_heads * cfg.qk_head_dim)

@@ -38,18 +38,25 @@ def test_pipeline_ep_gradients_equal_single_process(schedule, checkpointing, doc
     assert sum(rep["substep_blocks"] for rep in reports) > 0
 
 
+def check_engine_steps(reports: list[dict]) -> None:
+    """Every rank's run_pipeline_ep report against single-process training: the full model's tensors, first-step
+    gradients, grad norm and losses, and the bias update (global counts, the same on every rank as in one
+    process; the skewed experts stay empty)."""
+    for rep in reports:
+        assert rep["n"] == rep["n_ref"]
+        assert_matches(rep)
+        assert rep["bias_diff"] == 0.0
+        assert all(set(empty) >= {1, 2, 6} for empty in rep["empty_last_step"].values())
+
+
 @pytest.mark.multiprocess
 def test_pipeline_ep_engine_steps_equal_single_process():
     """DualPipe pp=2 x dp=2 with ep=2 through its DeepSpeed engine (ZeRO-1 over the expert-DP groups, AdamW,
     clipping): first-step gradients and grad norm, two steps and their losses equal single-process training
     (compared as in test_pipeline_engine.py)."""
     reports = run_ranks(4, run_pipeline_ep, "dualpipe", 2, 2, 4, 2, 1.0, 2, True)
+    check_engine_steps(reports)
     for rep in reports:
-        assert rep["n"] == rep["n_ref"]
-        assert_matches(rep)
-        # the bias update: global counts summed over the copies group, the same on every rank as in one process
-        assert rep["bias_diff"] == 0.0
-        assert all(set(empty) >= {1, 2, 6} for empty in rep["empty_last_step"].values())
         # the recorded step holds this rank's all-to-alls: 2 MoE blocks x 2 microbatches x 5 (count exchange,
         # dispatch, combine and their gradients)
         assert rep["a2a_events"] == 20, rep["a2a_events"]
@@ -73,9 +80,4 @@ def test_1f1b_with_ep_steps_equal_single_process():
     gradients and grad norm, two steps' losses and the bias updates equal single-process training. Four layers,
     so stage 0 holds a MoE layer too (validate refuses a stage without one: DeepSpeed's per-group grad-norm
     reduction over the pipeline would not pair up)."""
-    reports = run_ranks(4, run_pipeline_ep, "1f1b", 2, 2, 4, 2, 1.0, 4, False)
-    for rep in reports:
-        assert rep["n"] == rep["n_ref"]
-        assert_matches(rep)
-        assert rep["bias_diff"] == 0.0
-        assert all(set(empty) >= {1, 2, 6} for empty in rep["empty_last_step"].values())
+    check_engine_steps(run_ranks(4, run_pipeline_ep, "1f1b", 2, 2, 4, 2, 1.0, 4, False))
