@@ -14,21 +14,21 @@ Collectives, per rank (the slowest rank decides when all are done, which the cal
 - all-to-all: the bytes to same-node peers go over NVLink and those to other nodes over InfiniBand at the same
   time (separate engines), so it takes latency + the longer of the two;
 - ring all-reduce / reduce-scatter / all-gather over n ranks: 2(n-1)/n, (n-1)/n and (n-1)/n of the buffer
-  through the ring's slowest link (InfiniBand as soon as the group spans nodes).
+  through the ring's slowest link (InfiniBand as soon as the group spans nodes); broadcast and reduce: the
+  whole buffer once through that link (a pipelined chain).
 
 Defaults are the DeepSeek-V3 report's H800 cluster: 400 Gb/s InfiniBand per GPU (50 GB/s), 160 GB/s NVLink,
 8 GPUs per node. Clocks are injected (`WallClock` here; a fake one in tests) so the timing semantics are
 tested without sleeping.
 
-Status: the model and its wait semantics only. The seam that applies it to every transfer (ours and DeepSpeed's,
-under `deepspeed.comm`), its Hydra switch, and the per-rank virtual clock for runs with more ranks than cores
-are not built yet, so nothing in training or the benchmarks uses it today.
+The seam that applies it to every transfer (ours and DeepSpeed's, under `deepspeed.comm`) is
+parallel/modelled_comm.py; the Hydra switch is `parallel.network` (trainer/config.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,14 +92,16 @@ class NetworkModel:
         return self.latency + max(intra, inter)
 
     def ring_seconds(self, kind: str, nbytes: int, ranks: Sequence[int]) -> float:
-        """A ring collective over `ranks` on a buffer of `nbytes` (all_reduce | reduce_scatter | all_gather)."""
+        """A ring collective over `ranks` on a buffer of `nbytes` (all_reduce | reduce_scatter | all_gather), or a
+        pipelined chain (broadcast | reduce: the whole buffer crosses each link once, in n-1 hops)."""
         passes = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}
-        if kind not in passes:
-            raise NetworkModelError(f"kind: unknown collective {kind!r}; one of {sorted(passes)}")
+        chains = ("broadcast", "reduce")
+        if kind not in passes and kind not in chains:
+            raise NetworkModelError(f"kind: unknown collective {kind!r}; one of {sorted([*passes, *chains])}")
         n = len(ranks)
         if n <= 1:
             return 0.0
-        share = passes[kind] * (n - 1) / n
+        share = 1.0 if kind in chains else passes[kind] * (n - 1) / n
         steps = (2 if kind == "all_reduce" else 1) * (n - 1)
         spans_nodes = len({self.node_of(r) for r in ranks}) > 1
         bw = (self.inter_node_gbs if spans_nodes else self.intra_node_gbs) * GB
@@ -124,22 +126,33 @@ class WallClock:
 
 class ModelledWork:
     """A posted transfer (a torch.distributed Work, or None for one already done) that completes no earlier than
-    post time + its modelled duration. wait() waits for the real transfer, then for what is left of the model's."""
+    post time + its modelled duration. wait() waits for the real transfer, then for what is left of the model's.
+    `posted`: when the transfer was posted (default: now); `on_block(seconds)` hears of each modelled hold."""
 
-    def __init__(self, work: Any, seconds: float, clock: Clock) -> None:
-        self.work, self.clock = work, clock
-        self.ready_at = clock.now() + seconds
+    def __init__(self, work: Any, seconds: float, clock: Clock, posted: float | None = None,
+                 on_block: Callable[[float], None] | None = None) -> None:
+        self.work, self.clock, self.on_block = work, clock, on_block
+        self.ready_at = (clock.now() if posted is None else posted) + seconds
         self.blocked = 0.0  # seconds the modelled remainder held the waiter (the exposed communication)
 
     def is_completed(self) -> bool:
         real = self.work is None or self.work.is_completed()
         return real and self.clock.now() >= self.ready_at
 
-    def wait(self) -> bool:
+    def wait(self, *args: Any) -> bool:
         if self.work is not None:
-            self.work.wait()
+            self.work.wait(*args)
         remaining = self.ready_at - self.clock.now()
         if remaining > 0:
             self.clock.sleep(remaining)
             self.blocked += remaining
+            if self.on_block is not None:
+                self.on_block(remaining)
         return True
+
+    def __getattr__(self, name: str) -> Any:
+        """Anything else a torch Work offers (get_future, exception, ...) is the real transfer's."""
+        work = self.__dict__.get("work")
+        if work is None:
+            raise AttributeError(name)
+        return getattr(work, name)

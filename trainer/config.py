@@ -24,6 +24,22 @@ RESUME_MODES = ("auto", "never")  # or a checkpoint path
 WANDB_MODES = ("offline", "online", "disabled")
 
 
+NETWORK_MODELS = ("none", "ib_nvlink")
+
+
+@dataclass
+class NetworkConfig:
+    """A modelled interconnect under torch.distributed (parallel/modelled_comm.py; docs/expert_parallel.md): every
+    transfer, ours and DeepSpeed's, completes no earlier than latency + bytes / bandwidth of the link it crosses.
+    Defaults: the DeepSeek-V3 report's H800 cluster."""
+
+    model: str = "none"  # none (off) | ib_nvlink (InfiniBand between nodes, NVLink inside one)
+    latency_us: float = 5.0  # per message, microseconds
+    intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU
+    inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s)
+    ranks_per_node: int = 8  # consecutive global ranks share a node
+
+
 @dataclass
 class ParallelConfig:
     schedule: str = "none"  # none (plain DeepSpeedEngine: data parallel) | 1f1b | dualpipe | dualpipev
@@ -40,6 +56,7 @@ class ParallelConfig:
     zero_stage: int = 1  # ZeRO stage of the optimizer states (0 or 1; pipelines need <= 1)
     defer_w: bool = True  # dualpipe/dualpipev: split backward, weight-gradients deferred to fill bubbles
     timeline_step: int = 0  # record this step's per-rank timeline (Chrome trace + PNG); 0: off
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 MOMENT_DTYPES = ("fp32", "bf16")

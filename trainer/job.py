@@ -7,10 +7,12 @@ takes the run directory's lock (trainer/cluster/run_lock.py) before the run writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from trainer.ds_config import deep_merge
 from trainer.errors import UserError, same_on_every_rank
 from trainer.redaction import env_paths, redact, redact_override
 from trainer.schema_checks import check_finite, check_known_keys
-from trainer.validate import Layout, validate
+from trainer.validate import Layout, network_model, validate
 
 
 @dataclass
@@ -228,8 +230,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _set_threads(env)
     init_process_group(env)
     # one job per run directory: rank 0 holds <run_dir>/run.lock from here to the end (a held one: exit 2)
-    with hold_run_dir(paths.run_dir, env), RunGuard(job.train, env) as guard:
+    with modelled_network(job), hold_run_dir(paths.run_dir, env), RunGuard(job.train, env) as guard:
         return _run(job, resolved, layout, env, paths, guard)
+
+
+@contextlib.contextmanager
+def modelled_network(job: JobConfig) -> Iterator[Any]:
+    """parallel.network: the modelled interconnect under torch.distributed for this job (a multirun's next job
+    starts without it)."""
+    net = network_model(job)
+    if net is None:
+        yield None
+        return
+    from parallel.modelled_comm import ModelledComm
+
+    with ModelledComm(net) as comm:
+        yield comm
 
 
 def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv, paths: RunPaths,

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from model.info import training_flops_per_token
+from parallel.modelled_comm import StepTraffic
 from parallel.step_schedule import StepLosses, StepSchedule
 from trainer.cluster.nonfinite import NonFiniteLoss
 from trainer.load_balance import gather_layer_counts, moe_routers, update_router_biases
@@ -93,6 +94,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
     peak = M.peak_flops(device_name, layout.dtype, None if cfg.logging.peak_tflops is None
                         else cfg.logging.peak_tflops * 1e12)
     throughput = M.Throughput(window=20)
+    network = StepTraffic()  # parallel.network: bytes per link type and modelled seconds per step
     eval_every, ckpt_every = t.eval_interval, cfg.checkpoint.interval
 
     timeline_step = cfg.parallel.timeline_step
@@ -138,6 +140,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
         utilisation = M.mfu(tok_s, flops_per_token, peak, num_devices=layout.world_size)
         if utilisation is not None:
             row["mfu"] = utilisation
+        row.update(network.step_metrics())
         if counts:
             row.update(M.expert_load_stats(counts))
             for layer, c in counts.items():

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.fp8.factory import FP8_BACKENDS, FP8_RECIPES
+from parallel.network_model import NetworkModel, NetworkModelError
 from parallel.step_schedule import DUALPIPES, PIPELINES, SCHEDULES
 from trainer.config import (
     DTYPES,
     LR_SCHEDULES,
     MOMENT_DTYPES,
+    NETWORK_MODELS,
     RESUME_MODES,
     WANDB_MODES,
     JobConfig,
@@ -319,6 +321,22 @@ def resolve_dtype(cfg: JobConfig, device: str) -> str:
     return cfg.precision.dtype
 
 
+def network_model(cfg: JobConfig) -> NetworkModel | None:
+    """`parallel.network` as a NetworkModel (None: off); an impossible value names its key."""
+    net = cfg.parallel.network
+    _need(net.model in NETWORK_MODELS, "parallel.network.model", f"unknown network model {net.model!r}",
+          f"choose one of {', '.join(NETWORK_MODELS)}")
+    if net.model == "none":
+        return None
+    try:
+        return NetworkModel(latency_us=net.latency_us, intra_node_gbs=net.intra_node_gbs,
+                            inter_node_gbs=net.inter_node_gbs, ranks_per_node=net.ranks_per_node)
+    except NetworkModelError as e:
+        key, _, problem = str(e).partition(": ")
+        raise UserError(f"parallel.network.{key}", problem, "see docs/expert_parallel.md (modelled "
+                        "interconnect)") from None
+
+
 def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = True) -> Layout:
     """All cross-field rules; raises UserError on the first violation, else returns the Layout."""
     _check_scalars(cfg)
@@ -328,6 +346,7 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
     _check_precision(cfg, device, ep)
+    network_model(cfg)
     # -- expert parallelism (parallel/expert_shard.py), every schedule, under ZeRO-1 (its optimizer reduces expert
     # gradients over the expert-DP group; stage 0 would all-reduce them over dp)
     if ep > 1 and cfg.parallel.schedule == "1f1b" and cfg.model.num_hidden_layers % pp == 0:

@@ -66,7 +66,8 @@ def test_ring_collectives_take_the_slowest_link():
         3 * 5e-6 + 3 / 4 * nbytes / (50 * GB))
     assert NET.ring_seconds("all_gather", nbytes, [7]) == 0.0
     with pytest.raises(NetworkModelError, match="^kind: "):
-        NET.ring_seconds("broadcast", nbytes, one_node)
+        NET.ring_seconds("scatter", nbytes, one_node)
+    assert NET.ring_seconds("broadcast", nbytes, two_nodes) == pytest.approx(3 * 5e-6 + nbytes / (50 * GB))
 
 
 def test_a_wait_after_enough_compute_costs_nothing():

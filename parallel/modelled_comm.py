@@ -1,0 +1,254 @@
+"""The modelled interconnect applied at one seam: every `torch.distributed` transfer of this process.
+
+`ModelledComm(net).install()` replaces the point-to-point and collective functions of `torch.distributed`
+(the package names and the `distributed_c10d` module globals they are, plus the two that DeepSpeed's
+`TorchBackend` caches at start-up), so ours (`parallel/p2p.py`, the EP all-to-alls) and DeepSpeed's own
+(`deepspeed.comm` calls `torch.distributed.*` at call time: the pipeline engine's p2p, ZeRO-1's reductions) all
+pass through it. Each call still does the real transfer; it is given the duration `NetworkModel` computes for
+the link(s) it crosses and completes no earlier than its post time plus that duration:
+- asynchronous calls (isend/irecv, `async_op=True`, `batch_isend_irecv`) return a `ModelledWork` whose wait()
+  blocks for whatever is left of the duration;
+- synchronous calls return once the real transfer is done and the duration has passed since the call.
+
+Approximations (docs/expert_parallel.md): each rank models its own side from its own post time, so a peer
+that posts late is seen through the real transfer's wait only; concurrent transfers of one rank do not share
+bandwidth except inside one all-to-all; barriers and object collectives are not modelled.
+
+`stats` counts, per rank, the bytes this rank sent over each link type, the modelled seconds of its
+transfers, and the seconds its waits were held by the model (the exposed modelled communication).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from parallel.network_model import Clock, ModelledWork, NetworkModel, WallClock
+
+P2P = ("isend", "irecv", "send", "recv")
+ASYNC_P2P = ("isend", "irecv")
+# collective -> (NetworkModel.ring_seconds kind, argument holding the full buffer)
+RING = {
+    "all_reduce": ("all_reduce", "tensor"),
+    "reduce_scatter_tensor": ("reduce_scatter", "input"),
+    "_reduce_scatter_base": ("reduce_scatter", "input"),
+    "reduce_scatter": ("reduce_scatter", "input_list"),
+    "all_gather_into_tensor": ("all_gather", "output_tensor"),
+    "_all_gather_base": ("all_gather", "output_tensor"),
+    "all_gather": ("all_gather", "tensor_list"),
+    "broadcast": ("broadcast", "tensor"),
+    "reduce": ("reduce", "tensor"),
+}
+ALL_TO_ALL = ("all_to_all_single", "all_to_all")
+WRAPPED = (*P2P, "batch_isend_irecv", *RING, *ALL_TO_ALL)
+LINKS = ("intra_node", "inter_node")
+
+
+def _nbytes(t: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def _rows_bytes(t: torch.Tensor, splits: Sequence[int] | None, n: int) -> list[int]:
+    """Bytes per peer of an all_to_all_single buffer: `splits` rows each, or an even split."""
+    if splits is None:
+        return [_nbytes(t) // n] * n
+    row = t.element_size() * (t.numel() // t.shape[0] if t.shape[0] else 0)
+    return [int(s) * row for s in splits]
+
+
+@dataclass
+class CommStats:
+    sent_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LINKS, 0))
+    modelled_s: float = 0.0  # sum of this rank's modelled transfer durations
+    blocked_s: float = 0.0  # seconds this rank's waits were held by the model
+    transfers: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sent_bytes": dict(self.sent_bytes), "modelled_s": self.modelled_s, "blocked_s": self.blocked_s,
+                "transfers": self.transfers}
+
+
+class ModelledComm:
+    """Installs the network model under torch.distributed for this process (one at a time); a context manager.
+    `clock`: wall time by default (valid while each rank has a core of its own); tests inject a fake one."""
+
+    _active: ModelledComm | None = None
+
+    def __init__(self, net: NetworkModel, clock: Clock | None = None) -> None:
+        self.net, self.clock = net, clock or WallClock()
+        self.stats = CommStats()
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._inside = threading.local()  # a wrapped call made by a wrapped call (batch -> isend) is not modelled
+
+    # ---- durations -------------------------------------------------------------------------------------
+    def _ranks(self, group: Any) -> list[int]:
+        return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+
+    def _link(self, a: int, b: int) -> str:
+        return LINKS[0] if self.net.same_node(a, b) else LINKS[1]
+
+    def _peer(self, args: dict[str, Any], key: str) -> int | None:
+        """The global rank of a p2p call's peer (`dst`/`src`, or `group_dst`/`group_src` within `group`)."""
+        if args.get(key) is not None:
+            return int(args[key])
+        local = args.get(f"group_{key}")
+        if local is None:
+            return None  # recv from any source
+        return dist.get_global_rank(args.get("group") or dist.group.WORLD, local)
+
+    @staticmethod
+    def _op_peer(op: dist.P2POp) -> int:
+        if op.peer is not None:
+            return op.peer
+        return dist.get_global_rank(op.group or dist.group.WORLD, op.group_peer)
+
+    def _p2p(self, name: str, tensor: torch.Tensor, peer: int | None) -> float:
+        me, nbytes = dist.get_rank(), _nbytes(tensor)
+        if peer is None:  # any source: the slower link
+            return self.net.latency + nbytes / (self.net.inter_node_gbs * 1e9)
+        if name in ("isend", "send") and peer != me:
+            self.stats.sent_bytes[self._link(me, peer)] += nbytes
+        return self.net.p2p_seconds(nbytes, me, peer)
+
+    def seconds(self, name: str, args: dict[str, Any]) -> float:
+        """The modelled duration of one call (its bound arguments), counting the bytes this rank sends."""
+        me = dist.get_rank()
+        if name in P2P:
+            return self._p2p(name, args["tensor"], self._peer(args, "dst" if name in ("isend", "send") else "src"))
+        ranks = self._ranks(args.get("group"))
+        if name in RING:
+            kind, key = RING[name]
+            nbytes = _nbytes(args[key])
+            seconds = self.net.ring_seconds(kind, nbytes, ranks)
+            if len(ranks) > 1:  # a ring member sends its share to the next member
+                nxt = ranks[(ranks.index(me) + 1) % len(ranks)]
+                passes = {"all_reduce": 2.0}.get(kind, 1.0) * (len(ranks) - 1) / len(ranks)
+                share = 1.0 if kind in ("broadcast", "reduce") else passes
+                self.stats.sent_bytes[self._link(me, nxt)] += int(share * nbytes)
+            return seconds
+        n = len(ranks)
+        if name == "all_to_all_single":
+            send = _rows_bytes(args["input"], args.get("input_split_sizes"), n)
+            recv = _rows_bytes(args["output"], args.get("output_split_sizes"), n)
+        else:
+            send = [_nbytes(t) for t in args["input_tensor_list"]]
+            recv = [_nbytes(t) for t in args["output_tensor_list"]]
+        for peer, nbytes in zip(ranks, send, strict=True):
+            if peer != me:
+                self.stats.sent_bytes[self._link(me, peer)] += nbytes
+        return self.net.all_to_all_seconds(me, ranks, send, recv)
+
+    # ---- the wrappers ------------------------------------------------------------------------------------
+    def _blocked(self, seconds: float) -> None:
+        self.stats.blocked_s += seconds
+
+    def _modelled(self, work: Any, seconds: float, posted: float) -> ModelledWork:
+        self.stats.modelled_s += seconds
+        self.stats.transfers += 1
+        return ModelledWork(work, seconds, self.clock, posted=posted, on_block=self._blocked)
+
+    def _wrap(self, name: str, real: Callable) -> Callable:
+        signature = inspect.signature(real)
+
+        @functools.wraps(real)
+        def modelled(*args: Any, **kwargs: Any) -> Any:
+            if getattr(self._inside, "depth", 0):
+                return real(*args, **kwargs)
+            posted = self.clock.now()
+            self._inside.depth = 1
+            try:
+                out = real(*args, **kwargs)
+            finally:
+                self._inside.depth = 0
+            bound = signature.bind(*args, **kwargs).arguments
+            if name == "batch_isend_irecv":
+                ops = bound["p2p_op_list"]
+                return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)), posted)
+                        for op, work in zip(ops, out or [None] * len(ops), strict=True)]
+            work = self._modelled(out, self.seconds(name, bound), posted)
+            if name in ASYNC_P2P or bound.get("async_op"):
+                return work
+            work.work = None  # synchronous: the real transfer is done; hold the caller for the rest
+            work.wait()
+            return out
+
+        return modelled
+
+    def install(self) -> ModelledComm:
+        if ModelledComm._active is not None:
+            raise RuntimeError("a network model is already installed in this process")
+        for name in WRAPPED:
+            real = getattr(dist, name, None)
+            if real is None:
+                continue
+            wrapper = self._wrap(name, real)
+            for namespace in (dist, c10d):
+                if getattr(namespace, name, None) is real:
+                    self._saved.append((namespace, name, real))
+                    setattr(namespace, name, wrapper)
+        self._rebind_deepspeed()
+        ModelledComm._active = self
+        return self
+
+    def _rebind_deepspeed(self) -> None:
+        """DeepSpeed's TorchBackend keeps the all-gather / reduce-scatter functions it found at start-up."""
+        try:
+            from deepspeed.comm import comm as ds_comm
+        except ImportError:
+            return
+        backend = getattr(ds_comm, "cdb", None)
+        for attr in ("all_gather_function", "reduce_scatter_function"):
+            real = getattr(backend, attr, None)
+            name = getattr(real, "__name__", None)
+            if real is not None and getattr(dist, name, real) is not real:
+                self._saved.append((backend, attr, real))
+                setattr(backend, attr, getattr(dist, name))
+
+    def uninstall(self) -> None:
+        for namespace, name, real in reversed(self._saved):
+            setattr(namespace, name, real)
+        self._saved.clear()
+        if ModelledComm._active is self:
+            ModelledComm._active = None
+
+    def __enter__(self) -> ModelledComm:
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+
+def active() -> ModelledComm | None:
+    """The network model installed in this process, if any (its `stats` feed the step's metrics)."""
+    return ModelledComm._active
+
+
+class StepTraffic:
+    """The installed model's counters per training step, as metric rows (docs/metrics.md); {} when none is
+    installed. The first row counts from this object's creation."""
+
+    def __init__(self) -> None:
+        comm = active()
+        self._last = comm.stats.as_dict() if comm is not None else None
+
+    def step_metrics(self) -> dict[str, float]:
+        comm = active()
+        if comm is None:
+            return {}
+        now = comm.stats.as_dict()
+        last = self._last or CommStats().as_dict()
+        self._last = now
+        return {"net_intra_node_bytes": now["sent_bytes"]["intra_node"] - last["sent_bytes"]["intra_node"],
+                "net_inter_node_bytes": now["sent_bytes"]["inter_node"] - last["sent_bytes"]["inter_node"],
+                "net_modelled_s": now["modelled_s"] - last["modelled_s"],
+                "net_exposed_s": now["blocked_s"] - last["blocked_s"]}

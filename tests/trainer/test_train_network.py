@@ -1,0 +1,32 @@
+"""The modelled interconnect in the trainer (`parallel.network.model=ib_nvlink`): it changes timing only, so a run
+with it logs the same losses as one without, and its rows count the step's bytes per link type (2 CPU ranks on two
+modelled nodes: everything crosses InfiniBand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import base_overrides, launch, rows
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+SHORT = ["train.steps=3", "train.eval_interval=0", "train.eval_batches=0", "checkpoint.interval=0",
+         "checkpoint.save_final=false"]
+NETWORK = ["parallel.network.model=ib_nvlink", "parallel.network.ranks_per_node=1",
+           "parallel.network.inter_node_gbs=5"]
+
+
+@pytest.mark.parametrize("layout", [["parallel=dp", "parallel.ep=2"], ["parallel=dualpipe"]],
+                         ids=["dp_ep2", "dualpipe_pp2"])
+def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path, layout: list[str]):
+    plain, modelled = tmp_path / "plain", tmp_path / "modelled"
+    launch(base_overrides(tiny_data, plain, *SHORT, *layout), nproc=2)
+    launch(base_overrides(tiny_data, modelled, *SHORT, *layout, *NETWORK), nproc=2)
+    a, b = rows(plain), rows(modelled)
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]  # same arithmetic, same order
+    assert all("train/net_inter_node_bytes" not in r for r in a)
+    for r in b:
+        assert r["train/net_inter_node_bytes"] > 0 and r["train/net_intra_node_bytes"] == 0
+        assert 0 <= r["train/net_exposed_s"] <= r["train/net_modelled_s"] and r["train/net_modelled_s"] > 0
