@@ -79,14 +79,15 @@ def _model_config():
                        num_nextn_predict_layers=0, max_position_embeddings=SEQ, name="bench-ep-fb")
 
 
-def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
-    """Median seconds per step and a2a seconds (blocked) per step for the sequential and overlapped F&B pairs."""
+def _fb_setup(group, ep_rank: int):
+    """The F&B-pair model sharded over the EP ranks, its dispatchers, the two stages (plain EP layers and EP
+    blocks as sub-steps) and this rank's microbatches."""
     import torch.distributed as dist
 
-    from model.transformer import DeepseekV3, MicroBatch
+    from model.transformer import DeepseekV3
     from parallel.dispatcher import AllToAllDispatcher
     from parallel.expert_shard import shard_experts
-    from parallel.stages import Stage, run_pair, run_to_end, stage_pieces
+    from parallel.stages import Stage, stage_pieces
 
     cfg = _model_config()
     torch.manual_seed(0)
@@ -96,41 +97,112 @@ def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
     stages = {overlap: Stage(stage_pieces(model, 0, 1), 0, 1, overlap_ep=overlap) for overlap in (False, True)}
     g = torch.Generator().manual_seed(dist.get_rank())
     tokens = [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g) for _ in range(MICROBATCHES)]
+    return model, dispatchers, stages, tokens
 
-    def step(stage: Stage) -> None:
-        def ctx(i: int) -> MicroBatch:
-            return MicroBatch(tokens=tokens[i], seq_len=SEQ)
 
-        scale = 1.0 / MICROBATCHES
-        run_to_end(stage.forward_steps(None, ctx(0), 0))
-        for i in range(1, MICROBATCHES):  # the F&B pair, alternating piece by piece as the runtime does
-            run_pair(stage.backward_steps(None, i - 1, scale), stage.forward_steps(None, ctx(i), i))
-        run_to_end(stage.backward_steps(None, MICROBATCHES - 1, scale))
-        model.zero_grad(set_to_none=True)
+def _fb_step(model, dispatchers: list, stage, tokens: list, trace: list | None, pairs_only: bool) -> float:
+    """One step in DualPipe's steady-state order: F(0), the pairs (B(i-1) with F(i)), B(M-1). Returns the
+    seconds of the whole step, or of the pair phase alone (`pairs_only`: then only the pairs' all-to-alls go to
+    `trace`)."""
+    from model.transformer import MicroBatch
+    from parallel.stages import run_pair, run_to_end
 
-    def blocked(trace: list) -> tuple[float, float]:
-        """(all, count exchanges only) seconds blocked in all-to-alls."""
-        return (sum(c.wait_end - c.wait_start for c in trace),
-                sum(c.wait_end - c.wait_start for c in trace if c.label.startswith("counts")))
+    def ctx(i: int) -> MicroBatch:
+        return MicroBatch(tokens=tokens[i], seq_len=SEQ)
 
+    def tracing(on: bool) -> None:
+        for d in dispatchers:
+            d.trace = trace if on else None
+
+    scale = 1.0 / MICROBATCHES
+    tracing(not pairs_only)
+    t0 = time.perf_counter()
+    run_to_end(stage.forward_steps(None, ctx(0), 0))
+    tracing(True)
+    t_pairs = time.perf_counter()
+    for i in range(1, MICROBATCHES):  # the F&B pair, alternating piece by piece as the runtime does
+        run_pair(stage.backward_steps(None, i - 1, scale), stage.forward_steps(None, ctx(i), i))
+    pairs = time.perf_counter() - t_pairs
+    tracing(not pairs_only)
+    run_to_end(stage.backward_steps(None, MICROBATCHES - 1, scale))
+    whole = time.perf_counter() - t0
+    tracing(False)
+    model.zero_grad(set_to_none=True)
+    return pairs if pairs_only else whole
+
+
+def _blocked(trace: list) -> tuple[float, float]:
+    """(all, count exchanges only) seconds blocked in all-to-alls."""
+    return (sum(c.wait_end - c.wait_start for c in trace),
+            sum(c.wait_end - c.wait_start for c in trace if c.label.startswith("counts")))
+
+
+def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
+    """Median seconds per step and a2a seconds (blocked) per step for the sequential and overlapped F&B pairs."""
+    import torch.distributed as dist
+
+    model, dispatchers, stages, tokens = _fb_setup(group, ep_rank)
     samples: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
     for overlap in (False, True):
-        step(stages[overlap])  # warm-up
+        _fb_step(model, dispatchers, stages[overlap], tokens, None, False)  # warm-up
     for _ in range(n):
         for overlap in (False, True):
             trace: list = []
-            for d in dispatchers:
-                d.trace = trace
             dist.barrier()
-            t0 = time.perf_counter()
-            step(stages[overlap])
-            samples[overlap].append((time.perf_counter() - t0, *blocked(trace)))
-    for d in dispatchers:
-        d.trace = None
+            seconds = _fb_step(model, dispatchers, stages[overlap], tokens, trace, False)
+            samples[overlap].append((seconds, *_blocked(trace)))
     med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}  # the median step and its a2a time
     return {"fb_sequential_s": med[False][0], "fb_sequential_a2a_s": med[False][1],
             "fb_sequential_counts_s": med[False][2], "fb_overlap_s": med[True][0], "fb_overlap_a2a_s": med[True][1],
             "fb_overlap_counts_s": med[True][2]}
+
+
+def _fb_pair_modelled(group, ep_rank: int, n: int) -> dict[str, float]:
+    """The F&B pair phase on a modelled interconnect: the 2 ranks on two nodes, InfiniBand's bandwidth set so
+    that the pair phase's all-to-alls take as long as its compute (DeepSeek-V3's ratio), on the wall clock (each
+    rank has a core of its own). Calibration: the sequential pair phase's compute (time minus a2a waits,
+    unmodelled) and its all-to-all bytes (counted through the seam at a bandwidth too high to matter)."""
+    import torch.distributed as dist
+
+    from parallel.modelled_comm import ModelledComm
+    from parallel.network_model import NetworkModel
+
+    model, dispatchers, stages, tokens = _fb_setup(group, ep_rank)
+    seq = stages[False]
+    _fb_step(model, dispatchers, seq, tokens, None, True)  # warm-up
+    compute = []
+    for _ in range(3):
+        trace: list = []
+        dist.barrier()
+        compute.append(_fb_step(model, dispatchers, seq, tokens, trace, True) - _blocked(trace)[0])
+    counting = ModelledComm(NetworkModel(latency_us=0.0, inter_node_gbs=1e9, intra_node_gbs=1e9,
+                                         ranks_per_node=1))
+    with counting:
+        for d in dispatchers:
+            d.trace = None
+        _fb_step(model, dispatchers, seq, tokens, None, True)
+    sent = counting.stats.sent_bytes["inter_node"]  # the whole step's; the pairs carry (M-1)/M of it
+    pair_bytes = sent * (MICROBATCHES - 1) / MICROBATCHES
+    both = torch.tensor([pair_bytes, sorted(compute)[1]], dtype=torch.float64)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # both ranks take the same network
+    gbs = float(both[0] / both[1]) / 1e9
+    net = NetworkModel(latency_us=5.0, intra_node_gbs=160.0, inter_node_gbs=gbs, ranks_per_node=1)
+    samples: dict[bool, list[tuple[float, float, float, float]]] = {False: [], True: []}
+    with ModelledComm(net) as comm:
+        for overlap in (False, True):
+            _fb_step(model, dispatchers, stages[overlap], tokens, None, True)  # warm-up
+        for _ in range(n):
+            for overlap in (False, True):
+                trace = []
+                dist.barrier()
+                modelled0 = comm.stats.modelled_s
+                seconds = _fb_step(model, dispatchers, stages[overlap], tokens, trace, True)
+                samples[overlap].append((seconds, *_blocked(trace), comm.stats.modelled_s - modelled0))
+    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    return {"m_seq_s": med[False][0], "m_seq_a2a_s": med[False][1], "m_seq_counts_s": med[False][2],
+            "m_seq_modelled_s": med[False][3], "m_over_s": med[True][0], "m_over_a2a_s": med[True][1],
+            "m_over_counts_s": med[True][2], "m_over_modelled_s": med[True][3],
+            "m_compute_s": float(both[1]), "m_inter_node_gbs": gbs, "m_pair_bytes": float(both[0])}
 
 
 def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
@@ -203,6 +275,7 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
 
     ((peer_s, _),) = measure([peer_fn], n)
     fb = _fb_pair_steps(groups.ep_group, groups.ep_rank, n)
+    fb.update(_fb_pair_modelled(groups.ep_group, groups.ep_rank, n))
     return {"sync_s": sync_s, "overlap_s": over_s, "sync_a2a_s": sync_a2a, "overlap_a2a_s": over_a2a,
             "peer_s": peer_s, **fb}
 
@@ -223,9 +296,27 @@ def run(repeats: int) -> dict[str, Any]:
     layer_total, layer_exposed = mean["sync_a2a_s"], mean["overlap_a2a_s"]
     # ours: the layer as the trainer runs it at schedule=none (shared experts hidden behind the dispatch)
     ours_tps, peer_tps = tokens / worst["overlap_s"], tokens / worst["peer_s"]
+    pair_share = (MICROBATCHES - 1) / MICROBATCHES
+    m_total, m_exposed = mean["m_seq_a2a_s"], mean["m_over_a2a_s"]
+    modelled = {
+        "hidden_fraction": 1.0 - m_exposed / m_total if m_total > 0 else 0.0,
+        "fb_speedup": worst["m_seq_s"] / worst["m_over_s"],
+        "a2a_total_ms": 1e3 * m_total, "a2a_exposed_ms": 1e3 * m_exposed,
+        "counts_exchange_ms_sequential": 1e3 * mean["m_seq_counts_s"],
+        "counts_exchange_ms_overlap": 1e3 * mean["m_over_counts_s"],
+        "pair_phase_ms_sequential": 1e3 * worst["m_seq_s"], "pair_phase_ms_overlap": 1e3 * worst["m_over_s"],
+        "a2a_over_compute": mean["m_seq_modelled_s"] * pair_share / mean["m_compute_s"],
+        "network": {"model": "ib_nvlink", "latency_us": 5.0, "intra_node_gbs": 160.0,
+                    "inter_node_gbs": worst["m_inter_node_gbs"], "ranks_per_node": 1},
+        "pair_phase_bytes_per_rank": worst["m_pair_bytes"], "pair_phase_compute_ms": 1e3 * worst["m_compute_s"],
+        "clock": "wall", "processes": EP, "cores": os.cpu_count(),
+        "note": "the pair phase of a DualPipe step (M-1 overlapped F&B pairs); the 2 ranks on two modelled nodes, "
+                "InfiniBand's bandwidth set so that the phase's all-to-alls take as long as its compute "
+                "(a2a_over_compute); a2a time = time blocked in all-to-all waits (count exchanges included)",
+    }
     return result(
         "ep_overlap", ours_tps, peer_tps, "tokens/s (MoE layer fwd+bwd, ep=2, 2 CPU ranks)",
-        "> 1 vs DeepSpeed MoE at ep=2; hidden_fraction >= 0.7 and fb_overlap faster than fb_sequential", repeats,
+        "> 1 vs DeepSpeed MoE at ep=2; modelled.hidden_fraction >= 0.8 and modelled.fb_speedup >= 1.3", repeats,
         hidden_fraction=hidden, a2a_total_ms=1e3 * total, a2a_exposed_ms=1e3 * exposed,
         rows_hidden_fraction=1.0 - rows_exposed / rows_total if rows_total > 0 else 0.0,
         counts_exchange_ms_sequential=1e3 * mean["fb_sequential_counts_s"],
@@ -238,7 +329,7 @@ def run(repeats: int) -> dict[str, Any]:
         layer_overlap_speedup=worst["sync_s"] / worst["overlap_s"],
         layer_a2a_total_ms=1e3 * layer_total, layer_a2a_exposed_ms=1e3 * layer_exposed,
         layer_hidden_fraction=1.0 - layer_exposed / layer_total if layer_total > 0 else 0.0,
-        step_ms_deepspeed=1e3 * worst["peer_s"],
+        step_ms_deepspeed=1e3 * worst["peer_s"], modelled=modelled,
         shapes={"hidden": HIDDEN, "experts": EXPERTS, "width": WIDTH, "top_k": TOP_K, "shared": SHARED,
                 "tokens_per_rank": TOKENS, "fb_layers": LAYERS, "fb_heads": HEADS,
                 "fb_microbatch": [BATCH, SEQ], "fb_microbatches": MICROBATCHES},

@@ -35,6 +35,7 @@ experts) is checkpointed piece by piece: the recompute in backward never re-runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Generator
 from typing import Any
@@ -43,6 +44,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from model.block import BlockAux, DecoderBlock
+from model.gemm import GroupedLinear, Linear
 from model.moe import MoE
 from model.transformer import MicroBatch
 from parallel.dispatcher import AllToAllDispatcher
@@ -80,6 +82,68 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
+class HeldWeightGrads:
+    """Weight-gradient GEMMs of the routed experts held back during their backward and run after the next
+    all-to-all is posted. A `defer_or_run` target (model/gemm.py) chained in front of the store the GEMMs already
+    had: outside `holding()`, and on `release()`, work goes to that store (a zero-bubble W group when the pipeline
+    defers weight-gradients) or runs at once."""
+
+    def __init__(self) -> None:
+        self._held: list = []
+        self._holding = False
+
+    @contextlib.contextmanager
+    def installed(self, module: torch.nn.Module):
+        """Route the weight-gradients of `module`'s GEMMs built inside this context through this object."""
+        layers = [m for m in module.modules() if isinstance(m, GroupedLinear | Linear)]
+        saved = [m.backend for m in layers]
+        for m, backend in zip(layers, saved, strict=True):
+            m.backend = backend.with_wgrad_store(_Chained(self, backend.wgrad_store))
+        try:
+            yield
+        finally:
+            for m, backend in zip(layers, saved, strict=True):
+                m.backend = backend
+
+    @contextlib.contextmanager
+    def holding(self):
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for fn, inner in held:
+            _run_or_defer(fn, inner)
+
+
+def _run_or_defer(fn, inner) -> None:
+    if inner is None:
+        fn()
+    else:
+        inner.defer_or_run(fn)
+
+
+class _Chained:
+    """The store a GEMM sees: holds while its HeldWeightGrads holds, else passes to the GEMM's own store."""
+
+    def __init__(self, held: HeldWeightGrads, inner) -> None:
+        self.held, self.inner = held, inner
+
+    @property
+    def active(self) -> bool:
+        """As the GEMM's own store says (model/gemm.py GemmBackend.is_plain): the forward path stays the same."""
+        return self.inner is not None and getattr(self.inner, "active", True)
+
+    def defer_or_run(self, fn) -> None:
+        if self.held._holding:
+            self.held._held.append((fn, self.inner))
+        else:
+            _run_or_defer(fn, self.inner)
+
+
 def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
                    ) -> Generator[None, None, tuple[torch.Tensor, Any]]:
     """Forward of an EP MoE block on the detached, grad-requiring input `h`, yielding after each posted
@@ -110,8 +174,11 @@ def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
     shared = _maybe_checkpoint(block, moe.shared_experts, x_in) if moe.shared_experts is not None else None
     recv = _leaf(dispatch.wait())
 
+    held = HeldWeightGrads()
+
     def experts(rows_in: torch.Tensor) -> torch.Tensor:
-        y = moe.experts(rows_in.index_select(0, layout.perm), layout.rows)
+        with held.installed(moe.experts):  # also when a checkpoint recomputes this in backward
+            y = moe.experts(rows_in.index_select(0, layout.perm), layout.rows)
         return y.index_select(0, layout.inverse)  # back to (source rank, expert) order for the return trip
 
     y_src = _maybe_checkpoint(block, experts, recv)
@@ -129,11 +196,14 @@ def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
         combine_grad = dispatcher.post(_grad_or_zeros(back), layout.recv_splits, layout.send_splits,
                                        "combine-grad")
         yield
-        # B2: through the experts (and the shared experts); post the dispatch's transpose
-        _backward([(y_src, combine_grad.wait()),
-                   (shared, None if shared_in is None else shared_in.grad)])
+        # B2: the shared experts first (they do not need the combine's gradient, so they cover its transfer),
+        # then the routed experts; post the dispatch's transpose
+        _backward([(shared, None if shared_in is None else shared_in.grad)])
+        with held.holding():  # the routed experts' input-gradients now, their weight-gradients after the post
+            _backward([(y_src, combine_grad.wait())])
         dispatch_grad = dispatcher.post(_grad_or_zeros(recv), layout.send_splits, layout.recv_splits,
                                         "dispatch-grad")
+        held.release()  # DeepSeek-V3's MLP(W) while the dispatch's gradient travels
         yield
         # B1: through the sort, the router (gates, balance loss) and attention, to the block input
         balance = routing.balance_loss
