@@ -100,10 +100,13 @@ def _fb_setup(group, ep_rank: int):
     return model, dispatchers, stages, tokens
 
 
-def _fb_step(model, dispatchers: list, stage, tokens: list, trace: list | None, pairs_only: bool) -> float:
+def _fb_step(model, dispatchers: list, stage, tokens: list, trace: list | None, pairs_only: bool,
+             comm=None) -> float | dict[str, float]:
     """One step in DualPipe's steady-state order: F(0), the pairs (B(i-1) with F(i)), B(M-1). Returns the
     seconds of the whole step, or of the pair phase alone (`pairs_only`: then only the pairs' all-to-alls go to
-    `trace`)."""
+    `trace`). With a modelled interconnect `comm`: the pair phase starts with the ranks' clocks aligned and is
+    timed on its clock; returns {"pairs", "blocked", "modelled"} seconds of the pair phase (the last two from the
+    seam's counters: this rank's waits held by the model, and its transfers' modelled durations)."""
     from model.transformer import MicroBatch
     from parallel.stages import run_pair, run_to_end
 
@@ -119,15 +122,21 @@ def _fb_step(model, dispatchers: list, stage, tokens: list, trace: list | None, 
     t0 = time.perf_counter()
     run_to_end(stage.forward_steps(None, ctx(0), 0))
     tracing(True)
-    t_pairs = time.perf_counter()
+    now = comm.clock.now if comm is not None else time.perf_counter
+    t_pairs = comm.align_clocks() if comm is not None else now()
+    before = comm.stats.as_dict() if comm is not None else None
     for i in range(1, MICROBATCHES):  # the F&B pair, alternating piece by piece as the runtime does
         run_pair(stage.backward_steps(None, i - 1, scale), stage.forward_steps(None, ctx(i), i))
-    pairs = time.perf_counter() - t_pairs
+    pairs = now() - t_pairs
+    after = comm.stats.as_dict() if comm is not None else None
     tracing(not pairs_only)
     run_to_end(stage.backward_steps(None, MICROBATCHES - 1, scale))
     whole = time.perf_counter() - t0
     tracing(False)
     model.zero_grad(set_to_none=True)
+    if comm is not None:
+        return {"pairs": pairs, "blocked": after["blocked_s"] - before["blocked_s"],
+                "modelled": after["modelled_s"] - before["modelled_s"]}
     return pairs if pairs_only else whole
 
 
@@ -165,7 +174,7 @@ def _fb_pair_modelled(group, ep_rank: int, n: int) -> dict[str, float]:
     import torch.distributed as dist
 
     from parallel.modelled_comm import ModelledComm
-    from parallel.network_model import NetworkModel
+    from parallel.network_model import NetworkModel, VirtualClock, WallClock
 
     model, dispatchers, stages, tokens = _fb_setup(group, ep_rank)
     seq = stages[False]
@@ -187,22 +196,26 @@ def _fb_pair_modelled(group, ep_rank: int, n: int) -> dict[str, float]:
     dist.all_reduce(both, op=dist.ReduceOp.MAX)  # both ranks take the same network
     gbs = float(both[0] / both[1]) / 1e9
     net = NetworkModel(latency_us=5.0, intra_node_gbs=160.0, inter_node_gbs=gbs, ranks_per_node=1)
-    samples: dict[bool, list[tuple[float, float, float, float]]] = {False: [], True: []}
-    with ModelledComm(net) as comm:
-        for overlap in (False, True):
-            _fb_step(model, dispatchers, stages[overlap], tokens, None, True)  # warm-up
-        for _ in range(n):
+    out = {"m_compute_s": float(both[1]), "m_inter_node_gbs": gbs, "m_pair_bytes": float(both[0])}
+    # the wall clock (valid here: one core per rank), then the virtual clock on the same runs, as its check
+    for clock_name, clock in (("wall", WallClock()), ("virtual", VirtualClock())):
+        samples: dict[bool, list[tuple[float, ...]]] = {False: [], True: []}
+        with ModelledComm(net, clock) as comm:
             for overlap in (False, True):
-                trace = []
-                dist.barrier()
-                modelled0 = comm.stats.modelled_s
-                seconds = _fb_step(model, dispatchers, stages[overlap], tokens, trace, True)
-                samples[overlap].append((seconds, *_blocked(trace), comm.stats.modelled_s - modelled0))
-    med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-    return {"m_seq_s": med[False][0], "m_seq_a2a_s": med[False][1], "m_seq_counts_s": med[False][2],
-            "m_seq_modelled_s": med[False][3], "m_over_s": med[True][0], "m_over_a2a_s": med[True][1],
-            "m_over_counts_s": med[True][2], "m_over_modelled_s": med[True][3],
-            "m_compute_s": float(both[1]), "m_inter_node_gbs": gbs, "m_pair_bytes": float(both[0])}
+                _fb_step(model, dispatchers, stages[overlap], tokens, None, True, comm)  # warm-up
+            for _ in range(n):
+                for overlap in (False, True):
+                    trace = []
+                    dist.barrier()
+                    m = _fb_step(model, dispatchers, stages[overlap], tokens, trace, True, comm)
+                    samples[overlap].append((m["pairs"], *_blocked(trace), m["modelled"], m["blocked"]))
+        med = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+        for overlap, tag in ((False, "seq"), (True, "over")):
+            pairs, a2a, counts, modelled, held = med[overlap]
+            out.update({f"m_{clock_name}_{tag}_s": pairs, f"m_{clock_name}_{tag}_a2a_s": a2a,
+                        f"m_{clock_name}_{tag}_counts_s": counts, f"m_{clock_name}_{tag}_modelled_s": modelled,
+                        f"m_{clock_name}_{tag}_held_s": held})
+    return out
 
 
 def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
@@ -296,20 +309,36 @@ def run(repeats: int) -> dict[str, Any]:
     layer_total, layer_exposed = mean["sync_a2a_s"], mean["overlap_a2a_s"]
     # ours: the layer as the trainer runs it at schedule=none (shared experts hidden behind the dispatch)
     ours_tps, peer_tps = tokens / worst["overlap_s"], tokens / worst["peer_s"]
-    pair_share = (MICROBATCHES - 1) / MICROBATCHES
-    m_total, m_exposed = mean["m_seq_a2a_s"], mean["m_over_a2a_s"]
+    m_total, m_exposed = mean["m_wall_seq_a2a_s"], mean["m_wall_over_a2a_s"]
+
+    def held_hidden(clock: str) -> float:
+        """1 - (modelled time that held the waits, overlapped) / (the same, sequential): the seam's own count,
+        available on either clock (the real transfers' waits, skew included, are left out)."""
+        total = mean[f"m_{clock}_seq_held_s"]
+        return 1.0 - mean[f"m_{clock}_over_held_s"] / total if total > 0 else 0.0
+
     modelled = {
         "hidden_fraction": 1.0 - m_exposed / m_total if m_total > 0 else 0.0,
-        "fb_speedup": worst["m_seq_s"] / worst["m_over_s"],
+        "fb_speedup": worst["m_wall_seq_s"] / worst["m_wall_over_s"],
         "a2a_total_ms": 1e3 * m_total, "a2a_exposed_ms": 1e3 * m_exposed,
-        "counts_exchange_ms_sequential": 1e3 * mean["m_seq_counts_s"],
-        "counts_exchange_ms_overlap": 1e3 * mean["m_over_counts_s"],
-        "pair_phase_ms_sequential": 1e3 * worst["m_seq_s"], "pair_phase_ms_overlap": 1e3 * worst["m_over_s"],
-        "a2a_over_compute": mean["m_seq_modelled_s"] * pair_share / mean["m_compute_s"],
+        "counts_exchange_ms_sequential": 1e3 * mean["m_wall_seq_counts_s"],
+        "counts_exchange_ms_overlap": 1e3 * mean["m_wall_over_counts_s"],
+        "pair_phase_ms_sequential": 1e3 * worst["m_wall_seq_s"], "pair_phase_ms_overlap": 1e3 * worst["m_wall_over_s"],
+        "a2a_over_compute": mean["m_wall_seq_modelled_s"] / mean["m_compute_s"],
+        "held_hidden_fraction": held_hidden("wall"),
+        "virtual_clock": {
+            "fb_speedup": worst["m_virtual_seq_s"] / worst["m_virtual_over_s"],
+            "held_hidden_fraction": held_hidden("virtual"),
+            "pair_phase_ms_sequential": 1e3 * worst["m_virtual_seq_s"],
+            "pair_phase_ms_overlap": 1e3 * worst["m_virtual_over_s"],
+            "overlap_wall_over_virtual": worst["m_wall_over_s"] / worst["m_virtual_over_s"],
+            "sequential_wall_over_virtual": worst["m_wall_seq_s"] / worst["m_virtual_seq_s"],
+        },
         "network": {"model": "ib_nvlink", "latency_us": 5.0, "intra_node_gbs": 160.0,
                     "inter_node_gbs": worst["m_inter_node_gbs"], "ranks_per_node": 1},
         "pair_phase_bytes_per_rank": worst["m_pair_bytes"], "pair_phase_compute_ms": 1e3 * worst["m_compute_s"],
-        "clock": "wall", "processes": EP, "cores": os.cpu_count(),
+        "clock": "wall (virtual_clock: the same runs on the virtual clock, the check of one against the other)",
+        "processes": EP, "cores": os.cpu_count(),
         "note": "the pair phase of a DualPipe step (M-1 overlapped F&B pairs); the 2 ranks on two modelled nodes, "
                 "InfiniBand's bandwidth set so that the phase's all-to-alls take as long as its compute "
                 "(a2a_over_compute); a2a time = time blocked in all-to-all waits (count exchanges included)",

@@ -10,9 +10,14 @@ the link(s) it crosses and completes no earlier than its post time plus that dur
   blocks for whatever is left of the duration;
 - synchronous calls return once the real transfer is done and the duration has passed since the call.
 
-Approximations (docs/expert_parallel.md): each rank models its own side from its own post time, so a peer
-that posts late is seen through the real transfer's wait only; concurrent transfers of one rank do not share
-bandwidth except inside one all-to-all; barriers and object collectives are not modelled.
+Clocks: `WallClock` (valid while every rank has a core of its own) or `VirtualClock` (more processes than cores:
+each rank's time is its thread's CPU time plus its modelled waits). On the virtual clock a transfer completes
+at the latest post time of its participants, each on its own clock, plus its duration: every wrapped call also
+sends this rank's post time (`_PostTimes`). On the wall clock, one machine's clock is every rank's, and a peer
+that posts late is seen through the real transfer's wait.
+
+Approximations (docs/expert_parallel.md): concurrent transfers of one rank do not share bandwidth except inside
+one all-to-all; barriers are not modelled.
 
 `stats` counts, per rank, the bytes this rank sent over each link type, the modelled seconds of its
 transfers, and the seconds its waits were held by the model (the exposed modelled communication).
@@ -78,6 +83,59 @@ class CommStats:
                 "transfers": self.transfers}
 
 
+class _PostTimes:
+    """Virtual clock: a transfer completes at the latest of its participants' post times (each on its own clock)
+    plus its duration, so each wrapped call also sends this rank's post time, on the real functions: a p2p
+    message's on the same link with tag + STAMP_TAG, a collective's by an all-reduce (max) on its group. Returns
+    a function giving that latest post time once the stamps have arrived."""
+
+    STAMP_TAG = 1 << 20
+
+    def __init__(self, real: dict[str, Callable]) -> None:
+        self.real = real
+
+    @staticmethod
+    def _stamp(t: float) -> torch.Tensor:
+        return torch.tensor([t], dtype=torch.float64)
+
+    def op(self, op: dist.P2POp, posted: float) -> tuple[dist.P2POp, Callable[[Any], Callable[[], float]]]:
+        """The stamp's P2POp for a batched op, and how to read it from that op's work."""
+        stamp = self._stamp(posted)
+        stamp_op = dist.P2POp(op.op, stamp, op.peer, op.group, op.tag + self.STAMP_TAG,
+                              group_peer=op.group_peer if op.peer is None else None)
+        if op.op.__name__ == "isend":
+            return stamp_op, lambda work: _after(work, lambda: posted)
+        return stamp_op, lambda work: _after(work, lambda: max(posted, stamp.item()))
+
+    def share(self, name: str, args: dict[str, Any], posted: float, out: Any) -> float | Callable[[], float]:
+        stamp = self._stamp(posted)
+        group, tag = args.get("group"), args.get("tag", 0) + self.STAMP_TAG
+        if name in ("isend", "send"):
+            dst = {"dst": args.get("dst"), "group_dst": args.get("group_dst")}
+            work = self.real[name](stamp, group=group, tag=tag, **dst)
+            return _after(work, lambda: posted)
+        if name in ("irecv", "recv"):
+            src = {"src": args.get("src"), "group_src": args.get("group_src")}
+            if name == "recv" and src["src"] is None and src["group_src"] is None:
+                src = {"src": out, "group_src": None}  # from any source: the one it came from
+            elif name == "irecv" and src["src"] is None and src["group_src"] is None:
+                return posted  # an irecv from any source: its own post time only
+            work = self.real[name](stamp, group=group, tag=tag, **src)
+            return _after(work, lambda: max(posted, stamp.item()))
+        work = self.real["all_reduce"](stamp, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        return _after(work, lambda: stamp.item())
+
+
+def _after(work: Any, value: Callable[[], float]) -> Callable[[], float]:
+    """`value()` once `work` (a posted stamp transfer, or None for a synchronous one) is done."""
+    def resolve() -> float:
+        if work is not None and hasattr(work, "wait"):
+            work.wait()
+        return value()
+
+    return resolve
+
+
 class ModelledComm:
     """Installs the network model under torch.distributed for this process (one at a time); a context manager.
     `clock`: wall time by default (valid while each rank has a core of its own); tests inject a fake one."""
@@ -86,7 +144,10 @@ class ModelledComm:
 
     def __init__(self, net: NetworkModel, clock: Clock | None = None) -> None:
         self.net, self.clock = net, clock or WallClock()
+        self.virtual = bool(getattr(self.clock, "virtual", False))
         self.stats = CommStats()
+        self._real: dict[str, Callable] = {}
+        self._stamps = _PostTimes(self._real)
         self._saved: list[tuple[Any, str, Any]] = []
         self._inside = threading.local()  # a wrapped call made by a wrapped call (batch -> isend) is not modelled
 
@@ -165,17 +226,26 @@ class ModelledComm:
             if getattr(self._inside, "depth", 0):
                 return real(*args, **kwargs)
             posted = self.clock.now()
+            bound = signature.bind(*args, **kwargs).arguments
+            stamps = self._stamps if self.virtual else None
+            extra: list = []
+            if name == "batch_isend_irecv" and stamps is not None:  # the post times travel in the same batch
+                extra = [stamps.op(op, posted) for op in bound["p2p_op_list"]]
+                args, kwargs = ([*bound["p2p_op_list"], *(e[0] for e in extra)],), {}
             self._inside.depth = 1
             try:
                 out = real(*args, **kwargs)
+                if name == "batch_isend_irecv":
+                    ops = bound["p2p_op_list"]
+                    works = list(out or [None] * (len(ops) + len(extra)))
+                    return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)),
+                                           extra[i][1](works[len(ops) + i]) if extra else posted)
+                            for i, (op, work) in enumerate(zip(ops, works[:len(ops)], strict=True))]
+                seconds = self.seconds(name, bound)
+                when = stamps.share(name, bound, posted, out) if stamps is not None else posted
             finally:
                 self._inside.depth = 0
-            bound = signature.bind(*args, **kwargs).arguments
-            if name == "batch_isend_irecv":
-                ops = bound["p2p_op_list"]
-                return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)), posted)
-                        for op, work in zip(ops, out or [None] * len(ops), strict=True)]
-            work = self._modelled(out, self.seconds(name, bound), posted)
+            work = self._modelled(out, seconds, when)
             if name in ASYNC_P2P or bound.get("async_op"):
                 return work
             work.work = None  # synchronous: the real transfer is done; hold the caller for the rest
@@ -191,6 +261,7 @@ class ModelledComm:
             real = getattr(dist, name, None)
             if real is None:
                 continue
+            self._real[name] = real
             wrapper = self._wrap(name, real)
             for namespace in (dist, c10d):
                 if getattr(namespace, name, None) is real:
@@ -220,6 +291,15 @@ class ModelledComm:
         self._saved.clear()
         if ModelledComm._active is self:
             ModelledComm._active = None
+
+    def align_clocks(self, group: Any = None) -> float:
+        """Start a measured stretch together: on the virtual clock every rank's clock moves to the latest one
+        (returned); on the wall clock this is a barrier and returns now."""
+        latest = torch.tensor([self.clock.now()], dtype=torch.float64)
+        self._real.get("all_reduce", dist.all_reduce)(latest, op=dist.ReduceOp.MAX, group=group)
+        if self.virtual:
+            self.clock.set(float(latest))
+        return self.clock.now()
 
     def __enter__(self) -> ModelledComm:
         return self.install()

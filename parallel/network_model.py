@@ -124,16 +124,45 @@ class WallClock:
         time.sleep(seconds)
 
 
+class VirtualClock:
+    """A rank's virtual time, for layouts with more processes than cores: the CPU time of this thread (its compute;
+    a rank waiting for its core, or blocked in a real transfer, spends none) plus the modelled time its waits
+    added. `sleep` adds to it and returns at once. Set torch to one thread per rank so the compute runs here."""
+
+    virtual = True
+
+    def __init__(self, cpu_time: Callable[[], float] = time.thread_time) -> None:
+        self._cpu_time, self._idle = cpu_time, 0.0
+
+    def now(self) -> float:
+        return self._cpu_time() + self._idle
+
+    def sleep(self, seconds: float) -> None:
+        self._idle += max(0.0, seconds)
+
+    def set(self, t: float) -> None:
+        """Move the clock to `t` (the ranks start a measured step at the same virtual time)."""
+        self._idle += t - self.now()
+
+
 class ModelledWork:
     """A posted transfer (a torch.distributed Work, or None for one already done) that completes no earlier than
     post time + its modelled duration. wait() waits for the real transfer, then for what is left of the model's.
     `posted`: when the transfer was posted (default: now); `on_block(seconds)` hears of each modelled hold."""
 
-    def __init__(self, work: Any, seconds: float, clock: Clock, posted: float | None = None,
+    def __init__(self, work: Any, seconds: float, clock: Clock, posted: float | Callable[[], float] | None = None,
                  on_block: Callable[[float], None] | None = None) -> None:
-        self.work, self.clock, self.on_block = work, clock, on_block
-        self.ready_at = (clock.now() if posted is None else posted) + seconds
+        self.work, self.clock, self.on_block, self.seconds = work, clock, on_block, seconds
+        # `posted` may be a function: the virtual clock learns the latest post time of all participants only once
+        # their timestamps have arrived (parallel/modelled_comm.py)
+        self._posted: float | Callable[[], float] = clock.now() if posted is None else posted
         self.blocked = 0.0  # seconds the modelled remainder held the waiter (the exposed communication)
+
+    @property
+    def ready_at(self) -> float:
+        if callable(self._posted):
+            self._posted = self._posted()
+        return self._posted + self.seconds
 
     def is_completed(self) -> bool:
         real = self.work is None or self.work.is_completed()

@@ -132,3 +132,68 @@ def test_deepspeed_collectives_pass_through_the_seam(ranks):
         assert torch.equal(r["deepspeed"]["gathered"], torch.cat([torch.zeros(8), torch.ones(8)]))
         assert r["deepspeed"]["transfers"] == 2
         assert r["stats"]["blocked_s"] > 0 and r["stats"]["modelled_s"] >= r["stats"]["blocked_s"]
+
+
+class SteppedCPU:
+    """A fake thread CPU time that the test moves by hand (the compute a rank has done)."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _virtual_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from parallel.modelled_comm import ModelledComm
+    from parallel.network_model import VirtualClock
+    from parallel.p2p import P2P
+
+    cpu = SteppedCPU(0.0)
+    clock = VirtualClock(cpu)
+    out: dict = {}
+    with ModelledComm(NET, clock) as comm:
+        # a message from a rank that is ahead (rank 0 at 10 s) to one that is behind (rank 1 at 2 s): it arrives
+        # at the sender's post time plus its duration on both sides
+        cpu.t = 10.0 if rank == 0 else 2.0
+        msg = torch.ones(250)
+        if rank == 0:
+            dist.isend(msg, 1, tag=3).wait()
+        else:
+            dist.irecv(msg, 0, tag=3).wait()
+        out["p2p"] = clock.now()
+        # an all-to-all waits for the latest participant; each side then takes its own duration
+        out["aligned"] = comm.align_clocks()
+        cpu.t += 1.0 if rank == 0 else 3.0
+        x, y = torch.zeros(6, 4), torch.zeros(6, 4)
+        dist.all_to_all_single(y, x)
+        out["a2a"] = clock.now() - out["aligned"]
+        # batched p2p (the pipeline's), the sender behind this time
+        base = comm.align_clocks()
+        cpu.t += 0.5 if rank == 0 else 4.0
+        p2p = P2P(ranks=[0, 1])
+        got = torch.empty(1000)
+        p2p.post_send(torch.full((1000,), float(rank)), 1 - rank, tag=1)
+        slot = p2p.post_recv(got, 1 - rank, tag=1)
+        p2p.flush()
+        slot[0].wait()
+        p2p.wait_sends()
+        out["batch"] = (clock.now() - base, got[0].item())
+    return out
+
+
+@pytest.mark.multiprocess
+def test_the_virtual_clock_completes_transfers_at_the_latest_post_time():
+    ranks = run_ranks(2, _virtual_worker)
+    d = NET.p2p_seconds(1000, 0, 1)
+    assert ranks[0]["p2p"] == pytest.approx(10.0 + d) and ranks[1]["p2p"] == pytest.approx(10.0 + d)
+    assert ranks[0]["aligned"] == ranks[1]["aligned"] == pytest.approx(10.0 + d)
+    a2a = NET.all_to_all_seconds(0, [0, 1], [48, 48], [48, 48])
+    assert ranks[0]["a2a"] == pytest.approx(3.0 + a2a) and ranks[1]["a2a"] == pytest.approx(3.0 + a2a)
+    d = NET.p2p_seconds(4000, 0, 1)
+    # rank 1 posted at +4: its send to rank 0 lands at 4 + d; rank 0's send (posted at +0.5) meets rank 1's
+    # receive posted at +4, so rank 1 has it at 4 + d as well
+    assert ranks[0]["batch"] == (pytest.approx(4.0 + d), 1.0)
+    assert ranks[1]["batch"] == (pytest.approx(4.0 + d), 0.0)
