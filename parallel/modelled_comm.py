@@ -315,11 +315,22 @@ def active() -> ModelledComm | None:
 
 class StepTraffic:
     """The installed model's counters per training step, as metric rows (docs/metrics.md); {} when none is
-    installed. The first row counts from this object's creation."""
+    installed. `begin_step()` and `end_step()` align the ranks' clocks (a real all-reduce: off the model), so that
+    the step's time on the model's clock is the latest rank's end minus the common start."""
 
     def __init__(self) -> None:
         comm = active()
         self._last = comm.stats.as_dict() if comm is not None else None
+        self._start: float | None = None
+        self._end: float | None = None
+
+    def begin_step(self) -> None:
+        comm = active()
+        self._start = comm.align_clocks() if comm is not None else None
+
+    def end_step(self) -> None:
+        comm = active()
+        self._end = comm.align_clocks() if comm is not None else None
 
     def step_metrics(self) -> dict[str, float]:
         comm = active()
@@ -328,7 +339,10 @@ class StepTraffic:
         now = comm.stats.as_dict()
         last = self._last or CommStats().as_dict()
         self._last = now
-        return {"net_intra_node_bytes": now["sent_bytes"]["intra_node"] - last["sent_bytes"]["intra_node"],
-                "net_inter_node_bytes": now["sent_bytes"]["inter_node"] - last["sent_bytes"]["inter_node"],
-                "net_modelled_s": now["modelled_s"] - last["modelled_s"],
-                "net_exposed_s": now["blocked_s"] - last["blocked_s"]}
+        row = {"net_intra_node_bytes": now["sent_bytes"]["intra_node"] - last["sent_bytes"]["intra_node"],
+               "net_inter_node_bytes": now["sent_bytes"]["inter_node"] - last["sent_bytes"]["inter_node"],
+               "net_modelled_s": now["modelled_s"] - last["modelled_s"],
+               "net_exposed_s": now["blocked_s"] - last["blocked_s"]}
+        if self._start is not None and self._end is not None:
+            row["net_step_time_s"] = self._end - self._start
+        return row

@@ -25,6 +25,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 
 NETWORK_MODELS = ("none", "ib_nvlink")
+NETWORK_CLOCKS = ("wall", "virtual")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class NetworkConfig:
     intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU
     inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s)
     ranks_per_node: int = 8  # consecutive global ranks share a node
+    # wall: real time (valid while every rank has a core of its own) | virtual: each rank's thread CPU time plus
+    # its modelled waits, for more processes than cores (torch then runs one thread per rank); the step's time
+    # on it is logged as train/net_step_time_s
+    clock: str = "wall"
 
 
 @dataclass

@@ -242,9 +242,16 @@ def modelled_network(job: JobConfig) -> Iterator[Any]:
     if net is None:
         yield None
         return
-    from parallel.modelled_comm import ModelledComm
+    import torch
 
-    with ModelledComm(net) as comm:
+    from parallel.modelled_comm import ModelledComm
+    from parallel.network_model import VirtualClock, WallClock
+
+    clock = WallClock()
+    if job.parallel.network.clock == "virtual":
+        torch.set_num_threads(1)  # the virtual clock counts this thread's CPU time: the compute must run here
+        clock = VirtualClock()
+    with ModelledComm(net, clock) as comm:
         yield comm
 
 

@@ -104,6 +104,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
         lr = float(engine.get_lr()[0])
         if state.step + 1 == timeline_step:
             schedule.record_next_step()
+        network.begin_step()
         start = time.perf_counter()
         losses = schedule.train_batch(hooks.stream)
         if state.step + 1 == timeline_step and hooks.timeline is not None:
@@ -117,6 +118,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
             counts = gather_layer_counts(update_router_biases(routers, group=schedule.counts_group),
                                          schedule.pipe_group)
         step_seconds = time.perf_counter() - start
+        network.end_step()
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.train_seconds += step_seconds

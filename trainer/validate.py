@@ -17,6 +17,7 @@ from trainer.config import (
     DTYPES,
     LR_SCHEDULES,
     MOMENT_DTYPES,
+    NETWORK_CLOCKS,
     NETWORK_MODELS,
     RESUME_MODES,
     WANDB_MODES,
@@ -326,6 +327,8 @@ def network_model(cfg: JobConfig) -> NetworkModel | None:
     net = cfg.parallel.network
     _need(net.model in NETWORK_MODELS, "parallel.network.model", f"unknown network model {net.model!r}",
           f"choose one of {', '.join(NETWORK_MODELS)}")
+    _need(net.clock in NETWORK_CLOCKS, "parallel.network.clock", f"unknown clock {net.clock!r}",
+          f"choose one of {', '.join(NETWORK_CLOCKS)}")
     if net.model == "none":
         return None
     try:

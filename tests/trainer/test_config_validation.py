@@ -81,6 +81,7 @@ def test_default_config_composes_and_validates(tiny_data):
         (3, ["parallel=dp", "parallel.cp=2"], "parallel.cp:", "not a multiple of pp=1 x cp=2"),
         (2, ["parallel=dp", "parallel.cp=0"], "parallel.cp:", "must be >= 1"),
         (2, ["parallel.network.model=infiniband"], "parallel.network.model:", "unknown network model"),
+        (2, ["parallel.network.clock=cpu"], "parallel.network.clock:", "unknown clock"),
         (2, ["parallel.network.model=ib_nvlink", "parallel.network.inter_node_gbs=0"],
          "parallel.network.inter_node_gbs:", "must be positive"),
         (2, ["parallel.network.model=ib_nvlink", "parallel.network.latency_us=-1"], "parallel.network.latency_us:",

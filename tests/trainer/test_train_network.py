@@ -18,15 +18,17 @@ NETWORK = ["parallel.network.model=ib_nvlink", "parallel.network.ranks_per_node=
            "parallel.network.inter_node_gbs=5"]
 
 
-@pytest.mark.parametrize("layout", [["parallel=dp", "parallel.ep=2"], ["parallel=dualpipe"]],
-                         ids=["dp_ep2", "dualpipe_pp2"])
-def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path, layout: list[str]):
+@pytest.mark.parametrize(("layout", "clock"), [(["parallel=dp", "parallel.ep=2"], "wall"),
+                                               (["parallel=dualpipe"], "virtual")], ids=["dp_ep2", "dualpipe_pp2"])
+def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path, layout: list[str], clock: str):
     plain, modelled = tmp_path / "plain", tmp_path / "modelled"
     launch(base_overrides(tiny_data, plain, *SHORT, *layout), nproc=2)
-    launch(base_overrides(tiny_data, modelled, *SHORT, *layout, *NETWORK), nproc=2)
+    launch(base_overrides(tiny_data, modelled, *SHORT, *layout, *NETWORK, f"parallel.network.clock={clock}"),
+           nproc=2)
     a, b = rows(plain), rows(modelled)
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]  # same arithmetic, same order
     assert all("train/net_inter_node_bytes" not in r for r in a)
     for r in b:
         assert r["train/net_inter_node_bytes"] > 0 and r["train/net_intra_node_bytes"] == 0
         assert 0 <= r["train/net_exposed_s"] <= r["train/net_modelled_s"] and r["train/net_modelled_s"] > 0
+        assert r["train/net_step_time_s"] >= r["train/net_exposed_s"] and r["train/net_step_time_s"] > 0
