@@ -1,0 +1,130 @@
+"""pipeline_network: DualPipe with its expert all-to-alls overlapped against DeepSpeed's 1F1B with the same expert
+parallelism done synchronously, on the modelled interconnect, through the real trainer.
+
+Layout: pp=2 x dp=2 with ep=2 (the EP group is a stage's two data ranks), 4 processes on this machine's cores,
+so time is the virtual clock (`parallel.network.clock=virtual`: each rank's thread CPU time plus its modelled
+waits; checked against the wall clock at 2 processes by `python -m bench ep_overlap`). Every rank sits on its
+own modelled node (`ranks_per_node=1`), so the all-to-alls, the pipeline's p2p and ZeRO-1's reductions all cross
+InfiniBand-like links.
+
+The network: InfiniBand's bandwidth is set so that the expert all-to-alls of a step take about as long as its
+compute (DeepSeek-V3's ratio for a chunk): compute = the 1F1B step on a network too fast to matter, less 1F1B's
+bubble share (pp - 1) / (M + pp - 1); all-to-all bytes = the rows one rank sends per step (every MoE layer of
+its stage, each microbatch, dispatch + combine and their gradients, the (ep-1)/ep share that leaves the rank;
+top-k choices of mb x seq tokens, hidden wide, fp32). Both schedules then run on that network; the figure is the
+median `train/net_step_time_s` (the trainer's step on the model's clock) after the first step.
+
+`exposed_comm_ms` is the time the ranks' waits were held by the model: on the virtual clock that includes
+waiting for a later participant (bubbles, skew), not only the transfers. Run: `python -m bench pipeline_network`
+(about 4 minutes on 2 cores). Numbers: docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import result
+
+ROOT = Path(__file__).resolve().parents[1]
+PP, DP, EP, MICRO, SEQ, MICROBATCHES = 2, 2, 2, 2, 256, 16
+STEPS = 6
+MODEL = ["model=tiny", "model.num_hidden_layers=4", "model.first_k_dense_replace=1"]
+COMMON = [
+    *MODEL, "parallel.ep=2", f"train.seq_len={SEQ}", f"train.micro_batch_size={MICRO}",
+    f"train.global_batch_size={MICRO * MICROBATCHES * DP}", "train.eval_interval=0", "train.eval_batches=0",
+    "optim.warmup_steps=1", "checkpoint.interval=0", "checkpoint.save_final=false", "logging.wandb.mode=disabled",
+    "logging.progress=false",
+    "parallel.network.model=ib_nvlink", "parallel.network.ranks_per_node=1", "parallel.network.clock=virtual",
+]
+SCHEDULES = {"dualpipe": ["parallel=dualpipe"], "1f1b": ["parallel=1f1b"]}
+
+
+def _train(tmp: Path, name: str, overrides: list[str]) -> list[dict[str, Any]]:
+    """The trainer on 4 CPU ranks; its train rows after the first step."""
+    from parallel.spawn import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "trainer.launch", "--nproc-per-node", str(PP * DP), "--master-port",
+           str(free_port()), *COMMON, f"name={name}", f"run_dir={tmp / name}", f"train.steps={STEPS}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    return rows[1:]
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[f"train/{key}"] for r in rows)
+
+
+def _runs(repeats: int) -> int:
+    """Runs of each schedule: at most 2 (a run is ~45 s here; the benchmark stays under ~4 minutes)."""
+    return min(max(1, repeats), 2)
+
+
+def a2a_bytes_per_step() -> float:
+    """Bytes one rank sends through the expert all-to-alls in a step (see the module docstring)."""
+    from model.config import ModelConfig
+
+    cfg = ModelConfig()  # the tiny preset changes FFN widths only: hidden size, layers and top-k are these
+    moe_layers_per_stage = (4 - 1) / PP  # layers 1-3 are MoE, two stages
+    rows = MICRO * SEQ * cfg.num_experts_per_tok * (EP - 1) / EP
+    return MICROBATCHES * moe_layers_per_stage * 4 * rows * cfg.hidden_size * 4
+
+
+def run(repeats: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-network-") as tmp_name:
+        tmp = Path(tmp_name)
+        fast = ["parallel.network.latency_us=0", "parallel.network.inter_node_gbs=1e6",
+                "parallel.network.intra_node_gbs=1e6"]
+        calibration = _train(tmp, "calibrate", [*SCHEDULES["1f1b"], *fast])
+        compute = _median(calibration, "net_step_time_s") * MICROBATCHES / (MICROBATCHES + PP - 1)
+        gbs = a2a_bytes_per_step() / compute / 1e9
+        network = [f"parallel.network.inter_node_gbs={gbs}", "parallel.network.latency_us=5"]
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in SCHEDULES}
+        for r in range(_runs(repeats)):
+            for name, schedule in SCHEDULES.items():
+                rows = _train(tmp, f"{name}-{r}", [*schedule, *network])
+                samples[name].append({key: _median(rows, key) for key in (
+                    "net_step_time_s", "net_exposed_s", "net_modelled_s", "net_inter_node_bytes", "step_time_s")})
+    med = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
+    tokens = MICRO * SEQ * MICROBATCHES * DP
+    ours, peer = tokens / med["dualpipe"]["net_step_time_s"], tokens / med["1f1b"]["net_step_time_s"]
+    return result(
+        "pipeline_network", ours, peer, "tokens/s on the modelled network (virtual clock, pp=2 x dp=2, ep=2)",
+        "modelled.ratio_vs_1f1b >= 1.25", repeats,
+        modelled={
+            "ratio_vs_1f1b": ours / peer,
+            "step_ms": {name: 1e3 * m["net_step_time_s"] for name, m in med.items()},
+            "exposed_comm_ms": {name: 1e3 * m["net_exposed_s"] for name, m in med.items()},
+            "modelled_comm_ms": {name: 1e3 * m["net_modelled_s"] for name, m in med.items()},
+            "sent_bytes_per_rank": {name: m["net_inter_node_bytes"] for name, m in med.items()},
+            "wall_step_ms": {name: 1e3 * m["step_time_s"] for name, m in med.items()},
+            "a2a_bytes_per_rank_step": a2a_bytes_per_step(), "compute_ms_estimate": 1e3 * compute,
+            "network": {"model": "ib_nvlink", "latency_us": 5.0, "inter_node_gbs": gbs, "ranks_per_node": 1},
+            "clock": "virtual", "processes": PP * DP, "cores": os.cpu_count(),
+            "runs_per_schedule": _runs(repeats), "steps_per_run": STEPS - 1,
+        },
+        shapes={"model": MODEL, "pp": PP, "dp": DP, "ep": EP, "micro_batch": MICRO, "seq": SEQ,
+                "microbatches": MICROBATCHES},
+        seconds=time.perf_counter() - started,
+        note="a2a time set about equal to compute; 1F1B runs each MoE block's all-to-alls synchronously inside "
+             "DeepSpeed's PipelineEngine; DualPipe overlaps them in its F&B pairs; ZeRO-1's reductions and the "
+             "pipeline's p2p cross the same modelled links in both",
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(1), indent=1, default=float))
