@@ -31,6 +31,7 @@ tokens/s (the overlapped forward the trainer uses) / DeepSpeed's.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import Any
 from unittest import mock
@@ -301,10 +302,110 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
             "peer_s": peer_s, **fb}
 
 
+# two-hop vs one-hop: ep=4 over 2 modelled nodes of 2 ranks, DeepSeek-V3's routing shape (8 of 32 experts, up to
+# 4 of 8 groups, so a token reaches 1 or 2 nodes)
+HOP_EP, HOP_PER_NODE, HOP_EXPERTS, HOP_TOP_K, HOP_GROUPS, HOP_TOPK_GROUPS, HOP_TOKENS = 4, 2, 32, 8, 8, 4, 2048
+HOP_SLOWDOWN = 100.0
+
+
+def _hop_config():
+    from model.config import ModelConfig
+
+    return ModelConfig(hidden_size=HIDDEN, n_routed_experts=HOP_EXPERTS, moe_intermediate_size=64,
+                       num_experts_per_tok=HOP_TOP_K, n_shared_experts=0, n_group=HOP_GROUPS,
+                       topk_group=HOP_TOPK_GROUPS, seq_aux_alpha=0.0, num_nextn_predict_layers=0, name="bench-two-hop")
+
+
+def _two_hop_worker(rank: int, world: int, n: int) -> dict[str, Any]:
+    """Per dispatcher: inter-node bytes this rank sent in a layer's forward + backward, the modelled durations of
+    its dispatch's transfers, and the time of its dispatch and of the whole layer on the virtual clock (4
+    processes share the cores); medians over n steps, the two dispatchers alternating step by step."""
+    import torch.distributed as dist
+
+    from model.moe import MoE
+    from parallel.expert_shard import shard_experts
+    from parallel.modelled_comm import ModelledComm
+    from parallel.network_model import NetworkModel, VirtualClock
+
+    torch.set_num_threads(1)
+    cfg = _hop_config()
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(1, HOP_TOKENS, HIDDEN, generator=g)
+    dy = torch.randn(1, HOP_TOKENS, HIDDEN, generator=g)
+    layers = {}
+    for name, per_node in (("one_hop", None), ("two_hop", HOP_PER_NODE)):
+        torch.manual_seed(0)
+        layers[name] = shard_experts(MoE(cfg).train(), rank, world, None, two_hop_ranks_per_node=per_node)
+    # the report's cluster (50 GB/s IB, 160 GB/s NVLink) slowed 100x, as this CPU computes ~100x slower than a
+    # GPU: the layer's one-hop all-to-alls then take about as long as its compute
+    net = NetworkModel(ranks_per_node=HOP_PER_NODE, inter_node_gbs=50.0 / HOP_SLOWDOWN,
+                       intra_node_gbs=160.0 / HOP_SLOWDOWN)
+    samples: dict[str, list[tuple[float, ...]]] = {name: [] for name in layers}
+    with ModelledComm(net, VirtualClock()) as comm:
+        for i in range(n + 1):
+            for name, layer in layers.items():
+                xi = x.clone().requires_grad_(True)
+                stats = comm.stats
+                sent0, modelled0, held0 = stats.sent_bytes["inter_node"], stats.modelled_s, stats.blocked_s
+                start = comm.align_clocks()
+                routing = layer.route(xi)
+                d = layer.dispatch(xi, routing)
+                dispatch_modelled = stats.modelled_s - modelled0
+                dispatched = comm.align_clocks()
+                y = layer.combine(layer.compute_experts(d), d, xi)
+                y.backward(dy)
+                end = comm.align_clocks()
+                if i:  # the first round is a warm-up
+                    samples[name].append((end - start, stats.sent_bytes["inter_node"] - sent0, dispatched - start,
+                                          dispatch_modelled, stats.modelled_s - modelled0, stats.blocked_s - held0))
+    dist.barrier()
+    keys = ("layer_s", "inter_node_bytes", "dispatch_s", "dispatch_modelled_s", "modelled_s", "held_s")
+    return {name: {k: statistics.median(s[i] for s in runs) for i, k in enumerate(keys)}
+            for name, runs in samples.items()}
+
+
+def two_hop_figures(repeats: int) -> dict[str, Any]:
+    """`two_hop` of the JSON: inter-node bytes and modelled dispatch time, two-hop over one-hop."""
+    from parallel.spawn import run_ranks
+
+    reports = run_ranks(HOP_EP, _two_hop_worker, max(7, 2 * repeats + 1), timeout=400.0)
+
+    def total(path: str, key: str) -> float:
+        return sum(r[path][key] for r in reports)
+
+    def worst(path: str, key: str) -> float:
+        return max(r[path][key] for r in reports)
+
+    return {
+        "inter_node_bytes_ratio": total("two_hop", "inter_node_bytes") / total("one_hop", "inter_node_bytes"),
+        "dispatch_transfer_ratio": total("two_hop", "dispatch_modelled_s") / total("one_hop", "dispatch_modelled_s"),
+        "dispatch_time_ratio": worst("two_hop", "dispatch_s") / worst("one_hop", "dispatch_s"),
+        "layer_time_ratio": worst("two_hop", "layer_s") / worst("one_hop", "layer_s"),
+        "inter_node_bytes_per_rank": {p: total(p, "inter_node_bytes") / HOP_EP for p in ("one_hop", "two_hop")},
+        "dispatch_ms": {p: 1e3 * worst(p, "dispatch_s") for p in ("one_hop", "two_hop")},
+        "dispatch_transfer_ms_per_rank": {p: 1e3 * total(p, "dispatch_modelled_s") / HOP_EP
+                                          for p in ("one_hop", "two_hop")},
+        "layer_ms": {p: 1e3 * worst(p, "layer_s") for p in ("one_hop", "two_hop")},
+        "shape": {"ep": HOP_EP, "ranks_per_node": HOP_PER_NODE, "experts": HOP_EXPERTS, "top_k": HOP_TOP_K,
+                  "n_group": HOP_GROUPS, "topk_group": HOP_TOPK_GROUPS, "tokens_per_rank": HOP_TOKENS,
+                  "hidden": HIDDEN},
+        "network": {"model": "ib_nvlink", "latency_us": 5.0, "intra_node_gbs": 160.0 / HOP_SLOWDOWN,
+                    "inter_node_gbs": 50.0 / HOP_SLOWDOWN, "ranks_per_node": HOP_PER_NODE},
+        "a2a_over_compute_one_hop": total("one_hop", "modelled_s") / (
+            total("one_hop", "layer_s") - total("one_hop", "held_s")),
+        "clock": "virtual", "processes": HOP_EP, "cores": os.cpu_count(),
+        "note": "a MoE layer's forward + backward (routed experts only), bytes over the whole layer; "
+                "dispatch_transfer: the modelled durations of the dispatch's transfers (both hops, count exchanges "
+                "included); dispatch_ms / layer_ms: virtual-clock time from the aligned start, CPU bookkeeping "
+                "included (two-hop's extra row copies and count exchange cost CPU time here that a GPU hides)",
+    }
+
+
 def run(repeats: int) -> dict[str, Any]:
     from parallel.spawn import run_ranks
 
     reports = run_ranks(EP, _worker, repeats, timeout=400.0)
+    two_hop = two_hop_figures(repeats)
     worst = {k: max(r[k] for r in reports) for k in reports[0]}  # a step ends when the slowest rank is done
     mean = {k: sum(r[k] for r in reports) / len(reports) for k in reports[0]}
     tokens = TOKENS * EP
@@ -366,7 +467,7 @@ def run(repeats: int) -> dict[str, Any]:
         layer_overlap_speedup=worst["sync_s"] / worst["overlap_s"],
         layer_a2a_total_ms=1e3 * layer_total, layer_a2a_exposed_ms=1e3 * layer_exposed,
         layer_hidden_fraction=1.0 - layer_exposed / layer_total if layer_total > 0 else 0.0,
-        step_ms_deepspeed=1e3 * worst["peer_s"], modelled=modelled,
+        step_ms_deepspeed=1e3 * worst["peer_s"], modelled=modelled, two_hop=two_hop,
         shapes={"hidden": HIDDEN, "experts": EXPERTS, "width": WIDTH, "top_k": TOP_K, "shared": SHARED,
                 "tokens_per_rank": TOKENS, "fb_layers": LAYERS, "fb_heads": HEADS,
                 "fb_microbatch": [BATCH, SEQ], "fb_microbatches": MICROBATCHES},

@@ -31,6 +31,7 @@ from parallel.schedules import build_instructions
 from parallel.stages import Stage, stage_pieces
 from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSchedule
 from parallel.topology import PipelineMpu
+from parallel.two_hop import TwoHopDispatcher
 from parallel.weight_grad import WeightGradStore
 
 
@@ -175,5 +176,5 @@ class DualPipeSchedule(StepSchedule):
 
     def _dispatchers(self) -> list:
         return [m.dispatcher for m in self.module.modules()
-                if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
+                if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher | TwoHopDispatcher)]
 

@@ -38,11 +38,15 @@ def _shard_routed(experts: RoutedExperts, lo: int, hi: int) -> RoutedExperts:
     return shard
 
 
-def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, overlap: bool = False) -> nn.Module:
+def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, overlap: bool = False,
+                  two_hop_ranks_per_node: int | None = None) -> nn.Module:
     """In place: every MoE layer keeps experts [ep_rank*E/ep, (ep_rank+1)*E/ep) and gets an AllToAllDispatcher
     over `group` (None: the default group). Parameter names are unchanged; they now hold the local experts.
     `overlap`: the layer's forward becomes `overlapped_moe_forward` (shared experts hidden behind the dispatch
-    all-to-all; bitwise the same result)."""
+    all-to-all; bitwise the same result). `two_hop_ranks_per_node`: a TwoHopDispatcher over nodes of that many
+    EP ranks instead (parallel/two_hop.py; no shared-expert overlap)."""
+    from parallel.two_hop import TwoHopDispatcher
+
     for name, module in model.named_modules():
         if isinstance(module, MoE):
             n = module.cfg.n_routed_experts
@@ -50,7 +54,11 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
                 raise ValueError("shard_experts expects an unsharded model")
             lo, hi = expert_range(n, ep_rank, ep_size)
             module.experts = _shard_routed(module.experts, lo, hi)
-            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=name.removesuffix(".mlp") or "moe")
+            label = name.removesuffix(".mlp") or "moe"
+            if two_hop_ranks_per_node is not None:
+                module.dispatcher = TwoHopDispatcher(group, ep_size, ep_rank, n, two_hop_ranks_per_node, label=label)
+                continue
+            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=label)
             if overlap:  # an instance attribute: nn.Module.__call__ looks up self.forward
                 module.forward = functools.partial(overlapped_moe_forward, module)
     return model
@@ -59,7 +67,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
 def ep_layout(model: nn.Module) -> tuple[int, int] | None:
     """(ep_rank, ep_size) of a model sharded by `shard_experts`, None for a full model."""
     for module in model.modules():
-        if isinstance(module, MoE) and isinstance(module.dispatcher, AllToAllDispatcher):
+        if isinstance(module, MoE) and hasattr(module.dispatcher, "ep_size"):  # one-hop or two-hop
             return module.dispatcher.ep_rank, module.dispatcher.ep_size
     return None
 

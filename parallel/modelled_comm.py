@@ -65,7 +65,7 @@ def _nbytes(t: torch.Tensor | Sequence[torch.Tensor]) -> int:
 
 def _rows_bytes(t: torch.Tensor, splits: Sequence[int] | None, n: int) -> list[int]:
     """Bytes per peer of an all_to_all_single buffer: `splits` rows each, or an even split."""
-    if splits is None:
+    if not splits:  # None or []: an even split
         return [_nbytes(t) // n] * n
     row = t.element_size() * (t.numel() // t.shape[0] if t.shape[0] else 0)
     return [int(s) * row for s in splits]
@@ -119,7 +119,8 @@ class _PostTimes:
             if name == "recv" and src["src"] is None and src["group_src"] is None:
                 src = {"src": out, "group_src": None}  # from any source: the one it came from
             elif name == "irecv" and src["src"] is None and src["group_src"] is None:
-                return posted  # an irecv from any source: its own post time only
+                raise NotImplementedError("the virtual clock needs irecv's source rank (its post time travels from "
+                                          "there); use the wall clock for receives from any source")
             work = self.real[name](stamp, group=group, tag=tag, **src)
             return _after(work, lambda: max(posted, stamp.item()))
         work = self.real["all_reduce"](stamp, op=dist.ReduceOp.MAX, group=group, async_op=True)
@@ -147,6 +148,7 @@ class ModelledComm:
         self.virtual = bool(getattr(self.clock, "virtual", False))
         self.stats = CommStats()
         self._real: dict[str, Callable] = {}
+        self._wrappers: dict[str, Callable] = {}
         self._stamps = _PostTimes(self._real)
         self._saved: list[tuple[Any, str, Any]] = []
         self._inside = threading.local()  # a wrapped call made by a wrapped call (batch -> isend) is not modelled
@@ -181,11 +183,15 @@ class ModelledComm:
             self.stats.sent_bytes[self._link(me, peer)] += nbytes
         return self.net.p2p_seconds(nbytes, me, peer)
 
-    def seconds(self, name: str, args: dict[str, Any]) -> float:
-        """The modelled duration of one call (its bound arguments), counting the bytes this rank sends."""
+    def seconds(self, name: str, args: dict[str, Any], result: Any = None) -> float:
+        """The modelled duration of one call (its bound arguments; `result`: what the call returned), counting
+        the bytes this rank sends."""
         me = dist.get_rank()
         if name in P2P:
-            return self._p2p(name, args["tensor"], self._peer(args, "dst" if name in ("isend", "send") else "src"))
+            peer = self._peer(args, "dst" if name in ("isend", "send") else "src")
+            if peer is None and name == "recv" and isinstance(result, int) and result >= 0:
+                peer = result  # a receive from any source: the rank it came from
+            return self._p2p(name, args["tensor"], peer)
         ranks = self._ranks(args.get("group"))
         if name in RING:
             kind, key = RING[name]
@@ -241,7 +247,7 @@ class ModelledComm:
                     return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)),
                                            extra[i][1](works[len(ops) + i]) if extra else posted)
                             for i, (op, work) in enumerate(zip(ops, works[:len(ops)], strict=True))]
-                seconds = self.seconds(name, bound)
+                seconds = self.seconds(name, bound, out)
                 when = stamps.share(name, bound, posted, out) if stamps is not None else posted
             finally:
                 self._inside.depth = 0
@@ -262,7 +268,7 @@ class ModelledComm:
             if real is None:
                 continue
             self._real[name] = real
-            wrapper = self._wrap(name, real)
+            wrapper = self._wrappers[name] = self._wrap(name, real)
             for namespace in (dist, c10d):
                 if getattr(namespace, name, None) is real:
                     self._saved.append((namespace, name, real))
@@ -289,6 +295,16 @@ class ModelledComm:
         for namespace, name, real in reversed(self._saved):
             setattr(namespace, name, real)
         self._saved.clear()
+        # a DeepSpeed backend created while installed cached our wrappers: give it the real functions
+        wrappers = {id(self._wrappers[name]): real for name, real in self._real.items()}
+        try:
+            from deepspeed.comm import comm as ds_comm
+        except ImportError:
+            ds_comm = None
+        backend = getattr(ds_comm, "cdb", None)
+        for attr in ("all_gather_function", "reduce_scatter_function"):
+            if id(getattr(backend, attr, None)) in wrappers:
+                setattr(backend, attr, wrappers[id(getattr(backend, attr))])
         if ModelledComm._active is self:
             ModelledComm._active = None
 
@@ -323,6 +339,7 @@ class StepTraffic:
         self._last = comm.stats.as_dict() if comm is not None else None
         self._start: float | None = None
         self._end: float | None = None
+        self._at_end: dict[str, Any] | None = None
 
     def begin_step(self) -> None:
         comm = active()
@@ -331,12 +348,14 @@ class StepTraffic:
     def end_step(self) -> None:
         comm = active()
         self._end = comm.align_clocks() if comm is not None else None
+        self._at_end = comm.stats.as_dict() if comm is not None else None
 
     def step_metrics(self) -> dict[str, float]:
+        """The counters from the end of the previous step to the end of this one (rank 0's own, not totals)."""
         comm = active()
-        if comm is None:
+        if comm is None or self._at_end is None:
             return {}
-        now = comm.stats.as_dict()
+        now = self._at_end
         last = self._last or CommStats().as_dict()
         self._last = now
         row = {"net_intra_node_bytes": now["sent_bytes"]["intra_node"] - last["sent_bytes"]["intra_node"],

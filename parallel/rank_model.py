@@ -81,12 +81,13 @@ def build_stage_model(cfg: ModelConfig, stages: RankStages, device: torch.device
     return model
 
 
-def shard_experts_over(model: nn.Module, topo: PipelineTopology) -> None:
+def shard_experts_over(model: nn.Module, topo: PipelineTopology, two_hop_ranks_per_node: int | None = None) -> None:
     """Expert parallelism over the topology's EP group: this rank keeps its E/ep experts, marked for ZeRO-1's
-    expert-DP groups."""
+    expert-DP groups. `two_hop_ranks_per_node`: the two-hop dispatch over nodes of that many EP ranks."""
     ep = register_expert_groups(topo.ep, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
                                 (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
-    shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group, overlap=True)
+    shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group, overlap=True,
+                  two_hop_ranks_per_node=two_hop_ranks_per_node)
     mark_expert_params(model, ep.name)
 
 
@@ -97,7 +98,7 @@ def build_rank_model(cfg: ModelConfig, spec: PipelineSpec, gemm_backend: GemmBac
     travel through the all-to-all in FP8."""
     model = build_stage_model(cfg, rank_stages(spec.name, spec.topo, cfg), spec.device, spec.dtype)
     if spec.topo.ep > 1:
-        shard_experts_over(model, spec.topo)
+        shard_experts_over(model, spec.topo, spec.ep_two_hop_ranks_per_node)
     if spec.topo.cp > 1:  # each rank holds seq_len / cp positions; attention swaps to heads and back
         from model.sequence_shard import SequenceShard, shard_sequences
         from parallel.context_parallel import UlyssesExchange

@@ -54,6 +54,7 @@ class PipelineSpec:
     dtype: torch.dtype = torch.float32
     defer_w: bool = True  # dualpipe / dualpipev: weight-gradients deferred to fill bubbles
     overlap_ep: bool = True  # dualpipe / dualpipev: EP blocks as overlapped sub-steps (False: the plain layers)
+    ep_two_hop_ranks_per_node: int | None = None  # two-hop expert dispatch over nodes of this many EP ranks
     record_timeline: bool = False
     precision_context: PrecisionContext = no_context
 

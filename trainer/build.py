@@ -60,6 +60,7 @@ def build_rank(cfg: JobConfig, layout: Layout) -> tuple[StepSchedule, dict]:
         lr_lambda=make_lr_lambda(cfg.optim, cfg.train.steps), optimizer=client_optimizer(cfg), device=device,
         dtype=torch.bfloat16 if layout.dtype == "bf16" else torch.float32, defer_w=cfg.parallel.defer_w,
         record_timeline=False, precision_context=precision_context(cfg, topo),
+        ep_two_hop_ranks_per_node=cfg.parallel.ep_ranks_per_node if cfg.parallel.ep_dispatch == "two_hop" else None,
     )
     torch.manual_seed(cfg.train.seed)
     model = build_rank_model(cfg.model, spec, gemm_backend=make_fp8_backend(cfg.precision.fp8, topo.groups["data"]),

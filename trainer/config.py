@@ -24,6 +24,7 @@ RESUME_MODES = ("auto", "never")  # or a checkpoint path
 WANDB_MODES = ("offline", "online", "disabled")
 
 
+EP_DISPATCHES = ("one_hop", "two_hop")
 NETWORK_MODELS = ("none", "ib_nvlink")
 NETWORK_CLOCKS = ("wall", "virtual")
 
@@ -58,6 +59,9 @@ class ParallelConfig:
     # groups must map onto nodes (n_group a multiple of ep / ep_ranks_per_node), so each token reaches at most
     # min(topk_group, nodes) nodes
     ep_ranks_per_node: int | None = None
+    # one_hop: each of a token's K choices travels to its expert's rank | two_hop (needs ep_ranks_per_node):
+    # once per destination node over the inter-node link, then to the node's expert ranks (parallel/two_hop.py)
+    ep_dispatch: str = "one_hop"
     zero_stage: int = 1  # ZeRO stage of the optimizer states (0 or 1; pipelines need <= 1)
     defer_w: bool = True  # dualpipe/dualpipev: split backward, weight-gradients deferred to fill bubbles
     timeline_step: int = 0  # record this step's per-rank timeline (Chrome trace + PNG); 0: off

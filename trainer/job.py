@@ -247,12 +247,15 @@ def modelled_network(job: JobConfig) -> Iterator[Any]:
     from parallel.modelled_comm import ModelledComm
     from parallel.network_model import VirtualClock, WallClock
 
-    clock = WallClock()
+    clock, threads = WallClock(), torch.get_num_threads()
     if job.parallel.network.clock == "virtual":
         torch.set_num_threads(1)  # the virtual clock counts this thread's CPU time: the compute must run here
         clock = VirtualClock()
-    with ModelledComm(net, clock) as comm:
-        yield comm
+    try:
+        with ModelledComm(net, clock) as comm:
+            yield comm
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(job: JobConfig, resolved: dict[str, Any], layout: Layout, env: DistEnv, paths: RunPaths,

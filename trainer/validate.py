@@ -15,6 +15,7 @@ from parallel.network_model import NetworkModel, NetworkModelError
 from parallel.step_schedule import DUALPIPES, PIPELINES, SCHEDULES
 from trainer.config import (
     DTYPES,
+    EP_DISPATCHES,
     LR_SCHEDULES,
     MOMENT_DTYPES,
     NETWORK_CLOCKS,
@@ -349,6 +350,9 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
     _check_precision(cfg, device, ep)
+    _need(cfg.parallel.network.model == "none" or device == "cpu", "parallel.network.model",
+          f"the modelled interconnect runs on CPU ranks (gloo), this job runs on {device}",
+          "set parallel.network.model=none")
     network_model(cfg)
     # -- expert parallelism (parallel/expert_shard.py), every schedule, under ZeRO-1 (its optimizer reduces expert
     # gradients over the expert-DP group; stage 0 would all-reduce them over dp)
@@ -369,6 +373,16 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
         except ValueError as e:
             raise UserError("parallel.ep_ranks_per_node", str(e), "see docs/expert_parallel.md (node-limited "
                             "routing)") from None
+    dispatch = cfg.parallel.ep_dispatch
+    _need(dispatch in EP_DISPATCHES, "parallel.ep_dispatch", f"unknown dispatch {dispatch!r}",
+          f"choose one of {', '.join(EP_DISPATCHES)}")
+    if dispatch == "two_hop":
+        _need(ep > 1 and cfg.parallel.ep_ranks_per_node is not None, "parallel.ep_dispatch",
+              f"two_hop needs expert parallelism over nodes, got ep={ep}, "
+              f"ep_ranks_per_node={cfg.parallel.ep_ranks_per_node}",
+              "set parallel.ep>1 and parallel.ep_ranks_per_node (EP ranks per node), or ep_dispatch=one_hop")
+        _need(not cfg.precision.fp8.dispatch, "parallel.ep_dispatch", "two_hop does not send FP8 rows",
+              "set precision.fp8.dispatch=false, or parallel.ep_dispatch=one_hop")
     _need(ep == 1 or cfg.parallel.zero_stage == 1, "parallel.ep",
           f"ep={ep} needs the ZeRO-1 optimizer, got zero_stage={cfg.parallel.zero_stage}",
           "set parallel.zero_stage=1")

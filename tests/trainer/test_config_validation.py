@@ -82,6 +82,9 @@ def test_default_config_composes_and_validates(tiny_data):
         (2, ["parallel=dp", "parallel.cp=0"], "parallel.cp:", "must be >= 1"),
         (2, ["parallel.network.model=infiniband"], "parallel.network.model:", "unknown network model"),
         (2, ["parallel.network.clock=cpu"], "parallel.network.clock:", "unknown clock"),
+        (2, ["parallel=dp", "parallel.ep=2", "parallel.ep_dispatch=two_hop"], "parallel.ep_dispatch:",
+         "two_hop needs expert parallelism over nodes"),
+        (2, ["parallel=dp", "parallel.ep_dispatch=three_hop"], "parallel.ep_dispatch:", "unknown dispatch"),
         (2, ["parallel.network.model=ib_nvlink", "parallel.network.inter_node_gbs=0"],
          "parallel.network.inter_node_gbs:", "must be positive"),
         (2, ["parallel.network.model=ib_nvlink", "parallel.network.latency_us=-1"], "parallel.network.latency_us:",
@@ -175,3 +178,9 @@ def test_who_prints_a_user_error_before_the_process_group(monkeypatch, capsys, r
         fail("data.dirs: a problem; a fix", same_on_every_rank=shared)
     assert info.value.code == 2
     assert (capsys.readouterr().err == "error: data.dirs: a problem; a fix\n") == printed
+
+
+def test_the_modelled_network_is_refused_on_gpus(tiny_data):
+    with pytest.raises(UserError) as info:
+        validate(job(tiny_data, "parallel.network.model=ib_nvlink"), world_size=2, device="cuda")
+    assert user_error_line(info.value).startswith("parallel.network.model:")

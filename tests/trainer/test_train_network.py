@@ -32,3 +32,20 @@ def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path,
         assert r["train/net_inter_node_bytes"] > 0 and r["train/net_intra_node_bytes"] == 0
         assert 0 <= r["train/net_exposed_s"] <= r["train/net_modelled_s"] and r["train/net_modelled_s"] > 0
         assert r["train/net_step_time_s"] >= r["train/net_exposed_s"] and r["train/net_step_time_s"] > 0
+
+
+def test_two_hop_dispatch_trains_like_one_hop_with_fewer_inter_node_bytes(tiny_data: Path, tmp_path: Path):
+    """ep=4 over 2 modelled nodes of 2 ranks (`parallel.ep_dispatch=two_hop`): the same first step as the one-hop
+    dispatcher, and less traffic over the inter-node link every step."""
+    from tests.trainer.conftest import assert_first_step_matches
+
+    layout = ["parallel=dp", "parallel.ep=4", "parallel.ep_ranks_per_node=2", "train.global_batch_size=16",
+              "parallel.network.model=ib_nvlink", "parallel.network.ranks_per_node=2"]
+    runs = {}
+    for dispatch in ("one_hop", "two_hop"):
+        runs[dispatch] = tmp_path / dispatch
+        launch(base_overrides(tiny_data, runs[dispatch], *SHORT, *layout, f"parallel.ep_dispatch={dispatch}"),
+               nproc=4, timeout=400)
+    assert_first_step_matches(runs["two_hop"], runs["one_hop"])
+    one, two = rows(runs["one_hop"]), rows(runs["two_hop"])
+    assert all(b["train/net_inter_node_bytes"] < a["train/net_inter_node_bytes"] for a, b in zip(one, two))
