@@ -97,8 +97,10 @@ def run(repeats: int) -> dict[str, Any]:
         for r in range(_runs(repeats)):
             for name, schedule in SCHEDULES.items():
                 rows = _train(tmp, f"{name}-{r}", [*schedule, *network])
-                samples[name].append({key: _median(rows, key) for key in (
-                    "net_step_time_s", "net_exposed_s", "net_modelled_s", "net_inter_node_bytes", "step_time_s")})
+                keys = ["net_step_time_s", "net_exposed_s", "net_modelled_s", "net_inter_node_bytes", "step_time_s"]
+                if name == "dualpipe":
+                    keys += ["net_mirror_reduce_s", "net_mirror_reduce_exposed_s"]
+                samples[name].append({key: _median(rows, key) for key in keys})
     med = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
     tokens = MICRO * SEQ * MICROBATCHES * DP
     ours, peer = tokens / med["dualpipe"]["net_step_time_s"], tokens / med["1f1b"]["net_step_time_s"]
@@ -107,6 +109,11 @@ def run(repeats: int) -> dict[str, Any]:
         "modelled.ratio_vs_1f1b >= 1.25", repeats,
         modelled={
             "ratio_vs_1f1b": ours / peer,
+            # DualPipe's mirror-gradient sums, posted per stage as its gradients become final: the part of their
+            # modelled time the step's end still waited for
+            "mirror_reduce_exposed_fraction": med["dualpipe"]["net_mirror_reduce_exposed_s"] / med["dualpipe"][
+                "net_mirror_reduce_s"],
+            "mirror_reduce_ms": 1e3 * med["dualpipe"]["net_mirror_reduce_s"],
             "step_ms": {name: 1e3 * m["net_step_time_s"] for name, m in med.items()},
             "exposed_comm_ms": {name: 1e3 * m["net_exposed_s"] for name, m in med.items()},
             "modelled_comm_ms": {name: 1e3 * m["net_modelled_s"] for name, m in med.items()},

@@ -76,8 +76,14 @@ class DualPipeSchedule(StepSchedule):
             dtype=spec.dtype,
             device=spec.device, seq_len=spec.seq_len, precision_context=spec.precision_context,
             record_timeline=spec.record_timeline,
+            on_chunk_grads_done=self._reduce_chunk if name == "dualpipe" else None,
         )
         self.instructions = build_instructions(name, topo.pp, spec.microbatches, defer_w=spec.defer_w)[topo.pipe_rank]
+        self._chunk_params, self._unowned = self._params_by_chunk(stages)
+        self._chunk_groups = {c: topo.groups["mirror_lower" if s < topo.pp // 2 else "mirror_upper"]
+                              for c, s in zip(chunks, stage_ids)} if name == "dualpipe" else {}
+        self._reductions: list[tuple[list[torch.nn.Parameter], torch.Tensor, object]] = []
+        self.last_reduce: dict[str, float] = {}
         self.device = spec.device
         self._a2a_trace: list = []
 
@@ -90,7 +96,7 @@ class DualPipeSchedule(StepSchedule):
         data = [next(batches) for _ in range(self.microbatches)]
         result = self.runtime.run(self.instructions, data, loss_scale=1.0 / self.microbatches)
         if self.name == "dualpipe":
-            self._sum_mirror_grads()
+            self._finish_mirror_sums()
         self._hand_grads_to_zero()
         self.engine.allreduce_gradients()
         self.engine.step()
@@ -105,19 +111,55 @@ class DualPipeSchedule(StepSchedule):
                 if p.grad is not None:
                     p.grad_accum = p.grad.to(opt.gradient_accumulation_dtype)
 
+    # ---- DualPipe's mirror gradient sum, overlapped with the step's tail ---------------------------------
+    def _params_by_chunk(self, stages: dict[int, Stage]
+                         ) -> tuple[dict[int, list[torch.nn.Parameter]], list[torch.nn.Parameter]]:
+        """Each trainable parameter under the one chunk whose stage holds it, in name order (the mirror rank
+        lists the same stage's parameters alike); a parameter two chunks share (a tied embedding) is left to the
+        end of the step, as the two ranks finish their chunks in different orders."""
+        holders: dict[int, set[int]] = {}
+        for chunk, stage in stages.items():
+            for p in stage.parameters():
+                holders.setdefault(id(p), set()).add(chunk)
+        by_chunk: dict[int, list[torch.nn.Parameter]] = {c: [] for c in stages}
+        rest: list[torch.nn.Parameter] = []
+        for _, p in sorted(self.module.named_parameters()):
+            if p.requires_grad:
+                chunks = holders.get(id(p), set())
+                (by_chunk[next(iter(chunks))] if len(chunks) == 1 else rest).append(p)
+        return by_chunk, rest
+
     @torch.no_grad()
-    def _sum_mirror_grads(self) -> None:
-        params = [p for _, p in sorted(self.module.named_parameters()) if p.requires_grad]
+    def _post_sum(self, params: list[torch.nn.Parameter], group) -> None:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if not params:
+            return
         flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=self.topo.groups["mirror"])
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+        self._reductions.append((params, flat, dist.all_reduce(flat, group=group, async_op=True)))
+
+    def _reduce_chunk(self, chunk: int) -> None:
+        """A chunk's gradients are final: post their sum with the mirror rank's copy of the same stage."""
+        self._post_sum(self._chunk_params[chunk], self._chunk_groups[chunk])
+
+    @torch.no_grad()
+    def _finish_mirror_sums(self) -> None:
+        """Wait for the chunks' sums (and sum what no chunk owns), then write them back into the gradients.
+        `last_reduce`: this step's modelled and exposed seconds of those sums when a network model is installed."""
+        self._post_sum(self._unowned, self.topo.groups["mirror"])
+        modelled = exposed = 0.0
+        for params, flat, work in self._reductions:
+            work.wait()
+            modelled += getattr(work, "seconds", 0.0)
+            exposed += getattr(work, "blocked", 0.0)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        self._reductions = []
+        self.last_reduce = {"mirror_reduce_s": modelled, "mirror_reduce_exposed_s": exposed}
 
     def _reduce_losses(self, result: StepResult) -> StepLosses:
         """Sum each microbatch's losses over the pipeline ranks (each lands on exactly one of them)."""

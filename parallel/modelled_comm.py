@@ -350,8 +350,9 @@ class StepTraffic:
         self._end = comm.align_clocks() if comm is not None else None
         self._at_end = comm.stats.as_dict() if comm is not None else None
 
-    def step_metrics(self) -> dict[str, float]:
-        """The counters from the end of the previous step to the end of this one (rank 0's own, not totals)."""
+    def step_metrics(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """The counters from the end of the previous step to the end of this one (rank 0's own, not totals);
+        `extra`: the schedule's own figures (e.g. DualPipe's mirror-gradient sums), logged as `net_<key>`."""
         comm = active()
         if comm is None or self._at_end is None:
             return {}
@@ -364,4 +365,5 @@ class StepTraffic:
                "net_exposed_s": now["blocked_s"] - last["blocked_s"]}
         if self._start is not None and self._end is not None:
             row["net_step_time_s"] = self._end - self._start
+        row.update({f"net_{key}": value for key, value in (extra or {}).items()})
         return row

@@ -60,6 +60,21 @@ class _Pending:
         return self.buffer
 
 
+def last_gradient_instructions(instrs: list[Instr]) -> dict[int, list[int]]:
+    """{instruction index: chunks whose gradients are final after it}: a chunk's last B, W or the backward half
+    of an FB (a deferred W comes after its B, so the last of them all is the one)."""
+    last: dict[int, int] = {}
+    for index, ins in enumerate(instrs):
+        if ins.kind in (Kind.B, Kind.W):
+            last[ins.chunk] = index
+        elif ins.kind == Kind.FB:
+            last[ins.b_chunk] = index
+    out: dict[int, list[int]] = {}
+    for chunk, index in sorted(last.items()):
+        out.setdefault(index, []).append(chunk)
+    return out
+
+
 class PipelineRuntime:
     def __init__(
         self,
@@ -76,11 +91,15 @@ class PipelineRuntime:
         on_reduce_grads: Callable[[], None] | None = None,
         on_step: Callable[[], None] | None = None,
         record_timeline: bool = False,
+        on_chunk_grads_done: Callable[[int], None] | None = None,
     ) -> None:
         self.placement, self.rank, self.stages, self.p2p, self.store = placement, rank, stages, p2p, store
         self.activation_shape, self.dtype, self.device, self.seq_len = activation_shape, dtype, device, seq_len
         self.precision_context = precision_context
         self.on_reduce_grads, self.on_step = on_reduce_grads, on_step
+        # called with a chunk once no later instruction of the step adds to its parameters' gradients (the
+        # gradient reduction of that chunk can start while the rank computes the other)
+        self.on_chunk_grads_done = on_chunk_grads_done
         self.record_timeline = record_timeline
         self.timeline: list[TimelineEvent] = []
 
@@ -92,7 +111,8 @@ class PipelineRuntime:
         self.deferred = {(i.b_chunk, i.b_mb) if i.kind == Kind.FB else (i.chunk, i.mb)
                          for i in instrs if i.kind in (Kind.B, Kind.FB) and i.defer_w}
         self.loss_scale = loss_scale
-        for ins in instrs:
+        last_grads = last_gradient_instructions(instrs)
+        for index, ins in enumerate(instrs):
             if ins.kind in COMM:
                 self._post(ins)
                 continue
@@ -112,6 +132,9 @@ class PipelineRuntime:
             elif ins.kind == Kind.STEP:
                 if self.on_step is not None:
                     self.on_step()
+            if self.on_chunk_grads_done is not None:
+                for chunk in last_grads.get(index, ()):
+                    self.on_chunk_grads_done(chunk)
         self._finish_comm()
         if len(self.store):
             raise RuntimeError(f"rank {self.rank}: {len(self.store)} weight-gradient groups were never run")

@@ -68,9 +68,10 @@ class PipelineTopology:
         if self.cp < 1 or self.dp % self.cp:
             raise ValueError(f"parallel.cp={self.cp} does not divide the {self.dp} data-parallel ranks of a stage")
 
-        def make(name: str, ranks_list: list[list[int]]) -> None:
+        def make(name: str, ranks_list: list[list[int]], own: bool = False) -> None:
+            """`own`: a new group even when it spans the world (traffic that must not queue behind the world's)."""
             for ranks in ranks_list:
-                group = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+                group = dist.new_group(ranks) if len(ranks) < world or own else dist.group.WORLD
                 if self.rank in ranks:
                     self.groups[name], self.group_ranks[name] = group, ranks
 
@@ -82,6 +83,11 @@ class PipelineTopology:
                             for p in half])
             make("mirror", [[self.global_rank(p, d), self.global_rank(self.pp - 1 - p, d)]
                             for d in range(self.dp) for p in half])
+            # the same pairs again, a group per stage of the pair (lower: stage p, upper: pp-1-p): each stage's
+            # gradient sum starts as soon as its gradients are final, in whichever order the two ranks finish
+            for which in ("mirror_lower", "mirror_upper"):
+                make(which, [[self.global_rank(p, d), self.global_rank(self.pp - 1 - p, d)]
+                             for d in range(self.dp) for p in half], own=True)
         else:
             self.groups["copies"], self.group_ranks["copies"] = self.groups["data"], self.group_ranks["data"]
         if self.cp > 1:

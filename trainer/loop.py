@@ -142,7 +142,7 @@ def run_loop(schedule: StepSchedule, cfg: Any, layout: Any, state: LoopState, ho
         utilisation = M.mfu(tok_s, flops_per_token, peak, num_devices=layout.world_size)
         if utilisation is not None:
             row["mfu"] = utilisation
-        row.update(network.step_metrics())
+        row.update(network.step_metrics(getattr(schedule, "last_reduce", {})))
         if counts:
             row.update(M.expert_load_stats(counts))
             for layer, c in counts.items():

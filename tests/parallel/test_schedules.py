@@ -190,3 +190,24 @@ def test_checker_catches_wrong_peer_and_duplicate() -> None:
     lists[0].insert(1, Instr(Kind.F, 0, 0))
     with pytest.raises(AssertionError, match="forward twice"):
         verify_schedule("1f1b", 1, 3, lists)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("defer_w", [True, False])
+def test_a_chunks_gradients_are_final_after_its_last_backward_or_weight_instruction(pp, defer_w):
+    """What the DualPipe engine keys its early mirror-gradient sums on (parallel/runtime.py): no instruction after
+    the reported one adds to that chunk's gradients, and on every rank one chunk is final before the step's last
+    compute instruction, so its sum overlaps the other chunk's remaining work."""
+    from parallel.instructions import COMPUTE, Kind
+    from parallel.runtime import last_gradient_instructions
+
+    for instrs in build_instructions("dualpipe", pp, 2 * pp, defer_w=defer_w):
+        done = last_gradient_instructions(instrs)
+        chunks = sorted(c for cs in done.values() for c in cs)
+        assert chunks == [0, 1]
+        for index, finished in done.items():
+            for later in instrs[index + 1:]:
+                touched = later.b_chunk if later.kind == Kind.FB else later.chunk
+                assert not (later.kind in (Kind.B, Kind.W, Kind.FB) and touched in finished), (index, later)
+        last_compute = max(i for i, ins in enumerate(instrs) if ins.kind in COMPUTE)
+        assert min(done) < last_compute
