@@ -111,8 +111,8 @@ def run(repeats: int) -> dict[str, Any]:
             "ratio_vs_1f1b": ours / peer,
             # DualPipe's mirror-gradient sums, posted per stage as its gradients become final: the part of their
             # modelled time the step's end still waited for
-            "mirror_reduce_exposed_fraction": med["dualpipe"]["net_mirror_reduce_exposed_s"] / med["dualpipe"][
-                "net_mirror_reduce_s"],
+            "mirror_reduce_exposed_fraction": med["dualpipe"]["net_mirror_reduce_exposed_s"] / max(
+                med["dualpipe"]["net_mirror_reduce_s"], 1e-12),
             "mirror_reduce_ms": 1e3 * med["dualpipe"]["net_mirror_reduce_s"],
             "step_ms": {name: 1e3 * m["net_step_time_s"] for name, m in med.items()},
             "exposed_comm_ms": {name: 1e3 * m["net_exposed_s"] for name, m in med.items()},

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from model.gemm import defer_weight_grads
-from model.transformer import DeepseekV3
+from model.transformer import DeepseekV3, HeadPiece
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
 from parallel.instructions import Placement
@@ -83,6 +83,7 @@ class DualPipeSchedule(StepSchedule):
         self._chunk_groups = {c: topo.groups["mirror_lower" if s < topo.pp // 2 else "mirror_upper"]
                               for c, s in zip(chunks, stage_ids)} if name == "dualpipe" else {}
         self._reductions: list[tuple[list[torch.nn.Parameter], torch.Tensor, object]] = []
+        self._posted: set[int] = set()
         self.last_reduce: dict[str, float] = {}
         self.device = spec.device
         self._a2a_trace: list = []
@@ -94,9 +95,11 @@ class DualPipeSchedule(StepSchedule):
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
         self.engine.train()
         data = [next(batches) for _ in range(self.microbatches)]
+        self._reductions, self._posted = [], set()  # nothing left over from a step that raised
         result = self.runtime.run(self.instructions, data, loss_scale=1.0 / self.microbatches)
         if self.name == "dualpipe":
             self._finish_mirror_sums()
+            self._posted = set()
         self._hand_grads_to_zero()
         self.engine.allreduce_gradients()
         self.engine.step()
@@ -119,7 +122,10 @@ class DualPipeSchedule(StepSchedule):
         end of the step, as the two ranks finish their chunks in different orders."""
         holders: dict[int, set[int]] = {}
         for chunk, stage in stages.items():
-            for p in stage.parameters():
+            # the head's MTP modules read the embedding table through an unregistered reference: the head's chunk
+            # writes its gradient too
+            shared = [p for m in stage.modules() if isinstance(m, HeadPiece) for p in m.embedding.parameters()]
+            for p in [*stage.parameters(), *shared]:
                 holders.setdefault(id(p), set()).add(chunk)
         by_chunk: dict[int, list[torch.nn.Parameter]] = {c: [] for c in stages}
         rest: list[torch.nn.Parameter] = []
@@ -141,12 +147,18 @@ class DualPipeSchedule(StepSchedule):
 
     def _reduce_chunk(self, chunk: int) -> None:
         """A chunk's gradients are final: post their sum with the mirror rank's copy of the same stage."""
+        if chunk in self._posted:
+            raise RuntimeError(f"rank {self.topo.rank}: chunk {chunk}'s mirror sum posted twice in one step")
+        self._posted.add(chunk)
         self._post_sum(self._chunk_params[chunk], self._chunk_groups[chunk])
 
     @torch.no_grad()
     def _finish_mirror_sums(self) -> None:
         """Wait for the chunks' sums (and sum what no chunk owns), then write them back into the gradients.
         `last_reduce`: this step's modelled and exposed seconds of those sums when a network model is installed."""
+        if self._posted != set(self._chunk_params):  # every stage copy summed, or the copies would drift apart
+            raise RuntimeError(f"rank {self.topo.rank}: mirror sums posted for chunks {sorted(self._posted)}, "
+                               f"expected {sorted(self._chunk_params)}")
         self._post_sum(self._unowned, self.topo.groups["mirror"])
         modelled = exposed = 0.0
         for params, flat, work in self._reductions:

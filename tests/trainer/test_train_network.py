@@ -30,8 +30,10 @@ def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path,
     assert all("train/net_inter_node_bytes" not in r for r in a)
     for r in b:
         assert r["train/net_inter_node_bytes"] > 0 and r["train/net_intra_node_bytes"] == 0
-        assert 0 <= r["train/net_exposed_s"] <= r["train/net_modelled_s"] and r["train/net_modelled_s"] > 0
-        assert r["train/net_step_time_s"] >= r["train/net_exposed_s"] and r["train/net_step_time_s"] > 0
+        assert r["train/net_modelled_s"] > 0 and r["train/net_exposed_s"] >= 0 and r["train/net_step_time_s"] > 0
+        if clock == "wall":  # a wait is held for at most its own transfer's duration (on the virtual clock the
+            # hold also covers waiting for a later participant: bubbles and skew)
+            assert r["train/net_exposed_s"] <= r["train/net_modelled_s"]
 
 
 def test_two_hop_dispatch_trains_like_one_hop_with_fewer_inter_node_bytes(tiny_data: Path, tmp_path: Path):
