@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,19 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
+class WeightGradWork:
+    """One deferred weight-gradient GEMM: calling it adds `compute()` to `weight.grad`. The weight it writes is
+    named, so a schedule can tell when a parameter's gradient is final (its gradient reduction may start)."""
+
+    __slots__ = ("weight", "compute")
+
+    def __init__(self, weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> None:
+        self.weight, self.compute = weight, compute
+
+    def __call__(self) -> None:
+        accumulate_grad(self.weight, self.compute())
+
+
 class _LinearFn(torch.autograd.Function):
     """y = x W^T through a backend's three GEMMs. The weight is held by reference, not saved: under activation
     checkpointing a saved tensor comes back as a new alias, and a deferred gradient must land on the parameter."""
@@ -105,7 +119,7 @@ class _LinearFn(torch.autograd.Function):
             if backend.wgrad_store is None:
                 grad_w = backend.wgrad(g2d, x2d)
             else:
-                backend.wgrad_store.defer_or_run(lambda: accumulate_grad(weight, backend.wgrad(g2d, x2d)))
+                backend.wgrad_store.defer_or_run(WeightGradWork(weight, lambda: backend.wgrad(g2d, x2d)))
         return grad_x, grad_w, None
 
 
@@ -132,7 +146,7 @@ class _GroupedLinearFn(torch.autograd.Function):
             if backend.wgrad_store is None:
                 grad_w = wgrad()
             else:
-                backend.wgrad_store.defer_or_run(lambda: accumulate_grad(weight, wgrad()))
+                backend.wgrad_store.defer_or_run(WeightGradWork(weight, wgrad))
         return grad_x, grad_w, None, None
 
 

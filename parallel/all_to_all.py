@@ -4,7 +4,6 @@ dispatch rows (E4M3 values + one scale per 1 x 128 tile, DeepSeek-V3 section 3.3
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model.fp8.numerics import Quantized, quantize
+from parallel.network_model import timeline_now
 
 DISPATCH_TILE = 128  # activations sent through the EP dispatch: 1 x 128 tiles, as the blockwise recipe's
 
@@ -50,16 +50,16 @@ class PostedAllToAll:
 
     def __init__(self, out: torch.Tensor, send: torch.Tensor, work: Any, label: str, trace: list | None) -> None:
         self.out, self._send, self._work, self.label, self._trace = out, send, work, label, trace
-        self._posted = time.perf_counter()
+        self._posted = timeline_now()
 
     def wait(self) -> torch.Tensor:
         if self._work is None:
             raise RuntimeError(f"wait() called twice on the posted all-to-all {self.label}")
-        start = time.perf_counter()
+        start = timeline_now()
         self._work.wait()
         self._work = self._send = None  # the send buffer had to outlive the collective
         if self._trace is not None:
-            self._trace.append(CommInterval(self.label, self._posted, start, time.perf_counter()))
+            self._trace.append(CommInterval(self.label, self._posted, start, timeline_now()))
         return self.out
 
 

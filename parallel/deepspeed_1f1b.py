@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +45,7 @@ from torch import nn
 
 from model.transformer import BlockPiece, DeepseekV3, EmbeddingPiece, HeadPiece, MicroBatch
 from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
+from parallel.network_model import timeline_now
 from parallel.runtime import TimelineEvent
 from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSchedule
 
@@ -366,10 +366,10 @@ class DeepSpeedPipeSchedule(StepSchedule):
                 if not self.recording:
                     fn(eng, buffer_id=buffer_id, **kwargs)
                     return
-                start = time.perf_counter()
+                start = timeline_now()
                 fn(eng, buffer_id=buffer_id, **kwargs)
                 label = f"{kind}{chunk}.{mb}"
-                self.timeline_events.append(TimelineEvent(rank, start, time.perf_counter(), label, kind, chunk))
+                self.timeline_events.append(TimelineEvent(rank, start, timeline_now(), label, kind, chunk))
             return run
 
         table[ds_schedule.ForwardPass] = timed("F", table[ds_schedule.ForwardPass])

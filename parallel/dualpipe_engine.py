@@ -8,9 +8,11 @@ reduction over the data-parallel group, fp32 master weights, clipping, the LR sc
 and checkpoints. DeepSpeed's `PipelineEngine` is not extended because its instruction set has no weight-
 gradient pass and its module partitioning cannot express two stages per rank in both directions.
 
-DualPipe keeps two copies of every stage (pipe ranks p and pp-1-p): after the runtime, their gradients are
-summed over the mirror pair, so both copies take the identical optimizer step; the copies on the second half
-of the pipeline are marked `ds_pipe_replicated`, so DeepSpeed's global grad norm counts each stage once.
+DualPipe keeps two copies of every stage (pipe ranks p and pp-1-p): their gradients are summed over the mirror
+pair, so both copies take the identical optimizer step; the copies on the second half of the pipeline are
+marked `ds_pipe_replicated`, so DeepSpeed's global grad norm counts each stage once. That sum and ZeRO-1's
+data-parallel reduction run as one, bucket by bucket while the step's tail still computes
+(parallel/grad_reduce.py); ZeRO-1 is handed the reduced gradients (parallel/zero_handoff.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch.distributed as dist
 from model.gemm import defer_weight_grads
 from model.transformer import DeepseekV3, HeadPiece
 from parallel.dispatcher import AllToAllDispatcher
-from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
+from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe, is_expert_param
+from parallel.grad_reduce import GradientReducer, ReducePlan
 from parallel.instructions import Placement
 from parallel.p2p import P2P
 from parallel.runtime import PipelineRuntime, StepResult, TimelineEvent
@@ -33,6 +36,7 @@ from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSc
 from parallel.topology import PipelineMpu
 from parallel.two_hop import TwoHopDispatcher
 from parallel.weight_grad import WeightGradStore
+from parallel.zero_handoff import gradient_dtype, hand_local_gradients, hand_reduced_gradients, takes_reduced_gradients
 
 
 class DualPipeSchedule(StepSchedule):
@@ -70,21 +74,19 @@ class DualPipeSchedule(StepSchedule):
                            overlap_ep=spec.overlap_ep)
                   for c, s in zip(chunks, stage_ids)}
         p2p = P2P(topo.pipe_ranks(), topo.groups["pipe"]) if topo.pp > 1 else None
+        # ZeRO-1 takes gradients our reduction has averaged over the data ranks (else DeepSpeed reduces them)
+        self.fused_reduction = takes_reduced_gradients(self.engine)
+        self.reducer = self._gradient_reducer(stages)
         self.runtime = PipelineRuntime(
             self.placement, topo.pipe_rank, stages, p2p, self.store,
             activation_shape=(spec.micro_batch_size, spec.seq_len // spec.topo.cp, model.cfg.hidden_size),
             dtype=spec.dtype,
             device=spec.device, seq_len=spec.seq_len, precision_context=spec.precision_context,
-            record_timeline=spec.record_timeline,
-            on_chunk_grads_done=self._reduce_chunk if name == "dualpipe" else None,
+            record_timeline=spec.record_timeline, gradient_hooks=self.reducer,
         )
         self.instructions = build_instructions(name, topo.pp, spec.microbatches, defer_w=spec.defer_w)[topo.pipe_rank]
-        self._chunk_params, self._unowned = self._params_by_chunk(stages)
-        self._chunk_groups = {c: topo.groups["mirror_lower" if s < topo.pp // 2 else "mirror_upper"]
-                              for c, s in zip(chunks, stage_ids)} if name == "dualpipe" else {}
-        self._reductions: list[tuple[list[torch.nn.Parameter], torch.Tensor, object]] = []
-        self._posted: set[int] = set()
         self.last_reduce: dict[str, float] = {}
+        self._reduce_events: list[TimelineEvent] = []
         self.device = spec.device
         self._a2a_trace: list = []
 
@@ -95,31 +97,55 @@ class DualPipeSchedule(StepSchedule):
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
         self.engine.train()
         data = [next(batches) for _ in range(self.microbatches)]
-        self._reductions, self._posted = [], set()  # nothing left over from a step that raised
+        if self.reducer is not None:
+            self.reducer.begin_step()  # nothing left over from a step that raised
         result = self.runtime.run(self.instructions, data, loss_scale=1.0 / self.microbatches)
-        if self.name == "dualpipe":
-            self._finish_mirror_sums()
-            self._posted = set()
-        self._hand_grads_to_zero()
-        self.engine.allreduce_gradients()
+        if self.reducer is not None:
+            times = self.reducer.finish()
+            self.last_reduce = {"grad_reduce_s": times.modelled_s, "grad_reduce_exposed_s": times.exposed_s}
+            self._reduce_events = [TimelineEvent(self.runtime.rank, posted, end, label, "grad_reduce", -1)
+                                   for posted, end, label in times.events]
+        if self.fused_reduction:
+            hand_reduced_gradients(self.engine)
+        else:
+            hand_local_gradients(self.engine)
+            self.engine.allreduce_gradients()
         self.engine.step()
         return self._reduce_losses(result)
 
-    def _hand_grads_to_zero(self) -> None:
-        """Under bf16 with an fp32 accumulation dtype ZeRO reads `param.grad_accum`, which its backward hooks
-        fill; our backward runs outside the engine, so fill it here."""
-        opt = self.engine.optimizer
-        if getattr(opt, "use_grad_accum_attribute", False):
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad_accum = p.grad.to(opt.gradient_accumulation_dtype)
+    # ---- gradient reduction in the step's tail (parallel/grad_reduce.py) ----------------------------------
+    def _gradient_reducer(self, stages: dict[int, Stage]) -> GradientReducer | None:
+        """Each chunk's parameters reduced over every rank holding a copy of its stage: with ZeRO-1, the mirror
+        pair's copies of all data replicas, averaged (experts: over the replicas holding the same shard); without,
+        the mirror sum only (DeepSpeed then reduces over the data ranks). None: nothing for it to do."""
+        topo, fused, dualpipe = self.topo, self.fused_reduction, self.name == "dualpipe"
+        if not fused and not dualpipe:
+            return None
 
-    # ---- DualPipe's mirror gradient sum, overlapped with the step's tail ---------------------------------
-    def _params_by_chunk(self, stages: dict[int, Stage]
-                         ) -> tuple[dict[int, list[torch.nn.Parameter]], list[torch.nn.Parameter]]:
-        """Each trainable parameter under the one chunk whose stage holds it, in name order (the mirror rank
-        lists the same stage's parameters alike); a parameter two chunks share (a tied embedding) is left to the
-        end of the step, as the two ranks finish their chunks in different orders."""
+        def group(name: str):
+            return None if len(topo.group_ranks[name]) == 1 else topo.groups[name]
+
+        chunk_params, shared = self._params_by_chunk(stages)
+        plan_chunks = {}
+        for chunk, params in chunk_params.items():
+            if dualpipe:
+                side = "lower" if stages[chunk].stage < topo.pp // 2 else "upper"
+                dense = group(f"grads_{side}" if fused else f"mirror_{side}")
+                expert = group(f"expert_grads_{side}" if fused and topo.ep > 1 else f"mirror_{side}")
+            else:
+                dense = group("data")
+                expert = group("expert_data") if topo.ep > 1 else dense
+            plan_chunks[chunk] = [(p, expert if is_expert_param(p) else dense) for p in params]
+        shared_group = group(("grads_shared" if fused else "mirror_shared") if dualpipe else "data")
+        return GradientReducer(ReducePlan(plan_chunks, [(p, shared_group, chunks) for p, chunks in shared],
+                                          divisor=topo.dp if fused else 1,
+                                          accum_dtype=gradient_dtype(self.engine) if fused else None))
+
+    def _params_by_chunk(self, stages: dict[int, Stage]) -> tuple[dict[int, list[torch.nn.Parameter]],
+                                                                  list[tuple[torch.nn.Parameter, frozenset[int]]]]:
+        """Each trainable parameter under the one chunk whose stage holds it, in backward order (the stage's
+        last module first; the mirror rank lists the same stage's parameters alike); the parameters several chunks
+        write (a tied embedding), with those chunks, in name order."""
         holders: dict[int, set[int]] = {}
         for chunk, stage in stages.items():
             # the head's MTP modules read the embedding table through an unregistered reference: the head's chunk
@@ -127,51 +153,11 @@ class DualPipeSchedule(StepSchedule):
             shared = [p for m in stage.modules() if isinstance(m, HeadPiece) for p in m.embedding.parameters()]
             for p in [*stage.parameters(), *shared]:
                 holders.setdefault(id(p), set()).add(chunk)
-        by_chunk: dict[int, list[torch.nn.Parameter]] = {c: [] for c in stages}
-        rest: list[torch.nn.Parameter] = []
-        for _, p in sorted(self.module.named_parameters()):
-            if p.requires_grad:
-                chunks = holders.get(id(p), set())
-                (by_chunk[next(iter(chunks))] if len(chunks) == 1 else rest).append(p)
+        by_chunk = {c: [p for p in reversed(list(stage.parameters())) if p.requires_grad and holders[id(p)] == {c}]
+                    for c, stage in stages.items()}
+        rest = [(p, frozenset(holders.get(id(p), ()))) for _, p in sorted(self.module.named_parameters())
+                if p.requires_grad and len(holders.get(id(p), ())) != 1]
         return by_chunk, rest
-
-    @torch.no_grad()
-    def _post_sum(self, params: list[torch.nn.Parameter], group) -> None:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        self._reductions.append((params, flat, dist.all_reduce(flat, group=group, async_op=True)))
-
-    def _reduce_chunk(self, chunk: int) -> None:
-        """A chunk's gradients are final: post their sum with the mirror rank's copy of the same stage."""
-        if chunk in self._posted:
-            raise RuntimeError(f"rank {self.topo.rank}: chunk {chunk}'s mirror sum posted twice in one step")
-        self._posted.add(chunk)
-        self._post_sum(self._chunk_params[chunk], self._chunk_groups[chunk])
-
-    @torch.no_grad()
-    def _finish_mirror_sums(self) -> None:
-        """Wait for the chunks' sums (and sum what no chunk owns), then write them back into the gradients.
-        `last_reduce`: this step's modelled and exposed seconds of those sums when a network model is installed."""
-        if self._posted != set(self._chunk_params):  # every stage copy summed, or the copies would drift apart
-            raise RuntimeError(f"rank {self.topo.rank}: mirror sums posted for chunks {sorted(self._posted)}, "
-                               f"expected {sorted(self._chunk_params)}")
-        self._post_sum(self._unowned, self.topo.groups["mirror"])
-        modelled = exposed = 0.0
-        for params, flat, work in self._reductions:
-            work.wait()
-            modelled += getattr(work, "seconds", 0.0)
-            exposed += getattr(work, "blocked", 0.0)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-                offset += n
-        self._reductions = []
-        self.last_reduce = {"mirror_reduce_s": modelled, "mirror_reduce_exposed_s": exposed}
 
     def _reduce_losses(self, result: StepResult) -> StepLosses:
         """Sum each microbatch's losses over the pipeline ranks (each lands on exactly one of them)."""
@@ -211,15 +197,21 @@ class DualPipeSchedule(StepSchedule):
         `take_timeline`)."""
         self.runtime.timeline.clear()
         self.runtime.record_timeline = True
+        if self.reducer is not None:
+            self.reducer.record = True
         self._a2a_trace = []
         for dispatcher in self._dispatchers():
             dispatcher.trace = self._a2a_trace
 
     def take_timeline(self) -> list[TimelineEvent]:
         """The recorded events of this rank (TimelineEvent), and recording off again. Expert all-to-alls are
-        events of kind `all_to_all` from post to the end of the wait; `waited` is the exposed (blocked) part."""
+        events of kind `all_to_all` from post to the end of the wait; `waited` is the exposed (blocked) part;
+        gradient-reduction buckets are `grad_reduce` events from post to the end of the step's wait for them."""
         self.runtime.record_timeline = False
-        events, self.runtime.timeline = self.runtime.timeline, []
+        if self.reducer is not None:
+            self.reducer.record = False
+        events, self.runtime.timeline = [*self.runtime.timeline, *self._reduce_events], []
+        self._reduce_events = []
         for dispatcher in self._dispatchers():
             dispatcher.trace = None
         for c in self._a2a_trace:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from parallel.network_model import Clock, ModelledWork, NetworkModel, WallClock
+from parallel.network_model import Clock, ModelledWork, NetworkModel, SharedLink, WallClock, set_timeline_clock
 
 P2P = ("isend", "irecv", "send", "recv")
 ASYNC_P2P = ("isend", "irecv")
@@ -144,6 +144,8 @@ class ModelledComm:
     _active: ModelledComm | None = None
 
     def __init__(self, net: NetworkModel, clock: Clock | None = None) -> None:
+        self._timeline_clock: Callable[[], float] | None = None  # the one to restore on uninstall
+        self._links: dict[str, SharedLink] = {}  # link type -> this rank's transfers in flight on it
         self.net, self.clock = net, clock or WallClock()
         self.virtual = bool(getattr(self.clock, "virtual", False))
         self.stats = CommStats()
@@ -219,10 +221,33 @@ class ModelledComm:
     def _blocked(self, seconds: float) -> None:
         self.stats.blocked_s += seconds
 
-    def _modelled(self, work: Any, seconds: float, posted: float) -> ModelledWork:
+    def _occupies(self, name: str, args: dict[str, Any]) -> str | None:
+        """The link type this rank's side of the call sends on (None: it sends nothing, a receive). A collective
+        that crosses nodes is paced by its inter-node link."""
+        me = dist.get_rank()
+        if name in P2P:
+            if name in ("irecv", "recv"):
+                return None
+            peer = self._peer(args, "dst")
+            return LINKS[1] if peer is None else self._link(me, peer)
+        ranks = self._ranks(args.get("group"))
+        if len(ranks) <= 1:
+            return None
+        return LINKS[1] if any(not self.net.same_node(me, r) for r in ranks) else LINKS[0]
+
+    def _modelled(self, work: Any, seconds: float, posted: float | Callable[[], float], own_post: float,
+                  link: str | None) -> ModelledWork:
+        """Transfers this rank has in flight on one link type share it (`SharedLink`, from its own post times):
+        without that, a reduction cut into many buckets would take no longer than its largest bucket, and a
+        reduction would not slow the all-to-alls beside it."""
         self.stats.modelled_s += seconds
         self.stats.transfers += 1
-        return ModelledWork(work, seconds, self.clock, posted=posted, on_block=self._blocked)
+        not_before = None
+        if link is not None and seconds > 0:
+            shared = self._links.setdefault(link, SharedLink())
+            flow = shared.post(own_post, seconds)
+            not_before = functools.partial(shared.done_at, flow)
+        return ModelledWork(work, seconds, self.clock, posted=posted, on_block=self._blocked, not_before=not_before)
 
     def _wrap(self, name: str, real: Callable) -> Callable:
         signature = inspect.signature(real)
@@ -245,13 +270,14 @@ class ModelledComm:
                     ops = bound["p2p_op_list"]
                     works = list(out or [None] * (len(ops) + len(extra)))
                     return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)),
-                                           extra[i][1](works[len(ops) + i]) if extra else posted)
+                                           extra[i][1](works[len(ops) + i]) if extra else posted, posted,
+                                           self._occupies(op.op.__name__, {"dst": self._op_peer(op)}))
                             for i, (op, work) in enumerate(zip(ops, works[:len(ops)], strict=True))]
                 seconds = self.seconds(name, bound, out)
                 when = stamps.share(name, bound, posted, out) if stamps is not None else posted
             finally:
                 self._inside.depth = 0
-            work = self._modelled(out, seconds, when)
+            work = self._modelled(out, seconds, when, posted, self._occupies(name, bound))
             if name in ASYNC_P2P or bound.get("async_op"):
                 return work
             work.work = None  # synchronous: the real transfer is done; hold the caller for the rest
@@ -274,6 +300,8 @@ class ModelledComm:
                     self._saved.append((namespace, name, real))
                     setattr(namespace, name, wrapper)
         self._rebind_deepspeed()
+        if self.virtual:
+            self._timeline_clock = set_timeline_clock(self.clock.now)
         ModelledComm._active = self
         return self
 
@@ -305,6 +333,9 @@ class ModelledComm:
         for attr in ("all_gather_function", "reduce_scatter_function"):
             if id(getattr(backend, attr, None)) in wrappers:
                 setattr(backend, attr, wrappers[id(getattr(backend, attr))])
+        if self._timeline_clock is not None:
+            set_timeline_clock(self._timeline_clock)
+            self._timeline_clock = None
         if ModelledComm._active is self:
             ModelledComm._active = None
 

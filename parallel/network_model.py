@@ -145,14 +145,81 @@ class VirtualClock:
         self._idle += t - self.now()
 
 
+class Flow:
+    """One transfer on a `SharedLink`: its post time, the seconds it takes alone, what is left of them at the
+    link's current time, and when it ended (None: still in flight)."""
+
+    __slots__ = ("post", "seconds", "left", "done")
+
+    def __init__(self, post: float, seconds: float) -> None:
+        self.post, self.seconds, self.left, self.done = post, seconds, seconds, None
+
+
+class SharedLink:
+    """A rank's sending side of one link type, shared fairly by the transfers in flight on it: with k in flight
+    each moves at 1/k of the link's rate (processor sharing, the fluid model of flows on one NIC). A transfer's end
+    is known once nothing more can be posted before it: a rank posts nothing while it waits, so at its wait."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None  # the time `active` is described at
+        self.active: list[Flow] = []
+
+    def post(self, at: float, seconds: float) -> Flow:
+        self._advance(at)
+        flow = Flow(at, seconds)
+        self.active.append(flow)
+        return flow
+
+    def _advance(self, until: float) -> None:
+        """Move the link's state to `until` (posts come in time order), ending the transfers done by then."""
+        if self.t is None or until <= self.t:
+            self.t = until if self.t is None else self.t
+            return
+        while self.active:
+            share = len(self.active)
+            step = min(f.left for f in self.active)
+            end = self.t + step * share
+            if end > until:
+                break
+            self.t = end
+            for f in self.active:
+                f.left -= step
+                if f.left <= 1e-12 * max(1.0, f.seconds):
+                    f.done = end
+            self.active = [f for f in self.active if f.done is None]
+        if self.active:
+            for f in self.active:
+                f.left -= (until - self.t) / len(self.active)
+        self.t = until
+
+    def done_at(self, flow: Flow) -> float:
+        """When `flow` ends, if nothing more is posted before then."""
+        if flow.done is not None:
+            return flow.done
+        t, left = self.t, {id(f): f.left for f in self.active}
+        while True:
+            share = len(left)
+            step = min(left.values())
+            t += step * share
+            left = {k: v - step for k, v in left.items()}
+            if left[id(flow)] <= 1e-12 * max(1.0, flow.seconds):
+                return t
+            left = {k: v for k, v in left.items() if v > 1e-12 * max(1.0, flow.seconds)}
+
+
 class ModelledWork:
     """A posted transfer (a torch.distributed Work, or None for one already done) that completes no earlier than
-    post time + its modelled duration. wait() waits for the real transfer, then for what is left of the model's.
-    `posted`: when the transfer was posted (default: now); `on_block(seconds)` hears of each modelled hold."""
+    post time + its modelled duration (and `not_before`). wait() waits for the real transfer, then for what is
+    left of the model's. `posted`: when the transfer was posted (default: now); `on_block(seconds)` hears of each
+    modelled hold."""
 
     def __init__(self, work: Any, seconds: float, clock: Clock, posted: float | Callable[[], float] | None = None,
-                 on_block: Callable[[float], None] | None = None) -> None:
+                 on_block: Callable[[float], None] | None = None,
+                 not_before: Callable[[], float] | None = None) -> None:
         self.work, self.clock, self.on_block, self.seconds = work, clock, on_block, seconds
+        # completes no earlier than this either (its link shared with other transfers): asked at each use, as a
+        # transfer posted later on the same link may still slow it down until its wait
+        self.not_before = not_before
         # `posted` may be a function: the virtual clock learns the latest post time of all participants only once
         # their timestamps have arrived (parallel/modelled_comm.py)
         self._posted: float | Callable[[], float] = clock.now() if posted is None else posted
@@ -162,7 +229,8 @@ class ModelledWork:
     def ready_at(self) -> float:
         if callable(self._posted):
             self._posted = self._posted()
-        return self._posted + self.seconds
+        done = self._posted + self.seconds
+        return done if self.not_before is None else max(done, self.not_before())
 
     def is_completed(self) -> bool:
         real = self.work is None or self.work.is_completed()
@@ -185,3 +253,21 @@ class ModelledWork:
         if work is None:
             raise AttributeError(name)
         return getattr(work, name)
+
+
+# ---- the clock measured timelines are stamped with -------------------------------------------------------
+_timeline_clock: Callable[[], float] = time.perf_counter
+
+
+def timeline_now() -> float:
+    """Now, on the clock the step's timeline uses: `time.perf_counter()`, or the virtual clock while a network
+    model on one is installed (parallel/modelled_comm.py), so recorded ops line up with the modelled waits."""
+    return _timeline_clock()
+
+
+def set_timeline_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """Stamp timelines with `clock` from now on; returns the previous one (to restore)."""
+    global _timeline_clock
+    previous, _timeline_clock = _timeline_clock, clock
+    return previous
+

@@ -9,14 +9,15 @@ engine gives it the stages and handles REDUCE_GRADS / STEP through callbacks.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from model.transformer import MicroBatch
 from parallel.instructions import COMM, Instr, Kind, Placement
+from parallel.network_model import timeline_now
 from parallel.p2p import P2P, message_tag
 from parallel.stages import Stage, run_pair, run_to_end
 from parallel.weight_grad import WeightGradStore
@@ -75,6 +76,20 @@ def last_gradient_instructions(instrs: list[Instr]) -> dict[int, list[int]]:
     return out
 
 
+class GradientHooks(Protocol):
+    """What the runtime tells a gradient reduction (parallel/grad_reduce.py) about a chunk's gradients."""
+
+    def final_pass_begins(self, chunk: int, pending: list[torch.Tensor]) -> None:
+        """The chunk's last gradient instruction is a W about to run: every parameter of the chunk but `pending`
+        (the weights that W writes) has its final gradient now."""
+
+    def weight_final(self, weight: torch.Tensor) -> None:
+        """During that W: `weight`'s last weight-gradient GEMM of the step has run."""
+
+    def chunk_done(self, chunk: int) -> None:
+        """No later instruction of the step adds to the chunk's gradients."""
+
+
 class PipelineRuntime:
     def __init__(
         self,
@@ -91,15 +106,14 @@ class PipelineRuntime:
         on_reduce_grads: Callable[[], None] | None = None,
         on_step: Callable[[], None] | None = None,
         record_timeline: bool = False,
-        on_chunk_grads_done: Callable[[int], None] | None = None,
+        gradient_hooks: GradientHooks | None = None,
     ) -> None:
         self.placement, self.rank, self.stages, self.p2p, self.store = placement, rank, stages, p2p, store
         self.activation_shape, self.dtype, self.device, self.seq_len = activation_shape, dtype, device, seq_len
         self.precision_context = precision_context
         self.on_reduce_grads, self.on_step = on_reduce_grads, on_step
-        # called with a chunk once no later instruction of the step adds to its parameters' gradients (the
-        # gradient reduction of that chunk can start while the rank computes the other)
-        self.on_chunk_grads_done = on_chunk_grads_done
+        # told when each chunk's gradients become final, so their reduction can start while the rank computes on
+        self.gradient_hooks = gradient_hooks
         self.record_timeline = record_timeline
         self.timeline: list[TimelineEvent] = []
 
@@ -124,7 +138,8 @@ class PipelineRuntime:
             elif ins.kind == Kind.FB:
                 self._timed(ins, lambda ins=ins: self._forward_backward(ins))
             elif ins.kind == Kind.W:
-                self._timed(ins, lambda ins=ins: self._weight(ins))
+                ends_chunk = ins.chunk in last_grads.get(index, ())
+                self._timed(ins, lambda ins=ins, ends_chunk=ends_chunk: self._weight(ins, ends_chunk))
             elif ins.kind == Kind.REDUCE_GRADS:
                 self._finish_comm()
                 if self.on_reduce_grads is not None:
@@ -132,9 +147,9 @@ class PipelineRuntime:
             elif ins.kind == Kind.STEP:
                 if self.on_step is not None:
                     self.on_step()
-            if self.on_chunk_grads_done is not None:
+            if self.gradient_hooks is not None:
                 for chunk in last_grads.get(index, ()):
-                    self.on_chunk_grads_done(chunk)
+                    self.gradient_hooks.chunk_done(chunk)
         self._finish_comm()
         if len(self.store):
             raise RuntimeError(f"rank {self.rank}: {len(self.store)} weight-gradient groups were never run")
@@ -184,17 +199,17 @@ class PipelineRuntime:
             fn()
             return
         self._waited = 0.0
-        start = time.perf_counter()
+        start = timeline_now()
         fn()
-        self.timeline.append(TimelineEvent(self.rank, start, time.perf_counter(), str(ins), ins.kind.value,
+        self.timeline.append(TimelineEvent(self.rank, start, timeline_now(), str(ins), ins.kind.value,
                                            ins.chunk, self._waited))
 
     def _wait(self, pending: _Pending) -> torch.Tensor:
         if not self.record_timeline:
             return pending.wait()
-        start = time.perf_counter()
+        start = timeline_now()
         out = pending.wait()
-        self._waited += time.perf_counter() - start
+        self._waited += timeline_now() - start
         return out
 
     # ---- communication ---------------------------------------------------------------------------------
@@ -302,7 +317,11 @@ class PipelineRuntime:
         other's compute."""
         run_pair(self._backward(ins.b_chunk, ins.b_mb, ins.defer_w), self._forward(ins.chunk, ins.mb))
 
-    def _weight(self, ins: Instr) -> None:
-        key = self.store.pop()
+    def _weight(self, ins: Instr, ends_chunk: bool = False) -> None:
+        """Run the oldest W group; `ends_chunk`: the chunk's last gradient work, reported weight by weight."""
+        hooks = self.gradient_hooks if ends_chunk else None
+        if hooks is not None:
+            hooks.final_pass_begins(ins.chunk, self.store.peek_weights())
+        key = self.store.pop(on_final=hooks.weight_final if hooks is not None else None)
         if key != (ins.chunk, ins.mb):
             raise RuntimeError(f"rank {self.rank}: W expected {(ins.chunk, ins.mb)} but the queue held {key}")

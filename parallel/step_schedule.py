@@ -14,7 +14,6 @@ names to classes. The trainer then drives every schedule through `StepSchedule` 
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from model.transformer import MicroBatch
+from parallel.network_model import timeline_now
 from parallel.runtime import PrecisionContext, TimelineEvent, no_context
 from parallel.topology import PipelineTopology
 
@@ -170,9 +170,9 @@ class EventClock:
     def time(self, label: str, kind: str, chunk: int, fn: Callable[[], Any]) -> Any:
         if not self.recording:
             return fn()
-        start = time.perf_counter()
+        start = timeline_now()
         out = fn()
-        self.events.append(TimelineEvent(self.rank, start, time.perf_counter(), label, kind, chunk))
+        self.events.append(TimelineEvent(self.rank, start, timeline_now(), label, kind, chunk))
         return out
 
     def start(self) -> None:

@@ -88,6 +88,22 @@ class PipelineTopology:
             for which in ("mirror_lower", "mirror_upper"):
                 make(which, [[self.global_rank(p, d), self.global_rank(self.pp - 1 - p, d)]
                              for d in range(self.dp) for p in half], own=True)
+            # the mirror sum and the data-parallel reduction as one (parallel/grad_reduce.py): per stage of the
+            # pair, the two copies of every data replica; experts over their expert-DP ranks only
+            # parameters both stages of a rank write (the tied embedding): summed once both are done with them, in
+            # another order on the two ranks of a pair than the stages' own sums, so on a group of their own
+            make("mirror_shared", [[self.global_rank(p, d), self.global_rank(self.pp - 1 - p, d)]
+                                   for d in range(self.dp) for p in half], own=True)
+            make("grads_shared", [sorted(self.global_rank(q, d) for q in (p, self.pp - 1 - p) for d in range(self.dp))
+                                  for p in half], own=True)
+            for which in ("lower", "upper"):
+                self._make_or_alias(make, f"grads_{which}", f"mirror_{which}", [
+                    sorted(self.global_rank(q, d) for q in (p, self.pp - 1 - p) for d in range(self.dp))
+                    for p in half])
+                if self.ep > 1:
+                    self._make_or_alias(make, f"expert_grads_{which}", f"mirror_{which}", [
+                        sorted(self.global_rank(q, d) for q in (p, self.pp - 1 - p) for d in range(j, self.dp, self.ep))
+                        for p in half for j in range(self.ep)])
         else:
             self.groups["copies"], self.group_ranks["copies"] = self.groups["data"], self.group_ranks["data"]
         if self.cp > 1:
@@ -98,6 +114,17 @@ class PipelineTopology:
                         for p in range(self.pp) for k in range(0, self.dp, self.ep)])
             make("expert_data", [[self.global_rank(p, d) for d in range(j, self.dp, self.ep)]
                                  for p in range(self.pp) for j in range(self.ep)])
+
+
+    def _make_or_alias(self, make, name: str, same_as: str, ranks_list: list[list[int]]) -> None:
+        """A group per ranks list, or the existing group `same_as` where it has exactly this rank's ranks (no
+        second group of the same members: each costs connections)."""
+        mine = next(r for r in ranks_list if self.rank in r)
+        if sorted(self.group_ranks[same_as]) == mine:
+            # every rank of the world takes the same branch: all of `same_as`'s lists equal these ones
+            self.groups[name], self.group_ranks[name] = self.groups[same_as], self.group_ranks[same_as]
+        else:
+            make(name, ranks_list, own=True)
 
 
 class PipelineMpu:

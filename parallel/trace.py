@@ -2,7 +2,9 @@
 
 Events are `parallel.runtime.TimelineEvent(rank, start, end, label, kind, chunk)` with `time.perf_counter()`
 seconds. On Linux that clock is CLOCK_MONOTONIC, shared by all processes of a machine, so events of different
-ranks on one host line up; across hosts they are only comparable per rank.
+ranks on one host line up; across hosts they are only comparable per rank. Under a network model on the virtual
+clock (`parallel.network.clock=virtual`) they are that clock's seconds (`parallel.network_model.timeline_now`),
+aligned across ranks at the step's start.
 
     events = gather_timeline(schedule.timeline())        # every rank gets all ranks' events
     if rank == 0:
@@ -47,14 +49,15 @@ def chrome_trace(events: list[TimelineEvent]) -> dict:
         out.append({"ph": "M", "name": "process_name", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
         out.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 0, "args": {"name": "compute"}})
-        if any(e.rank == rank and e.kind == COMM_KIND for e in events):
-            out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": 1, "args": {"name": "all-to-all"}})
+        for kind, (tid, name) in COMM_TRACKS.items():
+            if any(e.rank == rank and e.kind == kind for e in events):
+                out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid, "args": {"name": name}})
     for e in sorted(events, key=lambda e: (e.rank, e.start)):
         args = {"chunk": e.chunk}
         if getattr(e, "waited", 0.0):  # compute: waited for its input; all-to-all: the exposed (blocked) part
             args["waited_us"] = round(e.waited * 1e6, 3)
         out.append({
-            "ph": "X", "pid": e.rank, "tid": 1 if e.kind == COMM_KIND else 0, "name": e.label, "cat": e.kind,
+            "ph": "X", "pid": e.rank, "tid": COMM_TRACKS.get(e.kind, (0,))[0], "name": e.label, "cat": e.kind,
             "ts": round((e.start - t0) * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3), "args": args,
         })
     return {"traceEvents": out, "displayTimeUnit": "ms"}
@@ -65,6 +68,9 @@ def write_chrome_trace(events: list[TimelineEvent], path: str | Path) -> None:
 
 
 COMM_KIND = "all_to_all"  # expert all-to-alls (post -> end of wait), drawn on their own track
+# communication kinds and their tracks (Chrome trace thread ids): expert all-to-alls; gradient-reduction buckets
+# (post -> the end of the step's wait for them, parallel/grad_reduce.py)
+COMM_TRACKS = {COMM_KIND: (1, "all-to-all"), "grad_reduce": (2, "gradient reduction")}
 
 
 def exposed_communication(events: list[TimelineEvent]) -> dict[int, dict[str, float]]:
@@ -94,5 +100,5 @@ def draw_measured_timeline(events: list[TimelineEvent], out_png: str | Path, tit
         raise ValueError("no timeline events to draw (was the schedule built with record_timeline=True?)")
     t0 = min(e.start for e in events)
     records = [(e.rank, (e.start - t0) * 1e3, (e.end - t0) * 1e3, _short_label(e.label), e.kind, e.chunk)
-               for e in events if e.kind != COMM_KIND]
+               for e in events if e.kind not in COMM_TRACKS]
     draw_timeline(records, str(out_png), title or "measured timeline (ms)")

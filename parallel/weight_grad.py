@@ -65,12 +65,27 @@ class WeightGradStore:
         else:
             fn()
 
-    def pop(self) -> object:
-        """Run the oldest group; returns its key (the schedule checks it is the one it expected)."""
+    def pop(self, on_final: Callable[[object], None] | None = None) -> object:
+        """Run the oldest group; returns its key (the schedule checks it is the one it expected).
+        `on_final(weight)`: called once per weight the group writes (`model.gemm.WeightGradWork`), right after its
+        last GEMM in the group, for a caller that knows no later group adds to it (its gradient is final)."""
         key, fns = self._queue.popleft()
-        for fn in fns:
+        last = {id(w): i for i, w in enumerate(getattr(fn, "weight", None) for fn in fns) if w is not None}
+        for i, fn in enumerate(fns):
             fn()
+            weight = getattr(fn, "weight", None)
+            if on_final is not None and weight is not None and last[id(weight)] == i:
+                on_final(weight)
         return key
+
+    def peek_weights(self) -> list[object]:
+        """The weights the oldest group writes (`WeightGradWork.weight`), each once."""
+        seen: dict[int, object] = {}
+        for fn in self._queue[0][1] if self._queue else []:
+            weight = getattr(fn, "weight", None)
+            if weight is not None:
+                seen.setdefault(id(weight), weight)
+        return list(seen.values())
 
     def __len__(self) -> int:
         return len(self._queue)

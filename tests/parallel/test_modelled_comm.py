@@ -79,6 +79,15 @@ def _worker(rank: int, world: int) -> dict:
         p2p.wait_sends()
         out["p2p"] = {"got": got[0].item(), "clock": clock.t - t0,
                       "sent": comm.stats.sent_bytes["inter_node"] - sent_before}
+        # two reductions posted together share the rank's link: the smaller ends after twice its time alone, the
+        # larger after both durations
+        t0 = clock.t
+        a, b = torch.ones(256), torch.ones(512)
+        works = [dist.all_reduce(a, async_op=True), dist.all_reduce(b, async_op=True)]
+        works[0].wait()
+        first = clock.t - t0
+        works[1].wait()
+        out["queued"] = {"first": first, "clock": clock.t - t0}
         # DeepSpeed's own collectives go through the same seam, its cached all-gather included
         transfers = comm.stats.transfers
         d = torch.ones(8) * (rank + 1)
@@ -127,6 +136,14 @@ def test_synchronous_collectives_and_batched_p2p_are_modelled(ranks):
         assert r["p2p"]["got"] == float(1 - rank)
         assert r["p2p"]["clock"] == pytest.approx(NET.p2p_seconds(4000, 0, 1))
         assert r["p2p"]["sent"] == 4000
+
+
+@pytest.mark.multiprocess
+def test_transfers_posted_together_share_the_link(ranks):
+    small, large = NET.ring_seconds("all_reduce", 1024, [0, 1]), NET.ring_seconds("all_reduce", 2048, [0, 1])
+    for r in ranks:
+        assert r["queued"]["first"] == pytest.approx(2 * small)
+        assert r["queued"]["clock"] == pytest.approx(small + large)
 
 
 @pytest.mark.multiprocess
@@ -201,3 +218,17 @@ def test_the_virtual_clock_completes_transfers_at_the_latest_post_time():
     # receive posted at +4, so rank 1 has it at 4 + d as well
     assert ranks[0]["batch"] == (pytest.approx(4.0 + d), 1.0)
     assert ranks[1]["batch"] == (pytest.approx(4.0 + d), 0.0)
+
+
+def test_a_shared_link_splits_its_rate_among_the_transfers_in_flight():
+    from parallel.network_model import SharedLink
+
+    link = SharedLink()
+    a = link.post(0.0, 2.0)
+    b = link.post(1.0, 2.0)  # a is half done: from now on both move at half rate
+    assert link.done_at(a) == pytest.approx(3.0)
+    assert link.done_at(b) == pytest.approx(4.0)  # alone again after a ends
+    c = link.post(3.5, 1.0)  # b has 0.5 s left: shared again
+    assert a.done == pytest.approx(3.0)
+    assert link.done_at(b) == pytest.approx(4.5)
+    assert link.done_at(c) == pytest.approx(5.0)
