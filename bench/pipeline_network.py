@@ -70,7 +70,8 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def _runs(repeats: int) -> int:
-    """Runs of each schedule: at most 2 (a run is ~45 s here; the benchmark stays under ~4 minutes)."""
+    """Runs of each schedule: at most 2 (a run is ~35 s here; with the calibration and the unshared-links pair
+    the benchmark stays under ~5 minutes)."""
     return min(max(1, repeats), 2)
 
 
@@ -106,6 +107,19 @@ def simulated_step(run_dir: Path, gbs: float, latency_us: float) -> dict[str, fl
     return {"simulated_makespan_s": sim["makespan"], "measured_pipeline_span_s": span, "p2p_s": latency}
 
 
+def _measure(tmp: Path, name: str, run_name: str, overrides: list[str], gbs: float) -> dict[str, float]:
+    """One run's medians over its steps; DualPipe's also its recorded step against the simulator."""
+    rows = _train(tmp, run_name, overrides)
+    keys = ["net_step_time_s", "net_exposed_s", "net_modelled_s", "net_inter_node_bytes", "step_time_s"]
+    if name == "dualpipe":
+        keys += ["net_grad_reduce_s", "net_grad_reduce_exposed_s"]
+    out = {key: _median(rows, key) for key in keys}
+    if name == "dualpipe":
+        step = next(r for r in rows if r["step"] == TIMELINE_STEP)
+        out.update(simulated_step(tmp / run_name, gbs, 5.0), timeline_step_s=step["train/net_step_time_s"])
+    return out
+
+
 def run(repeats: int) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-network-") as tmp_name:
@@ -119,15 +133,11 @@ def run(repeats: int) -> dict[str, Any]:
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in SCHEDULES}
         for r in range(_runs(repeats)):
             for name, schedule in SCHEDULES.items():
-                rows = _train(tmp, f"{name}-{r}", [*schedule, *network])
-                keys = ["net_step_time_s", "net_exposed_s", "net_modelled_s", "net_inter_node_bytes", "step_time_s"]
-                if name == "dualpipe":
-                    keys += ["net_grad_reduce_s", "net_grad_reduce_exposed_s"]
-                samples[name].append({key: _median(rows, key) for key in keys})
-                if name == "dualpipe":
-                    step = next(r for r in rows if r["step"] == TIMELINE_STEP)
-                    samples[name][-1].update(simulated_step(tmp / f"{name}-{r}", gbs, 5.0),
-                                             timeline_step_s=step["train/net_step_time_s"])
+                samples[name].append(_measure(tmp, name, f"{name}-{r}", [*schedule, *network], gbs))
+        # once more on links a rank's transfers do not share (each alone on its link: the model's first form)
+        unshared = {name: _measure(tmp, name, f"{name}-unshared", [*schedule, *network,
+                                                                   "parallel.network.shared_links=false"], gbs)
+                    for name, schedule in SCHEDULES.items()}
     med = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
     dual = med["dualpipe"]
     tokens = MICRO * SEQ * MICROBATCHES * DP
@@ -137,6 +147,15 @@ def run(repeats: int) -> dict[str, Any]:
         "modelled.ratio_vs_1f1b >= 1.25, reduce_exposed_fraction <= 0.2, bubble_vs_simulator within 10%", repeats,
         modelled={
             "ratio_vs_1f1b": ours / peer,
+            "unshared_links": {  # one run each, parallel.network.shared_links=false
+                "ratio_vs_1f1b": unshared["1f1b"]["net_step_time_s"] / unshared["dualpipe"]["net_step_time_s"],
+                "bubble_vs_simulator": unshared["dualpipe"]["timeline_step_s"]
+                / unshared["dualpipe"]["simulated_makespan_s"],
+                "step_ms": {name: 1e3 * m["net_step_time_s"] for name, m in unshared.items()},
+                # not comparable: without sharing, buckets in flight together cost only the longest of them
+                "reduce_exposed_over_summed_buckets": unshared["dualpipe"]["net_grad_reduce_exposed_s"]
+                / max(unshared["dualpipe"]["net_grad_reduce_s"], 1e-12),
+            },
             # DualPipe's gradient reduction (mirror sum and data-parallel average in one, bucket by bucket as the
             # gradients become final): the part of its modelled time the step's end still waited for
             "reduce_exposed_fraction": med["dualpipe"]["net_grad_reduce_exposed_s"] / max(
@@ -156,7 +175,8 @@ def run(repeats: int) -> dict[str, Any]:
             "sent_bytes_per_rank": {name: m["net_inter_node_bytes"] for name, m in med.items()},
             "wall_step_ms": {name: 1e3 * m["step_time_s"] for name, m in med.items()},
             "a2a_bytes_per_rank_step": a2a_bytes_per_step(), "compute_ms_estimate": 1e3 * compute,
-            "network": {"model": "ib_nvlink", "latency_us": 5.0, "inter_node_gbs": gbs, "ranks_per_node": 1},
+            "network": {"model": "ib_nvlink", "latency_us": 5.0, "inter_node_gbs": gbs, "ranks_per_node": 1,
+                        "shared_links": True},
             "clock": "virtual", "processes": PP * DP, "cores": os.cpu_count(),
             "runs_per_schedule": _runs(repeats), "steps_per_run": STEPS - 1,
         },

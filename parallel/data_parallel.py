@@ -1,8 +1,12 @@
 """`parallel.schedule=none`: the plain DeepSpeedEngine, every rank holding the whole model (or its expert shard).
 
-Forward and backward of each microbatch go through the engine, which accumulates gradients, reduces them over
-the data-parallel ranks (ZeRO-1; expert gradients over the expert-DP group) and steps the optimizer at the
-last microbatch.
+Forward and backward of each microbatch go through the engine, which accumulates gradients and steps the
+optimizer at the last microbatch. The reduction over the data-parallel ranks (ZeRO-1; expert gradients over the
+expert-DP group) overlaps the last microbatch's backward: each parameter's gradient is final once autograd has
+accumulated it there (one accumulation per leaf and backward), and the tail reduction (parallel/grad_reduce.py)
+posts its bucket as soon as all of the bucket's are; ZeRO-1 is handed the result (parallel/zero_handoff.py).
+DeepSpeed's own `overlap_comm` would not overlap here on CPU (the CPU accelerator has no reduction stream). With
+bf16 (DeepSpeed's BF16_Optimizer) or one data-parallel rank the engine reduces itself, after the backward.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import torch
 from torch import nn
 
 from model.transformer import MicroBatch
-from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe
+from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe, is_expert_param
+from parallel.grad_reduce import GradientReducer, ReducePlan
 from parallel.runtime import TimelineEvent
 from parallel.step_schedule import EventClock, OnLastStage, PipelineSpec, StepLosses, StepSchedule, mean_losses
+from parallel.zero_handoff import gradient_dtype, hand_reduced_gradients, takes_reduced_gradients
 
 
 class DataParallelSchedule(StepSchedule):
@@ -35,6 +41,46 @@ class DataParallelSchedule(StepSchedule):
         self.module.restore_router_precision()  # DeepSpeed's bf16 cast reaches the router buffers too
         self.device = next(self.module.parameters()).device
         self.clock = EventClock(self.topo.rank)
+        self.last_reduce: dict[str, float] = {}
+        self._reducing = False  # inside the step's last backward
+        self.reducer = self._gradient_reducer()
+
+    def _gradient_reducer(self) -> GradientReducer | None:
+        topo = self.topo
+        if topo.dp == 1 or not takes_reduced_gradients(self.engine) or gradient_dtype(self.engine) is not None:
+            return None
+
+        def group(name: str):
+            return None if len(topo.group_ranks[name]) == 1 else topo.groups[name]
+
+        dense = group("data")
+        expert = group("expert_data") if topo.ep > 1 else dense
+        params = [p for p in reversed(list(self.module.parameters())) if p.requires_grad]  # roughly backward order
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._gradient_final)
+        self._reduced_params = params
+        return GradientReducer(ReducePlan({0: [(p, expert if is_expert_param(p) else dense) for p in params]},
+                                          divisor=topo.dp))
+
+    def _gradient_final(self, p: torch.Tensor) -> None:
+        if self._reducing:
+            self.reducer.weight_final(p)
+
+    def _backward_and_reduce(self, loss: torch.Tensor) -> None:
+        """The step's last backward outside the engine (scaled as `engine.backward` scales it), its gradients
+        reduced bucket by bucket as autograd finishes them, then handed to ZeRO-1."""
+        reducer = self.reducer
+        reducer.begin_step()
+        reducer.final_pass_begins(0, self._reduced_params)  # none final yet: autograd reports each
+        self._reducing = True
+        try:
+            (loss / self.engine.gradient_accumulation_steps()).backward()
+        finally:
+            self._reducing = False
+        reducer.chunk_done(0)
+        times = reducer.finish()
+        self.last_reduce = {"grad_reduce_s": times.modelled_s, "grad_reduce_exposed_s": times.exposed_s}
+        hand_reduced_gradients(self.engine)
 
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
         engine = self.engine
@@ -44,7 +90,9 @@ class DataParallelSchedule(StepSchedule):
             batch = {k: t.to(self.device) for k, t in next(batches).items()}
             out = self.clock.time(f"F0.{mb}", "F", 0, lambda b=batch: engine(
                 b["tokens"], b["loss_mask"], segments=b.get("segments"), positions=b.get("positions")))
-            self.clock.time(f"B0.{mb}", "B", 0, lambda o=out: engine.backward(o.loss))
+            last = mb == engine.gradient_accumulation_steps() - 1
+            backward = self._backward_and_reduce if last and self.reducer is not None else engine.backward
+            self.clock.time(f"B0.{mb}", "B", 0, lambda o=out, backward=backward: backward(o.loss))
             engine.step()  # an optimizer step only at the gradient-accumulation boundary
             outputs.append(out)
         return mean_losses(outputs)

@@ -243,7 +243,7 @@ class ModelledComm:
         self.stats.modelled_s += seconds
         self.stats.transfers += 1
         not_before = None
-        if link is not None and seconds > 0:
+        if link is not None and seconds > 0 and self.net.shared_links:
             shared = self._links.setdefault(link, SharedLink())
             flow = shared.post(own_post, seconds)
             not_before = functools.partial(shared.done_at, flow)

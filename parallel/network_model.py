@@ -45,6 +45,9 @@ class NetworkModel:
     intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU
     inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s)
     ranks_per_node: int = 8
+    # a rank's transfers in flight on one link type share its bandwidth (`SharedLink`); False: each transfer
+    # gets the whole link, as if it were alone (the model's first form: flatters overlapping transfers)
+    shared_links: bool = True
 
     def __post_init__(self) -> None:
         for key in ("intra_node_gbs", "inter_node_gbs"):

@@ -334,7 +334,8 @@ def network_model(cfg: JobConfig) -> NetworkModel | None:
         return None
     try:
         return NetworkModel(latency_us=net.latency_us, intra_node_gbs=net.intra_node_gbs,
-                            inter_node_gbs=net.inter_node_gbs, ranks_per_node=net.ranks_per_node)
+                            inter_node_gbs=net.inter_node_gbs, ranks_per_node=net.ranks_per_node,
+                            shared_links=bool(net.shared_links))
     except NetworkModelError as e:
         key, _, problem = str(e).partition(": ")
         raise UserError(f"parallel.network.{key}", problem, "see docs/expert_parallel.md (modelled "

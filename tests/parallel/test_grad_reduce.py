@@ -148,3 +148,30 @@ def test_store_reports_each_weight_after_its_last_gemm():
     assert [id(w) for w in store.peek_weights()] == [id(w1), id(w2)]
     store.pop(on_final=lambda w: order.append((id(w), float(w.grad[0]))))
     assert order == [(id(w2), 1.0), (id(w1), 2.0)]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_autograd_finishes_each_parameter_once_per_backward(checkpointing):
+    """What `schedule=none`'s overlapped reduction rests on (parallel/data_parallel.py): autograd accumulates each
+    parameter's gradient once per backward, after every use (the embedding and head the MTP module shares
+    included, and under activation checkpointing), so its gradient is final at that hook."""
+    cfg = tiny_config(activation_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg).train()
+    fired: dict[int, int] = {}
+    snapshots = {}
+
+    def final(p):
+        fired[id(p)] = fired.get(id(p), 0) + 1
+        snapshots[id(p)] = p.grad.clone()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(final)
+    batch = make_batches(cfg, 1)[0]
+    from tests.parallel.pipeline_workers import forward
+
+    forward(model, batch).loss.backward()
+    assert set(fired.values()) == {1}
+    used = [p for p in model.parameters() if p.grad is not None]
+    assert len(fired) == len(used) > 0
+    assert all(torch.equal(snapshots[id(p)], p.grad) for p in used)
