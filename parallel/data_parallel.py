@@ -42,6 +42,7 @@ class DataParallelSchedule(StepSchedule):
         self.device = next(self.module.parameters()).device
         self.clock = EventClock(self.topo.rank)
         self.last_reduce: dict[str, float] = {}
+        self._reduce_events: list[TimelineEvent] = []
         self._reducing = False  # inside the step's last backward
         self.reducer = self._gradient_reducer()
 
@@ -80,6 +81,8 @@ class DataParallelSchedule(StepSchedule):
         reducer.chunk_done(0)
         times = reducer.finish()
         self.last_reduce = {"grad_reduce_s": times.modelled_s, "grad_reduce_exposed_s": times.exposed_s}
+        self._reduce_events = [TimelineEvent(self.topo.rank, posted, end, label, "grad_reduce", -1)
+                               for posted, end, label in times.events]
         hand_reduced_gradients(self.engine)
 
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:
@@ -113,9 +116,15 @@ class DataParallelSchedule(StepSchedule):
 
     def record_next_step(self) -> None:
         self.clock.start()
+        if self.reducer is not None:
+            self.reducer.record = True
 
     def take_timeline(self) -> list[TimelineEvent]:
-        return self.clock.take()
+        """The step's compute ops, and the gradient-reduction buckets (`grad_reduce`, post -> end of the wait)."""
+        if self.reducer is not None:
+            self.reducer.record = False
+        events, self._reduce_events = [*self.clock.take(), *self._reduce_events], []
+        return sorted(events, key=lambda e: e.start)
 
     @property
     def counts_group(self) -> None:

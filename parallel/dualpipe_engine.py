@@ -75,8 +75,9 @@ class DualPipeSchedule(StepSchedule):
                   for c, s in zip(chunks, stage_ids)}
         p2p = P2P(topo.pipe_ranks(), topo.groups["pipe"]) if topo.pp > 1 else None
         # ZeRO-1 takes gradients our reduction has averaged over the data ranks (else DeepSpeed reduces them)
-        self.fused_reduction = takes_reduced_gradients(self.engine)
-        self.reducer = self._gradient_reducer(stages)
+        fused = takes_reduced_gradients(self.engine)
+        self.reducer = self._gradient_reducer(stages, fused)
+        self.fused_reduction = fused and self.reducer is not None
         self.runtime = PipelineRuntime(
             self.placement, topo.pipe_rank, stages, p2p, self.store,
             activation_shape=(spec.micro_batch_size, spec.seq_len // spec.topo.cp, model.cfg.hidden_size),
@@ -114,13 +115,13 @@ class DualPipeSchedule(StepSchedule):
         return self._reduce_losses(result)
 
     # ---- gradient reduction in the step's tail (parallel/grad_reduce.py) ----------------------------------
-    def _gradient_reducer(self, stages: dict[int, Stage]) -> GradientReducer | None:
+    def _gradient_reducer(self, stages: dict[int, Stage], fused: bool) -> GradientReducer | None:
         """Each chunk's parameters reduced over every rank holding a copy of its stage: with ZeRO-1, the mirror
         pair's copies of all data replicas, averaged (experts: over the replicas holding the same shard); without,
         the mirror sum only (DeepSpeed then reduces over the data ranks). None: nothing for it to do."""
-        topo, fused, dualpipe = self.topo, self.fused_reduction, self.name == "dualpipe"
-        if not fused and not dualpipe:
-            return None
+        topo, dualpipe = self.topo, self.name == "dualpipe"
+        if not dualpipe and (not fused or topo.dp == 1):
+            return None  # DualPipeV on one data rank: nothing to reduce
 
         def group(name: str):
             return None if len(topo.group_ranks[name]) == 1 else topo.groups[name]

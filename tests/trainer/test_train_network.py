@@ -4,6 +4,7 @@ modelled nodes: everything crosses InfiniBand)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,17 +24,28 @@ NETWORK = ["parallel.network.model=ib_nvlink", "parallel.network.ranks_per_node=
 def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path, layout: list[str], clock: str):
     plain, modelled = tmp_path / "plain", tmp_path / "modelled"
     launch(base_overrides(tiny_data, plain, *SHORT, *layout), nproc=2)
-    launch(base_overrides(tiny_data, modelled, *SHORT, *layout, *NETWORK, f"parallel.network.clock={clock}"),
-           nproc=2)
+    launch(base_overrides(tiny_data, modelled, *SHORT, *layout, *NETWORK, f"parallel.network.clock={clock}",
+                          "parallel.timeline_step=2"), nproc=2)
     a, b = rows(plain), rows(modelled)
     assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]  # same arithmetic, same order
     assert all("train/net_inter_node_bytes" not in r for r in a)
     for r in b:
         assert r["train/net_inter_node_bytes"] > 0 and r["train/net_intra_node_bytes"] == 0
         assert r["train/net_modelled_s"] > 0 and r["train/net_exposed_s"] >= 0 and r["train/net_step_time_s"] > 0
+        # the tail gradient reduction (parallel/grad_reduce.py): DualPipe's mirror sum, the data-parallel average
+        # under schedule=none
+        assert r["train/net_grad_reduce_s"] > 0 and r["train/net_grad_reduce_exposed_s"] >= 0
         if clock == "wall":  # a wait is held for at most its own transfer's duration (on the virtual clock the
             # hold also covers waiting for a later participant: bubbles and skew)
             assert r["train/net_exposed_s"] <= r["train/net_modelled_s"]
+    # the recorded step's trace: compute on one track, the reduction's buckets on their own, on one clock
+    trace = json.loads((modelled / "timeline.json").read_text())["traceEvents"]
+    ops = [e for e in trace if e["ph"] == "X" and e["tid"] == 0]
+    buckets = [e for e in trace if e["ph"] == "X" and e["cat"] == "grad_reduce"]
+    assert ops and buckets and all(e["tid"] == 2 for e in buckets)
+    # a bucket is posted during the step's compute and waited for after it (same clock: no offset between them)
+    end = max(e["ts"] + e["dur"] for e in ops)
+    assert all(min(e["ts"] for e in ops) <= b["ts"] <= end for b in buckets)
 
 
 def test_two_hop_dispatch_trains_like_one_hop_with_fewer_inter_node_bytes(tiny_data: Path, tmp_path: Path):
