@@ -77,7 +77,8 @@ class DualPipeSchedule(StepSchedule):
         # ZeRO-1 takes gradients our reduction has averaged over the data ranks (else DeepSpeed reduces them)
         fused = takes_reduced_gradients(self.engine)
         self.reducer = self._gradient_reducer(stages, fused)
-        self.fused_reduction = fused and self.reducer is not None
+        # on one data rank the gradients are their own average: ZeRO-1 skips its bucket copies too
+        self.fused_reduction = fused and (self.reducer is not None or topo.dp == 1)
         self.runtime = PipelineRuntime(
             self.placement, topo.pipe_rank, stages, p2p, self.store,
             activation_shape=(spec.micro_batch_size, spec.seq_len // spec.topo.cp, model.cfg.hidden_size),
