@@ -25,14 +25,21 @@ import torch.distributed as dist
 
 
 def _kind(engine: Any) -> str | None:
+    """Which of the two optimizers this is, in a setup the hand-off reproduces exactly; None otherwise (DeepSpeed
+    then reduces itself). Left out: ZeRO's `overlap_comm` (its hooks reduce inside the backward) and CPU offload
+    (its partition copy lives in the reduction we skip), gradients not averaged or split over sequence-parallel
+    ranks (another divisor than the data-parallel size), BF16's `immediate_grad_update` (its hooks move the
+    gradients autograd makes, but not the deferred weight-gradients)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
     if isinstance(opt, BF16_Optimizer):
-        return "bf16"
+        return None if getattr(opt, "immediate_grad_update", False) or not engine.gradient_average else "bf16"
     if isinstance(opt, DeepSpeedZeroOptimizer) and not engine.zero_optimization_partition_gradients():
-        return "zero1"
+        plain = (not opt.overlap_comm and not opt.cpu_offload and opt.gradient_average
+                 and getattr(opt, "sequence_parallel_size", 1) == 1)
+        return "zero1" if plain else None
     return None
 
 
@@ -89,6 +96,10 @@ def hand_reduced_gradients(engine: Any) -> None:
     if kind != "zero1":
         raise TypeError(f"{type(opt).__name__} does not take reduced gradients (see takes_reduced_gradients)")
     opt.set_gradient_accumulation_boundary(True)
+    if getattr(opt, "use_grad_accum_attribute", False):  # gradients left in `param.grad` (nothing to reduce)
+        for p in engine.module.parameters():
+            if getattr(p, "grad_accum", None) is None and p.grad is not None:
+                p.grad_accum = p.grad.to(opt.gradient_accumulation_dtype)
 
     def copy_into_compact_partitions(comm_dtype: torch.dtype | None = None) -> None:
         for group_idx, params in enumerate(opt.params_in_partition):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parallel.spawn import run_ranks
-from tests.parallel.zero_handoff_workers import run_handoff
+from tests.parallel.zero_handoff_workers import run_handoff, run_refusal
 
 
 @pytest.mark.multiprocess
@@ -36,3 +36,8 @@ def test_handoff_equals_zero1_own_reduction(dtype):
                 bound = 2**-9 * ((a.abs() + b.abs()) / 2 + want.abs()) * 1.01
                 assert bool(((theirs - want).abs() <= bound).all()), ((theirs - want).abs() - bound).max()
         assert all(float(g.abs().max()) > 0 for g in rep["reduced"]["grads"])
+
+
+@pytest.mark.multiprocess
+def test_a_setup_the_handoff_cannot_reproduce_keeps_deepspeeds_reduction():
+    assert run_ranks(2, run_refusal) == [False, False]

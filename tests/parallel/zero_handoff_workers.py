@@ -18,14 +18,14 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(WIDTHS[0], WIDTHS[1]), nn.Tanh(), nn.Linear(WIDTHS[1], WIDTHS[2]))
 
 
-def _engine(dtype: str, mpu):
+def _engine(dtype: str, mpu, zero: dict | None = None):
     import deepspeed
     import deepspeed.ops
 
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
     model = _model()
     config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1,
+              "zero_optimization": {"stage": 1, **(zero or {})}, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1,
               "optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "zero_allow_untested_optimizer": True}
     if dtype == "bf16":
         config.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
@@ -81,3 +81,14 @@ def run_handoff(rank: int, world: int, dtype: str) -> dict:
         engine.step()
         out[way] = {"grads": grads, "params": [p.detach().float().clone() for p in engine.module.parameters()]}
     return out
+
+
+def run_refusal(rank: int, world: int) -> bool:
+    """ZeRO-1 with `overlap_comm` reduces inside the backward through its hooks: not handed reduced gradients."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from parallel.topology import PipelineMpu, PipelineTopology
+    from parallel.zero_handoff import takes_reduced_gradients
+
+    topo = PipelineTopology(pp=1, dp=world, rank=rank)
+    topo.build_groups()
+    return takes_reduced_gradients(_engine("fp32", PipelineMpu(topo), {"overlap_comm": True}))
