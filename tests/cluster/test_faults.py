@@ -68,7 +68,9 @@ def test_hung_rank_is_named_by_the_step_timeout(tiny_data: Path, tmp_path: Path)
     line = next(x for x in out.splitlines() if x.startswith("error: ") and "rank 0 exits" in x)
     assert re.match(r"error: rank 1 \(after step 2, at trainer/cluster/faults\.py:\d+ in _fire\) made no progress "
                     r"outside communication; waiting for it in communication: rank 0 \(after step 2", line), line
-    assert ended - _kill_time(out) < 6 + 1.4 * TIMEOUT + 4.0
+    # the step timeout, the watchdog's verdict round, and slack for the launcher's teardown: ~9 s alone on the
+    # 2-core box, but the full suite's load once stretched it to 17.0 s, so the slack is 8 s, not 4
+    assert ended - _kill_time(out) < 6 + 1.4 * TIMEOUT + 8.0
 
 
 STEPS = [*FAST, "train.steps=5"]
