@@ -51,11 +51,8 @@ class DataParallelSchedule(StepSchedule):
         if topo.dp == 1 or not takes_reduced_gradients(self.engine) or gradient_dtype(self.engine) is not None:
             return None
 
-        def group(name: str):
-            return None if len(topo.group_ranks[name]) == 1 else topo.groups[name]
-
-        dense = group("data")
-        expert = group("expert_data") if topo.ep > 1 else dense
+        dense = topo.reduce_group("data")
+        expert = topo.reduce_group("expert_data") if topo.ep > 1 else dense
         params = [p for p in reversed(list(self.module.parameters())) if p.requires_grad]  # roughly backward order
         for p in params:
             p.register_post_accumulate_grad_hook(self._gradient_final)
@@ -80,9 +77,7 @@ class DataParallelSchedule(StepSchedule):
             self._reducing = False
         reducer.chunk_done(0)
         times = reducer.finish()
-        self.last_reduce = {"grad_reduce_s": times.modelled_s, "grad_reduce_exposed_s": times.exposed_s}
-        self._reduce_events = [TimelineEvent(self.topo.rank, posted, end, label, "grad_reduce", -1)
-                               for posted, end, label in times.events]
+        self.last_reduce, self._reduce_events = times.metrics(), times.timeline(self.topo.rank)
         hand_reduced_gradients(self.engine)
 
     def train_batch(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepLosses:

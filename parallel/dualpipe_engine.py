@@ -104,9 +104,7 @@ class DualPipeSchedule(StepSchedule):
         result = self.runtime.run(self.instructions, data, loss_scale=1.0 / self.microbatches)
         if self.reducer is not None:
             times = self.reducer.finish()
-            self.last_reduce = {"grad_reduce_s": times.modelled_s, "grad_reduce_exposed_s": times.exposed_s}
-            self._reduce_events = [TimelineEvent(self.runtime.rank, posted, end, label, "grad_reduce", -1)
-                                   for posted, end, label in times.events]
+            self.last_reduce, self._reduce_events = times.metrics(), times.timeline(self.runtime.rank)
         if self.fused_reduction:
             hand_reduced_gradients(self.engine)
         else:
@@ -124,21 +122,18 @@ class DualPipeSchedule(StepSchedule):
         if not dualpipe and (not fused or topo.dp == 1):
             return None  # DualPipeV on one data rank: nothing to reduce
 
-        def group(name: str):
-            return None if len(topo.group_ranks[name]) == 1 else topo.groups[name]
-
         chunk_params, shared = self._params_by_chunk(stages)
         plan_chunks = {}
         for chunk, params in chunk_params.items():
             if dualpipe:
                 side = "lower" if stages[chunk].stage < topo.pp // 2 else "upper"
-                dense = group(f"grads_{side}" if fused else f"mirror_{side}")
-                expert = group(f"expert_grads_{side}" if fused and topo.ep > 1 else f"mirror_{side}")
+                dense = topo.reduce_group(f"grads_{side}" if fused else f"mirror_{side}")
+                expert = topo.reduce_group(f"expert_grads_{side}" if fused and topo.ep > 1 else f"mirror_{side}")
             else:
-                dense = group("data")
-                expert = group("expert_data") if topo.ep > 1 else dense
+                dense = topo.reduce_group("data")
+                expert = topo.reduce_group("expert_data") if topo.ep > 1 else dense
             plan_chunks[chunk] = [(p, expert if is_expert_param(p) else dense) for p in params]
-        shared_group = group(("grads_shared" if fused else "mirror_shared") if dualpipe else "data")
+        shared_group = topo.reduce_group(("grads_shared" if fused else "mirror_shared") if dualpipe else "data")
         return GradientReducer(ReducePlan(plan_chunks, [(p, shared_group, chunks) for p, chunks in shared],
                                           divisor=topo.dp if fused else 1,
                                           accum_dtype=gradient_dtype(self.engine) if fused else None))

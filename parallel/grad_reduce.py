@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.network_model import timeline_now
+from parallel.runtime import TimelineEvent
 
 BUCKET_BYTES = 4 * 2**20  # Megatron's and DDP's default range (DDP: 25 MB, Megatron: ~40 M elements per bucket)
 
@@ -64,6 +65,14 @@ class ReduceTimes:
     exposed_s: float = 0.0
     buckets: int = 0
     events: list[tuple[float, float, str]] = field(default_factory=list)  # (posted, waited until, label)
+
+    def metrics(self) -> dict[str, float]:
+        """The schedule's `last_reduce` (logged as `train/net_grad_reduce_*`)."""
+        return {"grad_reduce_s": self.modelled_s, "grad_reduce_exposed_s": self.exposed_s}
+
+    def timeline(self, rank: int) -> list[TimelineEvent]:
+        """The recorded buckets as timeline events on the `grad_reduce` track."""
+        return [TimelineEvent(rank, posted, end, label, "grad_reduce", -1) for posted, end, label in self.events]
 
 
 def buckets_of(params: list[tuple[torch.nn.Parameter, object]], bucket_bytes: int) -> list[Bucket]:

@@ -116,6 +116,10 @@ class PipelineTopology:
                                  for p in range(self.pp) for j in range(self.ep)])
 
 
+    def reduce_group(self, name: str):
+        """Group `name` for a reduction, or None where this rank is its only member (nothing to exchange)."""
+        return None if len(self.group_ranks[name]) == 1 else self.groups[name]
+
     def _make_or_alias(self, make, name: str, same_as: str, ranks_list: list[list[int]]) -> None:
         """A group per ranks list, or the existing group `same_as` where it has exactly this rank's ranks (no
         second group of the same members: each costs connections)."""
