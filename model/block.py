@@ -48,8 +48,15 @@ class DecoderBlock(nn.Module):
         """Residual stream after attention: h + MLA(norm(h))."""
         return h + self.self_attn(h, documents, norm=self.input_layernorm)
 
+    def ffn_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN's input norm. Under selective recompute it reruns in backward (the report recomputes every
+        RMSNorm): only h is kept, not its fp32 copy and the normed result (3x h's bytes in bf16)."""
+        if self.cfg.selective_recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self.post_attention_layernorm, h, use_reentrant=False, preserve_rng_state=False)
+        return self.post_attention_layernorm(h)
+
     def ffn(self, h: torch.Tensor) -> tuple[torch.Tensor, BlockAux]:
-        x = self.post_attention_layernorm(h)
+        x = self.ffn_norm(h)
         if not self.is_moe:
             return h + self.mlp(x), BlockAux()
         y, routing = self.mlp(x)

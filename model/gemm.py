@@ -104,14 +104,16 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend: GemmBackend) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2d)
+        out = backend.fprop(x2d, weight).view(*x.shape[:-1], weight.shape[0])
+        saved, ctx.x_meta = backend.pack_input(x2d)
+        ctx.save_for_backward(*saved)
         ctx.weight, ctx.backend, ctx.x_shape = weight, backend, x.shape
-        return backend.fprop(x2d, weight).view(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (x2d,) = ctx.saved_tensors
         backend, weight = ctx.backend, ctx.weight
+        x2d = backend.unpack_input(ctx.saved_tensors, ctx.x_meta)
         g2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = backend.dgrad(g2d, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_w = None
@@ -128,14 +130,17 @@ class _GroupedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, backend: GemmBackend):
-        ctx.save_for_backward(x, offsets)
+        out = backend.grouped_fprop(x, weight, offsets)
+        saved, ctx.x_meta = backend.pack_grouped_input(x, offsets)
+        ctx.save_for_backward(offsets, *saved)
         ctx.weight, ctx.backend = weight, backend
-        return backend.grouped_fprop(x, weight, offsets)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, offsets = ctx.saved_tensors
+        offsets, *saved = ctx.saved_tensors
         backend, weight = ctx.backend, ctx.weight
+        x = backend.unpack_grouped_input(tuple(saved), ctx.x_meta, offsets)
         grad_out = grad_out.contiguous()
         grad_x = backend.grouped_dgrad(grad_out, weight, offsets) if ctx.needs_input_grad[0] else None
         grad_w = None
@@ -178,6 +183,26 @@ class GemmBackend:
 
     def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
         return grouped_weight_grad(g, x, offsets, n)
+
+    # ---- what the forward keeps for the weight-gradient GEMM ----------------------------------------------
+    # An FP8 backend keeps the GEMM's own E4M3 operand (1 byte a value and its scales) instead of the input:
+    # the weight-gradient GEMM reads the same values either way. `pack_*` returns (tensors to save, metadata);
+    # `unpack_*` gives back what `wgrad` / `grouped_wgrad` then receive as `x`.
+    def pack_input(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        return (x,), None
+
+    def unpack_input(self, saved: tuple[torch.Tensor, ...], meta: object) -> object:
+        return saved[0]
+
+    def pack_grouped_input(self, x: torch.Tensor, offsets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        return (x,), None
+
+    def unpack_grouped_input(self, saved: tuple[torch.Tensor, ...], meta: object, offsets: torch.Tensor) -> object:
+        return saved[0]
+
+    # SwiGLU's input, which its backward reads: None keeps it as it is; an FP8 backend may return a codec
+    # (model.fp8.numerics.FP8Storage) that stores it in E4M3, as the DeepSeek-V3 report does for the experts
+    activation_storage: object = None
 
     # ---- what the layers call ---------------------------------------------------------------------------
     @property

@@ -10,21 +10,26 @@ from model.gemm import Linear
 
 
 class _SwiGLUFn(torch.autograd.Function):
-    """[gate; up] [..., 2I] -> silu(gate) * up [..., I], saving only the input.
+    """[gate; up] [..., 2I] -> silu(gate) * up [..., I], saving only the input (through `storage`, e.g. in
+    E4M3, when given: model.gemm.GemmBackend.activation_storage).
 
     Autograd's chunk + silu + mul would keep silu(gate) as well and end its backward with a cat of the two
     halves; here both halves of the gradient are written straight into one buffer, and silu is recomputed.
     """
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate_up: torch.Tensor, storage) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
+        ctx.storage, ctx.dtype = storage, gate_up.dtype
+        ctx.save_for_backward(*((gate_up,) if storage is None else storage.pack(gate_up)))
         return F.silu(gate).mul_(up)
 
     @staticmethod
-    def backward(ctx, grad_h: torch.Tensor) -> torch.Tensor:
-        (gate_up,) = ctx.saved_tensors
+    def backward(ctx, grad_h: torch.Tensor):
+        if ctx.storage is None:
+            (gate_up,) = ctx.saved_tensors
+        else:
+            gate_up = ctx.storage.unpack(*ctx.saved_tensors, ctx.dtype)
         gate, up = gate_up.chunk(2, dim=-1)
         # same arithmetic as autograd's silu/mul backward: d_gate = silu'(gate) * (dh * up), d_up = dh * silu(gate).
         # The gradient overwrites the saved gate_up, which nothing else reads: fresh [T, 2I] buffers cost page
@@ -34,12 +39,13 @@ class _SwiGLUFn(torch.autograd.Function):
         torch.ops.aten.silu.out(gate, out=up)
         up.mul_(grad_h)
         torch.ops.aten.silu_backward.grad_input(grad_gate_in, gate, grad_input=gate)
-        return gate_up
+        return gate_up, None
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate; up] on the last dim."""
-    return _SwiGLUFn.apply(gate_up)
+def swiglu(gate_up: torch.Tensor, storage: object = None) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate; up] on the last dim; the input kept for backward through `storage`
+    (None: as it is)."""
+    return _SwiGLUFn.apply(gate_up, storage)
 
 
 class SwiGLU(nn.Module):
@@ -58,5 +64,6 @@ class SwiGLU(nn.Module):
             # other backends (FP8, deferred weight-grad) see the two projections separately
             h = swiglu(F.linear(x, torch.cat([gate.weight, up.weight])))
         else:
-            h = F.silu(gate(x)) * up(x)
+            # one [gate; up] buffer, so the backward keeps one input (in E4M3 where the backend stores so)
+            h = swiglu(torch.cat([gate(x), up(x)], dim=-1), gate.backend.activation_storage)
         return self.down_proj(h)

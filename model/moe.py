@@ -42,7 +42,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         offsets = rows.cumsum(0, dtype=torch.int32)
-        return self.down_proj(swiglu(self.gate_up_proj(x, offsets)), offsets)
+        gate_up = self.gate_up_proj(x, offsets)
+        return self.down_proj(swiglu(gate_up, self.gate_up_proj.backend.activation_storage), offsets)
 
 
 @dataclass

@@ -22,6 +22,24 @@ class Routing:
     balance_loss: torch.Tensor | None = None
 
 
+class _Fp32Logits(torch.autograd.Function):
+    """x W^T computed in fp32 for x, W of any dtype, keeping x and W for the backward as they are: autograd's
+    `linear(x.float(), W.float())` would keep x's fp32 copy, twice a bf16 activation's bytes. The backward
+    runs autograd's own products (so the gradients are the same bits)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad_x = grad.mm(w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = x.float().t().mm(grad).t().to(w.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
 class Router(nn.Module):
     """x [B, S, hidden] -> Routing. HF names: `weight`, `e_score_correction_bias`.
 
@@ -43,7 +61,7 @@ class Router(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Sigmoid affinities in fp32, [T, E]."""
-        return F.linear(x.float(), self.weight.float()).sigmoid()
+        return _Fp32Logits.apply(x, self.weight).sigmoid()
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Expert ids [T, K] chosen on scores + bias under the group limit."""

@@ -156,7 +156,7 @@ def block_substeps(block: DecoderBlock, h: torch.Tensor, mb: MicroBatch,
     # F1: attention, norm, router, local sort by expert; the count exchange; post the dispatch
     def attend_and_route(h_in: torch.Tensor):
         a = block.attention(h_in, mb.documents)
-        x = block.post_attention_layernorm(a)
+        x = block.ffn_norm(a)
         routing = moe.route(x)
         local = dispatcher.sort(x.reshape(-1, x.shape[-1]), routing, n_experts)
         return a, x, routing, local

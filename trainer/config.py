@@ -82,6 +82,9 @@ class FP8Config:
     recipe: str = "blockwise"  # blockwise (DeepSeek: 1x128 activations, 128x128 weights) | current | delayed | mxfp8
     amax_history: int = 16  # delayed: amaxes kept per operand
     dispatch: bool = False  # expert-parallel dispatch in FP8 (1x128 tiles); needs parallel.ep > 1
+    # SwiGLU inputs kept for the backward in E4M3 1x128 tiles (the report's; the backward reads the rounded
+    # values). The linear layers always keep their weight-gradient GEMM's own E4M3 operand (exact).
+    swiglu_inputs_fp8: bool = True
 
 
 @dataclass

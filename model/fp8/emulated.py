@@ -7,7 +7,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.fp8.numerics import AmaxHistory, Quantized, quantize, quantize_dequantize, recipe_scaling
+from model.fp8.numerics import (
+    AmaxHistory,
+    FP8Storage,
+    Quantized,
+    dequantize_groups,
+    quantize,
+    quantize_dequantize,
+    quantize_groups,
+    recipe_scaling,
+)
 from model.gemm import GemmBackend, grouped_mm, grouped_weight_grad
 
 
@@ -21,6 +30,15 @@ def _scaled_mm_usable(device: torch.device) -> bool:
     """torch._scaled_mm is fast only on FP8 tensor cores (SM89+); on CPU it is a reference kernel
     (~30 MFLOP/s here), so the dequantized fp32 GEMM is the default there."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class _GroupedOperand:
+    """A grouped weight-gradient GEMM's X, already quantized per group and dequantized (fp32)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
 
 
 class EmulatedFP8Backend(GemmBackend):
@@ -40,17 +58,26 @@ class EmulatedFP8Backend(GemmBackend):
 
     `scaled_mm`: compute per-tensor recipes with torch._scaled_mm on the FP8 values (None: on SM89+ GPUs);
     a test checks it against the dequantize-then-matmul path.
+
+    What the forward keeps for the weight-gradient GEMM is that GEMM's E4M3 operand, quantized in the forward
+    (X with its token tiles): the values it reads are the ones it would have quantized in backward, so
+    this costs no accuracy. Under `delayed` its scale is the history's max as the forward leaves it, as
+    Transformer Engine's cached FP8 input has (before, the backward's history was read).
+    `fp8_swiglu_inputs`: SwiGLU inputs stored in E4M3 for the backward (the report's; lossy).
     """
 
-    def __init__(self, recipe: str, history: int = 16, scaled_mm: bool | None = None) -> None:
+    def __init__(self, recipe: str, history: int = 16, scaled_mm: bool | None = None,
+                 fp8_swiglu_inputs: bool = True) -> None:
         recipe_scaling(recipe, "act")  # validates the name
         self.recipe, self.history, self.scaled_mm = recipe, history, scaled_mm
+        self.fp8_swiglu_inputs = fp8_swiglu_inputs
+        self.activation_storage = FP8Storage() if fp8_swiglu_inputs else None
         self.name = f"fp8-emulated-{recipe}"
         self.histories: dict[tuple, AmaxHistory] = {}
 
     def for_layer(self, name: str, layer: nn.Module) -> EmulatedFP8Backend:
         """A fresh instance (own amax histories) for one layer."""
-        return EmulatedFP8Backend(self.recipe, self.history, self.scaled_mm)
+        return EmulatedFP8Backend(self.recipe, self.history, self.scaled_mm, self.fp8_swiglu_inputs)
 
     # ---- operands --------------------------------------------------------------------------------------
     def _amax(self, t: torch.Tensor, key: tuple, record: bool) -> torch.Tensor | None:
@@ -68,15 +95,16 @@ class EmulatedFP8Backend(GemmBackend):
         s = recipe_scaling(self.recipe, role)
         return quantize_dequantize(t, s.tile, s.power_of_two, self._amax(t, key, record))
 
-    def _gemm(self, a: tuple, b: tuple) -> torch.Tensor:
-        """A @ B^T in fp32 for operands given as (tensor, role, key, record), both contraction-last."""
+    def _gemm(self, a: tuple, b: tuple | Quantized) -> torch.Tensor:
+        """A @ B^T in fp32 for operands given as (tensor, role, key, record), both contraction-last; B may
+        come already quantized (the forward's cached operand)."""
         per_tensor = recipe_scaling(self.recipe, "act").tile is None
         use = self.scaled_mm if self.scaled_mm is not None else _scaled_mm_usable(a[0].device)
         if use and per_tensor:
-            qa, qb = self._q(*a), self._q(*b)
+            qa, qb = self._q(*a), b if isinstance(b, Quantized) else self._q(*b)
             return torch._scaled_mm(qa.values.contiguous(), qb.values.contiguous().t(), scale_a=qa.scale,
                                     scale_b=qb.scale, out_dtype=torch.float32)
-        return self._dq(*a) @ self._dq(*b).t()
+        return self._dq(*a) @ (b.dequantize() if isinstance(b, Quantized) else self._dq(*b)).t()
 
     def _qrows(self, t: torch.Tensor, role: str, key: str, offsets: torch.Tensor, record: bool = True) -> torch.Tensor:
         """Dequantized rows of a grouped operand, each expert's rows quantized on their own."""
@@ -98,12 +126,38 @@ class EmulatedFP8Backend(GemmBackend):
         # W^T is the contraction-last operand here; the delayed recipe reuses the forward's weight history
         return self._gemm((g, "act", ("g",), True), (w.t(), "weight", ("w",), False)).to(g.dtype)
 
-    def wgrad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def wgrad(self, g: torch.Tensor, x: torch.Tensor | Quantized) -> torch.Tensor:
         # token tiles of the original [T, .] operands, then the contraction-last transposes
         s = recipe_scaling(self.recipe, "act_t")
         if s.tile is None:
-            return self._gemm((g.t(), "act_t", ("g",), False), (x.t(), "act_t", ("x",), False)).to(g.dtype)
-        return (self._dq(g, "act_t", ("g",), False).t() @ self._dq(x, "act_t", ("x",), False)).to(g.dtype)
+            xt = x.t() if isinstance(x, Quantized) else (x.t(), "act_t", ("x",), False)
+            return self._gemm((g.t(), "act_t", ("g",), False), xt).to(g.dtype)
+        xd = x.dequantize() if isinstance(x, Quantized) else self._dq(x, "act_t", ("x",), False)
+        return (self._dq(g, "act_t", ("g",), False).t() @ xd).to(g.dtype)
+
+    # ---- the weight-gradient GEMM's X, quantized in the forward and kept in E4M3 -----------------------
+    def pack_input(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        s = recipe_scaling(self.recipe, "act_t")
+        q = quantize(x, s.tile, s.power_of_two, self._amax(x, ("x",), record=False))
+        return (q.values, q.scale), q.tile
+
+    def unpack_input(self, saved: tuple[torch.Tensor, ...], meta: object) -> Quantized:
+        values, scale = saved
+        return Quantized(values, scale, meta)
+
+    def pack_grouped_input(self, x: torch.Tensor, offsets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        s = recipe_scaling(self.recipe, "act_t")
+        amaxes = None
+        if self.recipe == "delayed":
+            amaxes = [self._amax(x[:0], ("x", e), record=False) if ("x", e) in self.histories else None
+                      for e in range(offsets.numel())]
+        values, scales = quantize_groups(x, offsets, s.tile, s.power_of_two, amaxes)
+        return (values, scales), s.tile
+
+    def unpack_grouped_input(self, saved: tuple[torch.Tensor, ...], meta: object,
+                             offsets: torch.Tensor) -> _GroupedOperand:
+        values, scales = saved
+        return _GroupedOperand(dequantize_groups(values, scales, offsets, meta))
 
     def _weights(self, w: torch.Tensor, transpose: bool) -> torch.Tensor:
         """Each expert's weight (or its transpose, contraction-last) quantized alone, dequantized."""
@@ -121,7 +175,8 @@ class EmulatedFP8Backend(GemmBackend):
         gq = self._qrows(g, "act", "g", offsets)
         return grouped_mm(gq, self._weights(w, True).transpose(1, 2), offsets).to(g.dtype)
 
-    def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor | _GroupedOperand, offsets: torch.Tensor,
+                      n: int) -> torch.Tensor:
         gq = self._qrows(g, "act_t", "g", offsets, record=False)
-        xq = self._qrows(x, "act_t", "x", offsets, record=False)
+        xq = x.values if isinstance(x, _GroupedOperand) else self._qrows(x, "act_t", "x", offsets, record=False)
         return grouped_weight_grad(gq, xq, offsets, n).to(g.dtype)

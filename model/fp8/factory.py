@@ -17,21 +17,23 @@ FP8_RECIPES = RECIPES  # blockwise | current | delayed | mxfp8 (model/fp8/numeri
 
 def make_fp8_backend(fp8: Any, amax_group: object = None) -> GemmBackend | None:
     """The GEMM backend `precision.fp8` asks for (a trainer.config.FP8Config, or anything with its fields
-    enabled / backend / recipe / amax_history); None when FP8 is off. TE amaxes reduce over `amax_group`.
+    enabled / backend / recipe / amax_history / swiglu_inputs_fp8); None when FP8 is off. TE amaxes reduce
+    over `amax_group`.
     `emulated`: EmulatedFP8Backend (any device); `torch`: model.fp8.scaled_mm.ScaledMMFP8Backend (real FP8 GEMMs
     through torch._scaled_mm, SM89+); `te`: model.fp8.te.TEBackend (Transformer Engine)."""
     if not fp8.enabled:
         return None
+    swiglu = getattr(fp8, "swiglu_inputs_fp8", True)
     if fp8.backend == "emulated":
-        return EmulatedFP8Backend(fp8.recipe, history=fp8.amax_history)
+        return EmulatedFP8Backend(fp8.recipe, history=fp8.amax_history, fp8_swiglu_inputs=swiglu)
     if fp8.backend == "torch":
         from model.fp8.scaled_mm import ScaledMMFP8Backend
 
-        return ScaledMMFP8Backend(fp8.recipe)
+        return ScaledMMFP8Backend(fp8.recipe, fp8_swiglu_inputs=swiglu)
     if fp8.backend == "te":
         from model.fp8.te import TEBackend
 
-        return TEBackend(fp8.recipe, amax_group)
+        return TEBackend(fp8.recipe, amax_group, fp8_swiglu_inputs=swiglu)
     raise ValueError(f"precision.fp8.backend: unknown backend {fp8.backend!r}; choose one of {FP8_BACKENDS}")
 
 

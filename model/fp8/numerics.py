@@ -94,6 +94,8 @@ def quantize(
     tiled = _tiles(x, *tile)
     scale = _scale(tiled.abs().amax(dim=(-3, -1), keepdim=True), power_of_two)
     values = _untile((tiled / scale).to(torch.float8_e4m3fn), x.shape)
+    if values.shape != tiled.shape[:-4] + (tiled.shape[-4] * tiled.shape[-3], tiled.shape[-2] * tiled.shape[-1]):
+        values = values.clone()  # edge tiles were padded: a copy without the padding (values may be kept)
     return Quantized(values, scale[..., :, 0, :, 0], tile)
 
 
@@ -110,6 +112,58 @@ def quantize_dequantize(
     tiled = _tiles(x, *tile)
     scale = _scale(tiled.abs().amax(dim=(-3, -1), keepdim=True), power_of_two)
     return _untile((tiled / scale).to(torch.float8_e4m3fn).float() * scale, x.shape)
+
+
+def quantize_groups(
+    x: torch.Tensor, offsets: torch.Tensor, tile: tuple[int, int] | None, power_of_two: bool = False,
+    amaxes: list[torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's rows of x [N, C] (groups end at `offsets`, cumulative) quantized on their own, tiles aligned
+    to the group's first row: (E4M3 values [N, C], the groups' scales concatenated: per-tile scales stacked
+    along rows, or one per group for tile None). `amaxes[e]` overrides group e's amax (delayed scaling)."""
+    values, scales, start = torch.empty_like(x, dtype=torch.float8_e4m3fn), [], 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            q = quantize(x[start:end], tile, power_of_two, None if amaxes is None else amaxes[e])
+            values[start:end] = q.values
+            scales.append(q.scale.reshape(1) if tile is None else q.scale)
+        start = end
+    if not scales:
+        return values, x.new_empty(0, dtype=torch.float32)
+    return values, torch.cat(scales)
+
+
+def dequantize_groups(
+    values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, tile: tuple[int, int] | None
+) -> torch.Tensor:
+    """Inverse of `quantize_groups`: fp32 [N, C], each group's values times its own scales (group by group,
+    the same arithmetic as quantize_dequantize of that group alone). All groups empty: fp32 zeros [0, C]."""
+    out, start, at = [], 0, 0
+    for end in offsets.tolist():
+        if end > start:
+            n = 1 if tile is None else -(-(end - start) // tile[0])
+            scale = scales[at] if tile is None else scales[at:at + n]
+            out.append(Quantized(values[start:end], scale, tile).dequantize())
+            at += n
+        start = end
+    return torch.cat(out) if out else values.float()
+
+
+class FP8Storage:
+    """Keeps an activation for the backward in E4M3 with 1 x 128 tiles along its last dimension (the report's
+    fine-grained quantization; its SwiGLU inputs are stored this way): `pack` -> tensors to save,
+    `unpack` -> the values the backward computes with, in the activation's dtype. Lossy, unlike the linear
+    layers' cached GEMM operands."""
+
+    tile = (1, 128)
+
+    def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = quantize(t.reshape(-1, t.shape[-1]), self.tile)
+        return q.values.view(t.shape), q.scale
+
+    def unpack(self, values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = values.reshape(-1, values.shape[-1])
+        return Quantized(flat, scale, self.tile).dequantize().to(dtype).view(values.shape)
 
 
 @dataclass(frozen=True)

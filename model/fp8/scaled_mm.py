@@ -22,7 +22,10 @@ The fp8 weight quantized by fprop is kept for the same layer's dgrad (identity, 
 weight must match; fprop always quantizes afresh, so an optimizer writing through `param.data` cannot leave
 a stale copy behind), and the output-gradient quantized by dgrad for wgrad under `current`. Weight-gradient
 deferral (the zero-bubble W pass) and activation-checkpoint recompute work through `model.gemm` as for every
-backend; the backend keeps no numerical state (same inputs, same outputs).
+backend; the backend keeps no numerical state (same inputs, same outputs). What the forward keeps for the
+weight-gradient GEMM is that GEMM's E4M3 X^T (quantized along the tokens, 1 byte a value) instead of the
+bf16 input, and SwiGLU inputs are kept in E4M3 1 x 128 tiles (`fp8_swiglu_inputs`): the report's FP8
+activation caching.
 
 `compile=True` runs the quantizers through `torch.compile` (one fused pass instead of about five elementwise
 kernels: on a GPU the unfused quantization costs about as much as the FP8 GEMM saves); if compiling fails
@@ -44,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fp8.numerics import E4M3_MAX, Quantized
+from model.fp8.numerics import E4M3_MAX, FP8Storage, Quantized
 from model.gemm import GemmBackend
 
 NATIVE_RECIPES = ("blockwise", "current")
@@ -309,6 +312,15 @@ def blockwise_support(device: str) -> tuple[str | None, str]:
     return None, "; ".join(tried) or "no API"
 
 
+@dataclass
+class _ExpertOperands:
+    """A grouped layer's input as its weight-gradient GEMMs read it: one transposed E4M3 operand per non-empty
+    expert; `width` = the input's columns (the gradient's shape when every expert is empty)."""
+
+    width: int
+    operands: dict[int, Operand]
+
+
 # ---- the backend ----------------------------------------------------------------------------------------
 class ScaledMMFP8Backend(GemmBackend):
     """A layer's three GEMMs as genuine FP8 GEMMs (torch._scaled_mm), operands E4M3 quantized as `recipe` says
@@ -319,7 +331,8 @@ class ScaledMMFP8Backend(GemmBackend):
     compile: quantize through torch.compile (falls back to eager if that fails).
     """
 
-    def __init__(self, recipe: str = "blockwise", blockwise: bool | None = None, compile: bool = False) -> None:
+    def __init__(self, recipe: str = "blockwise", blockwise: bool | None = None, compile: bool = False,
+                 fp8_swiglu_inputs: bool = True) -> None:
         if recipe not in NATIVE_RECIPES:
             raise NativeFP8Unavailable(
                 f"recipe {recipe} is not implemented by the torch backend",
@@ -327,13 +340,15 @@ class ScaledMMFP8Backend(GemmBackend):
                 "precision.fp8.recipe",
             )
         self.recipe, self.blockwise, self.compile = recipe, blockwise, compile
+        self.fp8_swiglu_inputs = fp8_swiglu_inputs
+        self.activation_storage = FP8Storage() if fp8_swiglu_inputs else None
         self.name = f"fp8-torch-{recipe}"
         self._w: tuple | None = None  # (weakref to weight, version, data_ptr, Operand): fprop writes, dgrad reads
         self._g: tuple | None = None  # (weakref to dY, version, Operand): dgrad writes, wgrad reads (current)
 
     def for_layer(self, name: str, layer: nn.Module) -> ScaledMMFP8Backend:
         """A fresh instance for one layer (its own fprop -> dgrad weight cache)."""
-        return ScaledMMFP8Backend(self.recipe, self.blockwise, self.compile)
+        return ScaledMMFP8Backend(self.recipe, self.blockwise, self.compile, self.fp8_swiglu_inputs)
 
     # ---- where and how ----------------------------------------------------------------------------------
     def mode(self, device: torch.device | str) -> tuple[str, str | None]:
@@ -423,11 +438,37 @@ class ScaledMMFP8Backend(GemmBackend):
             self._g = (weakref.ref(g), g._version, gq)
         return scaled_mm(gq, wt, g.dtype, api)
 
-    def wgrad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def wgrad(self, g: torch.Tensor, x: torch.Tensor | Operand) -> torch.Tensor:
         act, _, align, api = self._kinds(g.device)
         gq = self._cached_grad(g) if act == "tensor" else None
         a = gq.transposed() if gq is not None else make_operand_t(g, act, align, self.compile)
-        return scaled_mm(a, make_operand_t(x, act, align, self.compile), g.dtype, api)
+        xq = x if isinstance(x, Operand) else make_operand_t(x, act, align, self.compile)
+        return scaled_mm(a, xq, g.dtype, api)
+
+    # ---- the weight-gradient GEMM's X^T, quantized in the forward and kept in E4M3 ---------------------
+    def pack_input(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        act, _, align, _ = self._kinds(x.device)
+        q = make_operand_t(x, act, align, self.compile)
+        return (q.values, q.scale), (q.kind, q.rows, q.cols)
+
+    def unpack_input(self, saved: tuple[torch.Tensor, ...], meta: object) -> Operand:
+        return Operand(*saved, *meta)
+
+    def pack_grouped_input(self, x: torch.Tensor, offsets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
+        act, _, align, _ = self._kinds(x.device)
+        tensors, experts = [], []
+        for e, s, end in self._ranges(offsets):
+            q = make_operand_t(x[s:end], act, align, self.compile)
+            tensors += [q.values, q.scale]
+            experts.append((e, q.kind, q.rows, q.cols))
+        return tuple(tensors), (x.shape[1], experts)
+
+    def unpack_grouped_input(self, saved: tuple[torch.Tensor, ...], meta: object,
+                             offsets: torch.Tensor) -> _ExpertOperands:
+        width, experts = meta
+        ops = {e: Operand(saved[2 * i], saved[2 * i + 1], kind, rows, cols)
+               for i, (e, kind, rows, cols) in enumerate(experts)}
+        return _ExpertOperands(width, ops)
 
     @staticmethod
     def _ranges(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -459,10 +500,16 @@ class ScaledMMFP8Backend(GemmBackend):
             out[s:end] = scaled_mm(make_operand(g[s:end], act, align, self.compile), wt, g.dtype, api)
         return out
 
-    def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor | _ExpertOperands, offsets: torch.Tensor,
+                      n: int) -> torch.Tensor:
+        """x: the input rows, or the per-expert operands `pack_grouped_input` kept."""
         act, _, align, api = self._kinds(g.device)
-        out = g.new_zeros(n, g.shape[1], x.shape[1])
+        out = g.new_zeros(n, g.shape[1], x.width if isinstance(x, _ExpertOperands) else x.shape[1])
         for e, s, end in self._ranges(offsets):
             a = make_operand_t(g[s:end], act, align, self.compile)
-            out[e] = scaled_mm(a, make_operand_t(x[s:end], act, align, self.compile), g.dtype, api)
+            if isinstance(x, _ExpertOperands):
+                xq = x.operands[e]
+            else:
+                xq = make_operand_t(x[s:end], act, align, self.compile)
+            out[e] = scaled_mm(a, xq, g.dtype, api)
         return out

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.fp8.numerics import FP8Storage
 from model.gemm import GemmBackend, GroupedLinear, Linear
 
 RECIPE_CLASSES = {
@@ -170,8 +171,12 @@ class TEBackend(GemmBackend):
     """A layer's GEMMs in a TE module under FP8 autocast (see the module docstring). Built for a recipe
     and an amax group, then specialised per layer by `for_layer` (which `model.fp8.apply_fp8` calls)."""
 
-    def __init__(self, recipe: str, amax_group: Any = None, layer: nn.Module | None = None) -> None:
+    def __init__(self, recipe: str, amax_group: Any = None, layer: nn.Module | None = None,
+                 fp8_swiglu_inputs: bool = True) -> None:
         self.recipe, self.amax_group = recipe, amax_group
+        # our SwiGLU (not TE's) keeps its input in E4M3 for the backward, as with the other FP8 backends
+        self.fp8_swiglu_inputs = fp8_swiglu_inputs
+        self.activation_storage = FP8Storage() if fp8_swiglu_inputs else None
         self.name = f"te-{recipe}"
         self.te = import_te()
         self._recipe = te_recipe(recipe)
@@ -181,7 +186,7 @@ class TEBackend(GemmBackend):
             self.module = self._build(layer)
 
     def for_layer(self, name: str, layer: nn.Module) -> TEBackend:
-        return TEBackend(self.recipe, self.amax_group, layer)
+        return TEBackend(self.recipe, self.amax_group, layer, self.fp8_swiglu_inputs)
 
     def _build(self, layer: nn.Module) -> nn.Module:
         te, w = self.te, layer.weight
