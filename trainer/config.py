@@ -85,6 +85,9 @@ class FP8Config:
     # SwiGLU inputs kept for the backward in E4M3 1x128 tiles (the report's; the backward reads the rounded
     # values). The linear layers always keep their weight-gradient GEMM's own E4M3 operand (exact).
     swiglu_inputs_fp8: bool = True
+    # backend torch: how operands are quantized: eager (torch ops) | compile (torch.compile) | triton (fused
+    # kernels, blockwise only: one pass per activation writes both its GEMM operands; weights once per step)
+    quantizer: str = "eager"
 
 
 @dataclass

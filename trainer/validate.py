@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.fp8.factory import FP8_BACKENDS, FP8_RECIPES
+from model.fp8.factory import FP8_BACKENDS, FP8_QUANTIZERS, FP8_RECIPES
 from parallel.network_model import NetworkModel, NetworkModelError
 from parallel.step_schedule import DUALPIPES, PIPELINES, SCHEDULES
 from trainer.config import (
@@ -281,15 +281,22 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
     _need(not f.dispatch or ep > 1, "precision.fp8.dispatch",
           f"quantizes the expert-parallel all-to-all, but parallel.ep={ep}",
           "set parallel.ep>1, or precision.fp8.dispatch=false")
+    _need(f.quantizer in FP8_QUANTIZERS, "precision.fp8.quantizer", f"unknown quantizer {f.quantizer!r}",
+          f"choose one of {', '.join(FP8_QUANTIZERS)}")
+    _need(f.quantizer == "eager" or f.backend == "torch", "precision.fp8.quantizer",
+          f"quantizer {f.quantizer} is the torch backend's (backend {f.backend} quantizes its own way)",
+          "set precision.fp8.backend=torch, or precision.fp8.quantizer=eager")
     if not f.enabled:
         return
     _need(cfg.parallel.schedule != "1f1b", "precision.fp8.enabled", "FP8 is not wired into parallel.schedule=1f1b",
           "use parallel.schedule=dualpipe, dualpipev or none")
     if f.backend == "torch":  # real FP8 GEMMs through torch._scaled_mm: a CUDA GPU with FP8 tensor cores
-        from model.fp8.scaled_mm import NativeFP8Unavailable, check_native
+        from model.fp8.scaled_mm import NativeFP8Unavailable, check_fused, check_native
 
         try:
             check_native(f.recipe, device)
+            if f.quantizer == "triton":
+                check_fused(f.recipe, device)
         except NativeFP8Unavailable as e:
             raise UserError(e.key, e.problem, e.fix) from None
         return

@@ -13,6 +13,8 @@ from model.gemm import GemmBackend, GroupedLinear, Linear
 
 FP8_BACKENDS = ("te", "emulated", "torch")  # Transformer Engine | model/fp8/emulated.py | model/fp8/scaled_mm.py
 FP8_RECIPES = RECIPES  # blockwise | current | delayed | mxfp8 (model/fp8/numerics.py defines them)
+# how the torch backend quantizes: eager torch ops | torch.compile | Triton kernels (model/fp8/triton_quant.py)
+FP8_QUANTIZERS = ("eager", "compile", "triton")
 
 
 def make_fp8_backend(fp8: Any, amax_group: object = None) -> GemmBackend | None:
@@ -29,7 +31,9 @@ def make_fp8_backend(fp8: Any, amax_group: object = None) -> GemmBackend | None:
     if fp8.backend == "torch":
         from model.fp8.scaled_mm import ScaledMMFP8Backend
 
-        return ScaledMMFP8Backend(fp8.recipe, fp8_swiglu_inputs=swiglu)
+        quantizer = getattr(fp8, "quantizer", "eager")
+        return ScaledMMFP8Backend(fp8.recipe, compile=quantizer == "compile", fused=quantizer == "triton",
+                                  fp8_swiglu_inputs=swiglu)
     if fp8.backend == "te":
         from model.fp8.te import TEBackend
 

@@ -92,6 +92,11 @@ def check_native(recipe: str, device: str = "cuda") -> None:
     _check_capability(torch.device("cuda", torch.cuda.current_device()))
 
 
+def check_fused(recipe: str, device: str = "cuda") -> None:
+    """Fail with one line unless the Triton quantizer can run `recipe` on `device` (after check_native)."""
+    ScaledMMFP8Backend(recipe, fused=True).mode(device)
+
+
 def _check_capability(device: torch.device) -> None:
     cap = torch.cuda.get_device_capability(device)
     if cap < MIN_CAPABILITY:
@@ -312,6 +317,33 @@ def blockwise_support(device: str) -> tuple[str | None, str]:
     return None, "; ".join(tried) or "no API"
 
 
+_OPTIMIZER_STEPS = [0]  # bumped after every torch optimizer step: the fused backend's weight blocks go stale
+_HOOKED: list[bool] = []
+
+
+def _count_optimizer_steps() -> None:
+    if not _HOOKED:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *_: new_weights())
+        _HOOKED.append(True)
+
+
+def new_weights() -> None:
+    """Tell the fused backends that weights changed (called after every torch optimizer step; call it yourself
+    after writing weights through `param.data` outside an optimizer, which bumps no version counter)."""
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _fused_pair(t: torch.Tensor, kind: str, align: int) -> tuple[Operand, Operand]:
+    """(t's 1 x 128 operand, t^T's operand with 128 x 1 token tiles) from one pass of the Triton kernel."""
+    from model.fp8 import triton_quant
+
+    v, s, v_t, s_t = triton_quant.activation_operands(t, align)
+    rows, cols = t.shape
+    return Operand(v, s, kind, rows, cols), Operand(v_t, s_t.t(), kind, cols, rows)
+
+
 @dataclass
 class _ExpertOperands:
     """A grouped layer's input as its weight-gradient GEMMs read it: one transposed E4M3 operand per non-empty
@@ -329,26 +361,40 @@ class ScaledMMFP8Backend(GemmBackend):
     blockwise: True requires torch's blockwise kernel (error where it does not run), False forces the row-wise
     scaling, None (default) uses the kernel where the probe finds it and row-wise elsewhere.
     compile: quantize through torch.compile (falls back to eager if that fails).
+    fused: quantize with the Triton kernels of model/fp8/triton_quant.py (blockwise only): one pass per
+    activation writes its forward operand and its weight-gradient operand (kept for wgrad), one pass per
+    output-gradient its dgrad and wgrad operands, and weights are quantized once per optimizer step (every
+    microbatch of the step reuses the blocks; see `new_weights`).
     """
 
     def __init__(self, recipe: str = "blockwise", blockwise: bool | None = None, compile: bool = False,
-                 fp8_swiglu_inputs: bool = True) -> None:
+                 fp8_swiglu_inputs: bool = True, fused: bool = False) -> None:
         if recipe not in NATIVE_RECIPES:
             raise NativeFP8Unavailable(
                 f"recipe {recipe} is not implemented by the torch backend",
                 f"use recipe blockwise or current, or {FIX}",
                 "precision.fp8.recipe",
             )
+        if fused and recipe != "blockwise":
+            raise NativeFP8Unavailable(f"the Triton quantizer implements the blockwise recipe, not {recipe}",
+                                       "use precision.fp8.recipe=blockwise or precision.fp8.quantizer=eager",
+                                       "precision.fp8.quantizer")
+        if fused:
+            _count_optimizer_steps()
+        self.fused = fused
         self.recipe, self.blockwise, self.compile = recipe, blockwise, compile
         self.fp8_swiglu_inputs = fp8_swiglu_inputs
         self.activation_storage = FP8Storage() if fp8_swiglu_inputs else None
         self.name = f"fp8-torch-{recipe}"
         self._w: tuple | None = None  # (weakref to weight, version, data_ptr, Operand): fprop writes, dgrad reads
         self._g: tuple | None = None  # (weakref to dY, version, Operand): dgrad writes, wgrad reads (current)
+        # fused: (weakref to X or dY, version, its wgrad operand, or {expert: operand}) from fprop / dgrad
+        self._t: tuple | None = None
+        self._w_step: tuple | None = None  # fused: (weakref to W, (ptr, version, optimizer step), Operand)
 
     def for_layer(self, name: str, layer: nn.Module) -> ScaledMMFP8Backend:
         """A fresh instance for one layer (its own fprop -> dgrad weight cache)."""
-        return ScaledMMFP8Backend(self.recipe, self.blockwise, self.compile, self.fp8_swiglu_inputs)
+        return ScaledMMFP8Backend(self.recipe, self.blockwise, self.compile, self.fp8_swiglu_inputs, self.fused)
 
     # ---- where and how ----------------------------------------------------------------------------------
     def mode(self, device: torch.device | str) -> tuple[str, str | None]:
@@ -356,11 +402,22 @@ class ScaledMMFP8Backend(GemmBackend):
         NativeFP8Unavailable where torch._scaled_mm cannot run (or blockwise=True and no blockwise kernel)."""
         dev = str(torch.device(device))
         _device_ok(dev)
+        if self.fused:
+            from model.fp8 import triton_quant
+
+            why = triton_quant.problem(dev)
+            if why is not None:
+                raise NativeFP8Unavailable(why, "install the kernels extra (pip install -e '.[kernels]') on a CUDA "
+                                           "machine, or set precision.fp8.quantizer=eager", "precision.fp8.quantizer")
         if self.recipe == "current":
             return "tensor", None
         if self.blockwise is False:
             return "rowwise", None
         api, why = blockwise_support(dev)
+        if api is None and self.fused:
+            raise NativeFP8Unavailable(f"the Triton quantizer feeds the blockwise FP8 GEMM, which does not run on "
+                                       f"{dev} ({why})", "set precision.fp8.quantizer=eager (row-wise scaling)",
+                                       "precision.fp8.quantizer")
         if api is None:
             if self.blockwise:
                 raise NativeFP8Unavailable(
@@ -401,9 +458,66 @@ class ScaledMMFP8Backend(GemmBackend):
 
     # ---- caches: fprop -> dgrad (weight), dgrad -> wgrad (output-gradient, per-tensor scaling) -------------
     def _weight(self, w: torch.Tensor, kind: str, align: int) -> Operand:
-        q = make_operand(w, kind, align, self.compile)
+        if self.fused and kind == "128x128":
+            q = self._step_weight(w, kind, align)
+        else:
+            q = make_operand(w, kind, align, self.compile)
         self._w = (weakref.ref(w), w._version, w.data_ptr(), q)
         return q
+
+    def _step_weight(self, w: torch.Tensor, kind: str, align: int) -> Operand:
+        """The weight's 128 x 128 blocks, quantized once per optimizer step (and again if its storage or version
+        changes): the step's microbatches all read the same weight."""
+        key = (w.data_ptr(), w._version, _OPTIMIZER_STEPS[0])
+        if self._w_step is not None and self._w_step[0]() is w and self._w_step[1] == key:
+            return self._w_step[2]
+        from model.fp8 import triton_quant
+
+        values, scale = triton_quant.weight_operand(w.detach(), align)
+        q = Operand(values, scale, kind, w.shape[-2], w.shape[-1])
+        self._w_step = (weakref.ref(w), key, q)
+        return q
+
+    # ---- fused activation quantization: the wgrad operand comes with the fprop / dgrad one -----------------
+    def _act(self, t: torch.Tensor, kind: str, align: int) -> Operand:
+        """t's operand for fprop / dgrad. Fused: one kernel also writes t's weight-gradient operand, kept until
+        wgrad (or pack_input) asks for it."""
+        if not (self.fused and kind == "1x128"):
+            return make_operand(t, kind, align, self.compile)
+        q, q_t = _fused_pair(t, kind, align)
+        self._t = (weakref.ref(t), t._version, q_t)
+        return q
+
+    def _act_t(self, t: torch.Tensor, kind: str, align: int) -> Operand:
+        """t's weight-gradient operand: the one fprop / dgrad just made, else quantized now."""
+        if self._t is not None:
+            ref, version, q = self._t
+            if ref() is t and t._version == version and isinstance(q, Operand):
+                self._t = None
+                return q
+        if self.fused and kind == "1x128":
+            return _fused_pair(t, kind, align)[1]
+        return make_operand_t(t, kind, align, self.compile)
+
+    def _grouped_act(self, t: torch.Tensor, offsets: torch.Tensor, kind: str, align: int) -> dict[int, Operand]:
+        """Each non-empty expert's fprop / dgrad operand; fused: their wgrad operands kept, as `_act` does."""
+        ops, ops_t = {}, {}
+        for e, s, end in self._ranges(offsets):
+            if self.fused and kind == "1x128":
+                ops[e], ops_t[e] = _fused_pair(t[s:end], kind, align)
+            else:
+                ops[e] = make_operand(t[s:end], kind, align, self.compile)
+        if ops_t:
+            self._t = (weakref.ref(t), t._version, ops_t)
+        return ops
+
+    def _grouped_act_t(self, t: torch.Tensor, offsets: torch.Tensor, kind: str, align: int) -> dict[int, Operand]:
+        if self._t is not None:
+            ref, version, ops = self._t
+            if ref() is t and t._version == version and isinstance(ops, dict):
+                self._t = None
+                return ops
+        return {e: self._act_t(t[s:end], kind, align) for e, s, end in self._ranges(offsets)}
 
     def _cached_weight(self, w: torch.Tensor, kind: str, align: int) -> Operand:
         if self._w is not None:
@@ -425,7 +539,7 @@ class ScaledMMFP8Backend(GemmBackend):
     def fprop(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         act, weight, align, api = self._kinds(x.device)
         wq = self._weight(w, weight, align)
-        return scaled_mm(make_operand(x, act, align, self.compile), wq, x.dtype, api)
+        return scaled_mm(self._act(x, act, align), wq, x.dtype, api)
 
     def dgrad(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         act, weight, align, api = self._kinds(g.device)
@@ -433,7 +547,7 @@ class ScaledMMFP8Backend(GemmBackend):
             wt = make_operand(w.t(), "row", align, self.compile)
         else:
             wt = self._cached_weight(w, weight, align).transposed()
-        gq = make_operand(g, act, align, self.compile)
+        gq = self._act(g, act, align)
         if act == "tensor":
             self._g = (weakref.ref(g), g._version, gq)
         return scaled_mm(gq, wt, g.dtype, api)
@@ -441,14 +555,14 @@ class ScaledMMFP8Backend(GemmBackend):
     def wgrad(self, g: torch.Tensor, x: torch.Tensor | Operand) -> torch.Tensor:
         act, _, align, api = self._kinds(g.device)
         gq = self._cached_grad(g) if act == "tensor" else None
-        a = gq.transposed() if gq is not None else make_operand_t(g, act, align, self.compile)
-        xq = x if isinstance(x, Operand) else make_operand_t(x, act, align, self.compile)
+        a = gq.transposed() if gq is not None else self._act_t(g, act, align)
+        xq = x if isinstance(x, Operand) else self._act_t(x, act, align)
         return scaled_mm(a, xq, g.dtype, api)
 
     # ---- the weight-gradient GEMM's X^T, quantized in the forward and kept in E4M3 ---------------------
     def pack_input(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
         act, _, align, _ = self._kinds(x.device)
-        q = make_operand_t(x, act, align, self.compile)
+        q = self._act_t(x, act, align)
         return (q.values, q.scale), (q.kind, q.rows, q.cols)
 
     def unpack_input(self, saved: tuple[torch.Tensor, ...], meta: object) -> Operand:
@@ -457,8 +571,7 @@ class ScaledMMFP8Backend(GemmBackend):
     def pack_grouped_input(self, x: torch.Tensor, offsets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
         act, _, align, _ = self._kinds(x.device)
         tensors, experts = [], []
-        for e, s, end in self._ranges(offsets):
-            q = make_operand_t(x[s:end], act, align, self.compile)
+        for e, q in self._grouped_act_t(x, offsets, act, align).items():
             tensors += [q.values, q.scale]
             experts.append((e, q.kind, q.rows, q.cols))
         return tuple(tensors), (x.shape[1], experts)
@@ -484,8 +597,9 @@ class ScaledMMFP8Backend(GemmBackend):
         act, weight, align, api = self._kinds(x.device)
         wq = self._weight(w, weight, align)  # every expert at once: per-expert tensor scales, blocks, rows
         out = x.new_zeros(x.shape[0], w.shape[1])
+        xq = self._grouped_act(x, offsets, act, align)
         for e, s, end in self._ranges(offsets):
-            out[s:end] = scaled_mm(make_operand(x[s:end], act, align, self.compile), wq.expert(e), x.dtype, api)
+            out[s:end] = scaled_mm(xq[e], wq.expert(e), x.dtype, api)
         return out
 
     def grouped_dgrad(self, g: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -495,9 +609,10 @@ class ScaledMMFP8Backend(GemmBackend):
         else:
             wq = self._cached_weight(w, weight, align)
         out = g.new_zeros(g.shape[0], w.shape[2])
+        gq = self._grouped_act(g, offsets, act, align)
         for e, s, end in self._ranges(offsets):
             wt = wt_all.expert(e) if weight == "row" else wq.expert(e).transposed()
-            out[s:end] = scaled_mm(make_operand(g[s:end], act, align, self.compile), wt, g.dtype, api)
+            out[s:end] = scaled_mm(gq[e], wt, g.dtype, api)
         return out
 
     def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor | _ExpertOperands, offsets: torch.Tensor,
@@ -505,11 +620,10 @@ class ScaledMMFP8Backend(GemmBackend):
         """x: the input rows, or the per-expert operands `pack_grouped_input` kept."""
         act, _, align, api = self._kinds(g.device)
         out = g.new_zeros(n, g.shape[1], x.width if isinstance(x, _ExpertOperands) else x.shape[1])
+        gq = self._grouped_act_t(g, offsets, act, align)
+        xq_all = x.operands if isinstance(x, _ExpertOperands) else None
         for e, s, end in self._ranges(offsets):
-            a = make_operand_t(g[s:end], act, align, self.compile)
-            if isinstance(x, _ExpertOperands):
-                xq = x.operands[e]
-            else:
-                xq = make_operand_t(x[s:end], act, align, self.compile)
+            a = gq[e]
+            xq = xq_all[e] if xq_all is not None else make_operand_t(x[s:end], act, align, self.compile)
             out[e] = scaled_mm(a, xq, g.dtype, api)
         return out

@@ -43,6 +43,11 @@ def test_precision_fp8_composes(tiny_data):
          "needs a CUDA GPU with FP8 tensor cores (SM89+) and none is visible; use precision.fp8.backend=emulated"),
         (1, ["parallel=dp", "precision=fp8", "precision.fp8.backend=torch", "precision.fp8.recipe=delayed"],
          "precision.fp8.recipe:", "not implemented by the torch backend"),
+        # the torch backend's quantizers: known names, that backend only
+        (1, ["parallel=dp", "precision=fp8", "precision.fp8.backend=torch", "precision.fp8.quantizer=cuda"],
+         "precision.fp8.quantizer:", "unknown quantizer"),
+        (1, ["parallel=dp", "precision=fp8", "precision.fp8.backend=emulated", "precision.fp8.quantizer=triton"],
+         "precision.fp8.quantizer:", "set precision.fp8.backend=torch"),
     ],
 )
 def test_fp8_validation_rules(tiny_data, world, overrides, key, words):
