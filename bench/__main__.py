@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR
 
-SKIP = {"common", "__main__"}
+SKIP = {"common", "__main__", "peers"}  # helpers, not benchmarks
 
 
 def available() -> list[str]:

@@ -9,6 +9,8 @@ random Markov chain over the vocabulary), once per mode, from the same initial w
 - `torch-blockwise`, `torch-current`: real FP8 GEMMs through torch alone (model/fp8/scaled_mm.py,
   torch._scaled_mm; `blockwise` is DeepSeek's 1x128 / 128x128 scaling where torch's blockwise kernel runs,
   else row-wise scaling: each mode's `describe` says which), quantizers compiled unless --no-compile;
+- `torch-blockwise-triton`: the same with the fused Triton quantizers (model/fp8/triton_quant.py), where the
+  blockwise kernel runs;
 - `emulated-blockwise`: the fp32 emulation (model/fp8/), the numerical reference for the loss gap (slow).
 Per mode: median step time after WARMUP steps, tokens/s, peak allocated memory, final loss (mean of the last
 TAIL steps), its relative gap to bf16 and the speedup over bf16. Before the model runs, a GEMM microbenchmark
@@ -255,6 +257,13 @@ def gemm_row(
             flops=3 * flop,
             check=False,
         )
+    if api is not None:  # the Triton quantizers: one pass for both of an activation's operands
+        try:
+            nat.ScaledMMFP8Backend("blockwise", fused=True).mode(x.device)
+            add("linear_fwd_bwd_torch-blockwise-triton", fwd_bwd(nat.ScaledMMFP8Backend("blockwise", fused=True)),
+                flops=3 * flop, check=False)
+        except nat.NativeFP8Unavailable as e:
+            row.setdefault("skipped", {})["linear_fwd_bwd_torch-blockwise-triton"] = str(e)
     ms = row["ms"]
     row["speedup_vs_bf16"] = {name: ms["bf16"] / v for name, v in ms.items() if "bf16" in ms and name.startswith("fp8")}
     if "linear_fwd_bwd_bf16" in ms:
@@ -370,6 +379,11 @@ def fp8_modes(device: torch.device, compile: bool, emulated: bool, te_recipe: st
             modes.append((f"torch-{recipe}", lambda recipe=recipe: ScaledMMFP8Backend(recipe, compile=compile)))
         except NativeFP8Unavailable as e:
             skipped[f"torch-{recipe}"] = str(e)
+    try:  # the fused Triton quantizers (precision.fp8.quantizer=triton): blockwise GEMMs on SM90 only
+        ScaledMMFP8Backend("blockwise", fused=True).mode(device)
+        modes.append(("torch-blockwise-triton", lambda: ScaledMMFP8Backend("blockwise", fused=True)))
+    except NativeFP8Unavailable as e:
+        skipped["torch-blockwise-triton"] = str(e)
     if emulated:
         modes.append(("emulated-blockwise", lambda: EmulatedFP8Backend("blockwise")))
     else:
@@ -477,7 +491,7 @@ def bench(
         res["loss_gap_steps"] = n
         if res["peak_gib"] and base["peak_gib"]:
             res["peak_memory_ratio"] = res["peak_gib"] / base["peak_gib"]
-    order = [f"te-{te_recipe}", "torch-blockwise", "torch-current"]
+    order = [f"te-{te_recipe}", "torch-blockwise-triton", "torch-blockwise", "torch-current"]
     primary = next((n for n in order if n in results), None)
     ours = results[primary]["step_s"] if primary else float("nan")
     peer = base["step_s"] if base else float("nan")
