@@ -16,8 +16,11 @@ logits and the cross-entropy's log-probabilities of the LM and MTP heads).
     fp8_no_recompute  FP8 caching alone, without the selective recompute (what FP8 saves by itself)
     fp8_bf16_swiglu   fp8 with SwiGLU inputs kept in BF16 (the gradient check of the lossy E4M3 SwiGLU cache)
 
-The emulated backend keeps exactly the tensors the torch backend (real FP8 GEMMs) keeps, so the counts hold
-on a GPU. `fp8_over_baseline_bf16` = fp8's decoder-layer bytes per token / baseline_bf16's (goal <= 0.6).
+The emulated backend keeps the E4M3 values and scales the torch backend (real FP8 GEMMs) keeps, without its
+padding: the torch backend pads each operand to its GEMM's multiple (16; 128 for blockwise, per expert), up
+to 127 rows more per expert. At ~128 tokens per expert (this size) that can nearly double the routed
+experts' kept operands there; at thousands of tokens per expert (GPU batches) it is a few percent.
+`fp8_over_baseline_bf16` = fp8's decoder-layer bytes per token / baseline_bf16's (goal <= 0.6).
 Every configuration also runs its backward once: the relative difference of all its gradients to the BF16
 baseline's (FP8 GEMMs' own error), and `swiglu_fp8_grad_rel_diff`, fp8 vs fp8_bf16_swiglu (what the lossy
 E4M3 SwiGLU cache adds; the linear layers' cached E4M3 operands are exact, tested in tests/fp8).

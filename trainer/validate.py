@@ -283,11 +283,11 @@ def _check_precision(cfg: JobConfig, device: str, ep: int) -> None:
           "set parallel.ep>1, or precision.fp8.dispatch=false")
     _need(f.quantizer in FP8_QUANTIZERS, "precision.fp8.quantizer", f"unknown quantizer {f.quantizer!r}",
           f"choose one of {', '.join(FP8_QUANTIZERS)}")
+    if not f.enabled:
+        return
     _need(f.quantizer == "eager" or f.backend == "torch", "precision.fp8.quantizer",
           f"quantizer {f.quantizer} is the torch backend's (backend {f.backend} quantizes its own way)",
           "set precision.fp8.backend=torch, or precision.fp8.quantizer=eager")
-    if not f.enabled:
-        return
     _need(cfg.parallel.schedule != "1f1b", "precision.fp8.enabled", "FP8 is not wired into parallel.schedule=1f1b",
           "use parallel.schedule=dualpipe, dualpipev or none")
     if f.backend == "torch":  # real FP8 GEMMs through torch._scaled_mm: a CUDA GPU with FP8 tensor cores

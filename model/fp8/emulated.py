@@ -33,12 +33,17 @@ def _scaled_mm_usable(device: torch.device) -> bool:
 
 
 class _GroupedOperand:
-    """A grouped weight-gradient GEMM's X, already quantized per group and dequantized (fp32)."""
+    """A grouped weight-gradient GEMM's X as kept: E4M3 values and per-group scales, dequantized (to fp32) only
+    when the GEMM runs, so a deferred W holds 1 byte a value until then."""
 
-    __slots__ = ("values",)
+    __slots__ = ("values", "scales", "offsets", "tile")
 
-    def __init__(self, values: torch.Tensor) -> None:
-        self.values = values
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                 tile: tuple[int, int] | None) -> None:
+        self.values, self.scales, self.offsets, self.tile = values, scales, offsets, tile
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_groups(self.values, self.scales, self.offsets, self.tile)
 
 
 class EmulatedFP8Backend(GemmBackend):
@@ -149,15 +154,16 @@ class EmulatedFP8Backend(GemmBackend):
         s = recipe_scaling(self.recipe, "act_t")
         amaxes = None
         if self.recipe == "delayed":
-            amaxes = [self._amax(x[:0], ("x", e), record=False) if ("x", e) in self.histories else None
-                      for e in range(offsets.numel())]
+            # an expert's history can exist yet be empty (first seen in a recompute): then its own amax, as in wgrad
+            amaxes = [self.histories[("x", e)].peek(x[:1]) if self.histories.get(("x", e)) is not None
+                      and self.histories[("x", e)].values else None for e in range(offsets.numel())]
         values, scales = quantize_groups(x, offsets, s.tile, s.power_of_two, amaxes)
         return (values, scales), s.tile
 
     def unpack_grouped_input(self, saved: tuple[torch.Tensor, ...], meta: object,
                              offsets: torch.Tensor) -> _GroupedOperand:
         values, scales = saved
-        return _GroupedOperand(dequantize_groups(values, scales, offsets, meta))
+        return _GroupedOperand(values, scales, offsets, meta)
 
     def _weights(self, w: torch.Tensor, transpose: bool) -> torch.Tensor:
         """Each expert's weight (or its transpose, contraction-last) quantized alone, dequantized."""
@@ -178,5 +184,5 @@ class EmulatedFP8Backend(GemmBackend):
     def grouped_wgrad(self, g: torch.Tensor, x: torch.Tensor | _GroupedOperand, offsets: torch.Tensor,
                       n: int) -> torch.Tensor:
         gq = self._qrows(g, "act_t", "g", offsets, record=False)
-        xq = x.values if isinstance(x, _GroupedOperand) else self._qrows(x, "act_t", "x", offsets, record=False)
+        xq = x.dequantize() if isinstance(x, _GroupedOperand) else self._qrows(x, "act_t", "x", offsets, record=False)
         return grouped_weight_grad(gq, xq, offsets, n).to(g.dtype)

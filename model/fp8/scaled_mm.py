@@ -55,6 +55,8 @@ MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada, Hopper, Blackwell
 FIX = "use precision.fp8.backend=emulated"
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
+FUSED_FIX = ("install the kernels extra (pip install -e '.[kernels]') on a CUDA machine, "
+             "or set precision.fp8.quantizer=eager")
 BLOCKWISE_ENV = "FP8_TORCH_BLOCKWISE"  # "0": never use torch's blockwise kernel (the row-wise fallback runs)
 
 # operand kinds: (tile rows, tile cols) of the operand as it enters the GEMM, contraction last; 0 = whole dim
@@ -93,8 +95,20 @@ def check_native(recipe: str, device: str = "cuda") -> None:
 
 
 def check_fused(recipe: str, device: str = "cuda") -> None:
-    """Fail with one line unless the Triton quantizer can run `recipe` on `device` (after check_native)."""
-    ScaledMMFP8Backend(recipe, fused=True).mode(device)
+    """Fail with one line unless the Triton quantizer can run `recipe` on `device` (after check_native). No
+    GEMM runs here (validation happens before each rank picks its GPU): the blockwise kernel's probe is left
+    to the first GEMM, which fails in one line the same way."""
+    from model.fp8 import triton_quant
+
+    ScaledMMFP8Backend(recipe, fused=True)  # the recipe rule
+    why = triton_quant.problem(device)
+    if why is not None:
+        raise NativeFP8Unavailable(why, FUSED_FIX, "precision.fp8.quantizer")
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        major, minor = torch.cuda.get_device_capability()
+        raise NativeFP8Unavailable(f"the Triton quantizer feeds the blockwise FP8 GEMM, which needs SM90; "
+                                   f"{torch.cuda.get_device_name()} is SM{major}{minor}",
+                                   "set precision.fp8.quantizer=eager (row-wise scaling)", "precision.fp8.quantizer")
 
 
 def _check_capability(device: torch.device) -> None:
@@ -318,6 +332,9 @@ def blockwise_support(device: str) -> tuple[str | None, str]:
 
 
 _OPTIMIZER_STEPS = [0]  # bumped after every torch optimizer step: the fused backend's weight blocks go stale
+# fused: each weight's blocks for the current step, by id(weight): (weakref to it, key, Operand); an entry goes
+# with its weight (a WeakKeyDictionary would compare tensors with ==, which is elementwise)
+_STEP_BLOCKS: dict[int, tuple] = {}
 _HOOKED: list[bool] = []
 
 
@@ -385,12 +402,11 @@ class ScaledMMFP8Backend(GemmBackend):
         self.recipe, self.blockwise, self.compile = recipe, blockwise, compile
         self.fp8_swiglu_inputs = fp8_swiglu_inputs
         self.activation_storage = FP8Storage() if fp8_swiglu_inputs else None
-        self.name = f"fp8-torch-{recipe}"
+        self.name = f"fp8-torch-{recipe}" + ("-triton" if fused else "")
         self._w: tuple | None = None  # (weakref to weight, version, data_ptr, Operand): fprop writes, dgrad reads
         self._g: tuple | None = None  # (weakref to dY, version, Operand): dgrad writes, wgrad reads (current)
         # fused: (weakref to X or dY, version, its wgrad operand, or {expert: operand}) from fprop / dgrad
         self._t: tuple | None = None
-        self._w_step: tuple | None = None  # fused: (weakref to W, (ptr, version, optimizer step), Operand)
 
     def for_layer(self, name: str, layer: nn.Module) -> ScaledMMFP8Backend:
         """A fresh instance for one layer (its own fprop -> dgrad weight cache)."""
@@ -407,8 +423,7 @@ class ScaledMMFP8Backend(GemmBackend):
 
             why = triton_quant.problem(dev)
             if why is not None:
-                raise NativeFP8Unavailable(why, "install the kernels extra (pip install -e '.[kernels]') on a CUDA "
-                                           "machine, or set precision.fp8.quantizer=eager", "precision.fp8.quantizer")
+                raise NativeFP8Unavailable(why, FUSED_FIX, "precision.fp8.quantizer")
         if self.recipe == "current":
             return "tensor", None
         if self.blockwise is False:
@@ -436,6 +451,8 @@ class ScaledMMFP8Backend(GemmBackend):
         except NativeFP8Unavailable as e:
             return f"torch FP8 backend unavailable on {device}: {e}"
         quant = "compiled quantizers" if self.compile and COMPILE_ERROR is None else "eager quantizers"
+        if self.fused:
+            quant = "fused Triton quantizers (weights once per optimizer step)"
         if self.compile and COMPILE_ERROR is not None:
             quant += f" (torch.compile failed: {COMPILE_ERROR})"
         if mode == "tensor":
@@ -467,15 +484,18 @@ class ScaledMMFP8Backend(GemmBackend):
 
     def _step_weight(self, w: torch.Tensor, kind: str, align: int) -> Operand:
         """The weight's 128 x 128 blocks, quantized once per optimizer step (and again if its storage or version
-        changes): the step's microbatches all read the same weight."""
-        key = (w.data_ptr(), w._version, _OPTIMIZER_STEPS[0])
-        if self._w_step is not None and self._w_step[0]() is w and self._w_step[1] == key:
-            return self._w_step[2]
+        changes): the step's microbatches, their dgrads and every copy of this backend read the same blocks."""
+        key = (w.data_ptr(), w._version, _OPTIMIZER_STEPS[0], align)
+        held = _STEP_BLOCKS.get(id(w))
+        if held is not None and held[0]() is w and held[1] == key:
+            return held[2]
         from model.fp8 import triton_quant
 
         values, scale = triton_quant.weight_operand(w.detach(), align)
         q = Operand(values, scale, kind, w.shape[-2], w.shape[-1])
-        self._w_step = (weakref.ref(w), key, q)
+        if held is None or held[0]() is not w:
+            weakref.finalize(w, _STEP_BLOCKS.pop, id(w), None)
+        _STEP_BLOCKS[id(w)] = (weakref.ref(w), key, q)
         return q
 
     # ---- fused activation quantization: the wgrad operand comes with the fprop / dgrad one -----------------
@@ -507,8 +527,7 @@ class ScaledMMFP8Backend(GemmBackend):
                 ops[e], ops_t[e] = _fused_pair(t[s:end], kind, align)
             else:
                 ops[e] = make_operand(t[s:end], kind, align, self.compile)
-        if ops_t:
-            self._t = (weakref.ref(t), t._version, ops_t)
+        self._t = (weakref.ref(t), t._version, ops_t) if ops_t else None
         return ops
 
     def _grouped_act_t(self, t: torch.Tensor, offsets: torch.Tensor, kind: str, align: int) -> dict[int, Operand]:
@@ -520,6 +539,8 @@ class ScaledMMFP8Backend(GemmBackend):
         return {e: self._act_t(t[s:end], kind, align) for e, s, end in self._ranges(offsets)}
 
     def _cached_weight(self, w: torch.Tensor, kind: str, align: int) -> Operand:
+        if self.fused and kind == "128x128":
+            return self._step_weight(w, kind, align)
         if self._w is not None:
             ref, version, ptr, q = self._w
             self._w = None

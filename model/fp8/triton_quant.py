@@ -51,8 +51,19 @@ except ImportError:  # the functions below are only called after `problem` said 
 if triton is not None:
 
     @triton.jit
+    def _scale(x, axis: tl.constexpr):
+        """Dequantization scales of x's tiles along `axis`: amax / 448, and 1 for an all-zero tile or one holding
+        a NaN (the eager path's amax is NaN there, which fails its `amax > 0`). The NaN test is a separate
+        integer max: a float max's NaN handling differs between backends (and a NaN-propagating reduce runs
+        ~50x slower in the interpreter)."""
+        amax = tl.max(tl.abs(x), axis=axis)
+        nan = tl.max((x != x).to(tl.int32), axis=axis)
+        return tl.where((amax > 0) & (nan == 0), tl.math.div_rn(amax, 448.0), 1.0)
+
+    @triton.jit
     def _e4m3_bits(v):
-        """fp32 v (|v| <= 448) -> float8_e4m3fn bits (uint8), round to nearest even, in integers."""
+        """fp32 v -> float8_e4m3fn bits (uint8) as torch's cast: round to nearest even, |v| >= 448 saturates to
+        448 (E4M3FN has no infinity), NaN stays NaN; in integers."""
         bits = v.to(tl.uint32, bitcast=True)
         sign = (bits >> 31) << 7
         mag = bits & 0x7FFFFFFF
@@ -63,28 +74,27 @@ if triton is not None:
         scaled = mag.to(tl.float32, bitcast=True) * 512.0
         sub = ((scaled + 8388608.0) - 8388608.0).to(tl.uint32)
         code = tl.where(mag >= 0x3C800000, normal, sub)  # 0x3C800000 = 2^-6, E4M3's smallest normal
+        code = tl.where(mag >= 0x43E00000, 0x7E, code)  # 448 and beyond (infinity included): 448
+        code = tl.where(mag > 0x7F800000, 0x7F, code)  # NaN
         return (code | sign).to(tl.uint8)
 
     @triton.jit
     def _activation_kernel(x_ptr, row_v_ptr, row_s_ptr, col_v_ptr, col_s_ptr, rows, cols, stride_x,
                            padded_rows, padded_cols, BLOCK: tl.constexpr):
-        pid_t = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        pid_t = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors past 2^31 elements
+        pid_k = tl.program_id(1).to(tl.int64)
         t = pid_t * BLOCK + tl.arange(0, BLOCK)
         k = pid_k * BLOCK + tl.arange(0, BLOCK)
         inside = (t[:, None] < rows) & (k[None, :] < cols)
         x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :], mask=inside, other=0.0).to(tl.float32)
-        a = tl.abs(x)
         out = (t[:, None] < padded_rows) & (k[None, :] < padded_cols)
         # 1 x 128 along K: a scale per token of this block
-        amax_r = tl.max(a, axis=1)
-        s_r = tl.where(amax_r > 0, tl.math.div_rn(amax_r, 448.0), 1.0)
+        s_r = _scale(x, 1)
         v_r = _e4m3_bits(tl.math.div_rn(x, s_r[:, None]))
         tl.store(row_v_ptr + t[:, None] * padded_cols + k[None, :], v_r, mask=out)
         tl.store(row_s_ptr + t * tl.cdiv(padded_cols, BLOCK) + pid_k, s_r, mask=t < padded_rows)
         # 128 x 1 along the tokens: a scale per column of this block; values stored transposed [K', T']
-        amax_c = tl.max(a, axis=0)
-        s_c = tl.where(amax_c > 0, tl.math.div_rn(amax_c, 448.0), 1.0)
+        s_c = _scale(x, 0)
         v_c = _e4m3_bits(tl.math.div_rn(x, s_c[None, :]))
         tl.store(col_v_ptr + k[None, :] * padded_rows + t[:, None], v_c, mask=out)
         tl.store(col_s_ptr + pid_t * padded_cols + k, s_c, mask=k < padded_cols)
@@ -92,15 +102,16 @@ if triton is not None:
     @triton.jit
     def _weight_kernel(w_ptr, v_ptr, s_ptr, rows, cols, stride_e, stride_r, padded_rows, padded_cols,
                        BLOCK: tl.constexpr):
-        e = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        pid_c = tl.program_id(2)
+        e = tl.program_id(0).to(tl.int64)
+        pid_r = tl.program_id(1).to(tl.int64)
+        pid_c = tl.program_id(2).to(tl.int64)
         r = pid_r * BLOCK + tl.arange(0, BLOCK)
         c = pid_c * BLOCK + tl.arange(0, BLOCK)
         inside = (r[:, None] < rows) & (c[None, :] < cols)
         w = tl.load(w_ptr + e * stride_e + r[:, None] * stride_r + c[None, :], mask=inside, other=0.0).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-        s = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+        nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0)
+        s = tl.where((amax > 0) & (nan == 0), tl.math.div_rn(amax, 448.0), 1.0)
         v = _e4m3_bits(tl.math.div_rn(w, s))
         out = (r[:, None] < padded_rows) & (c[None, :] < padded_cols)
         tl.store(v_ptr + e * padded_rows * padded_cols + r[:, None] * padded_cols + c[None, :], v, mask=out)

@@ -10,14 +10,14 @@
 # only what the machine already has is used, and steps that need a missing package say so and are skipped.
 # PYTHON picks the interpreter (default python3). Every step has its own timeout and a failing step does not
 # stop the next: $OUT/summary.json says what ran, how long it took and how it ended.
-# Outputs: pytest_gpu.txt, train_bf16.log, train_fp8.log (+ their metrics.jsonl), fp8_te.json,
-# activation_memory.json, env.txt, summary.json.
+# Packages go into a venv that sees the system's (--system-site-packages: its CUDA torch and Triton), so a
+# system Python that refuses pip (PEP 668) is fine. Outputs: one log per step (install, pytest_gpu, fp8_te,
+# data_prep, train_bf16, train_fp8), fp8_te.json, runs/{bf16,fp8}/metrics.jsonl, env.txt, summary.json.
 set -u
-OUT=${OUT:-/tmp/gpu_check}
-PY=${PYTHON:-python3}
-WHEELS=${WHEELS:-}
-mkdir -p "$OUT"
+OUT=$(mkdir -p "${OUT:-/tmp/gpu_check}" && cd "${OUT:-/tmp/gpu_check}" && pwd)
+WHEELS=${WHEELS:+$(cd "$WHEELS" && pwd)}
 cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=()
 
@@ -42,6 +42,7 @@ has() { "$PY" -c "import $1" > /dev/null 2>&1; }
 cat "$OUT/env.txt"
 
 if [[ -n "$WHEELS" && -d "$WHEELS" ]]; then
+    "$PY" -m venv --system-site-packages "$OUT/venv" && PY=$OUT/venv/bin/python
     # --no-deps: the wheel directory holds the closure already; never touch the machine's torch or Triton
     step install 120 "$PY" -m pip install --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl
 fi
@@ -59,6 +60,7 @@ step fp8_te 240 "$PY" bench/fp8_te.py --budget 200 --no-emulated --out "$OUT/fp8
 
 if has deepspeed && has hydra && has tokenizers && has matplotlib; then
     DATA=$OUT/data
+    step data_prep 120 "$PY" -m data_prep corpus=python_stdlib out_dir="$DATA" tokenizer.vocab_size=4096
     TRAIN=(NPROC=1 DATA_DIR="$DATA" PYTHON="$PY")
     COMMON=(train.steps=30 optim.warmup_steps=5 train.seq_len=512 logging.wandb.mode=disabled checkpoint.save_final=false
             checkpoint.export_hf=false parallel=dp model=small)
@@ -70,10 +72,6 @@ else
     echo "deepspeed / hydra / tokenizers / matplotlib missing: trainer steps skipped (give WHEELS)" \
         | tee "$OUT/train_bf16.log"
 fi
-
-# bytes kept for backward (device-independent counts; a check that the FP8 caching holds on this torch)
-step activation_memory 150 "$PY" -c "import json, bench.activation_memory as b; \
-r = b.run(); json.dump(r, open('$OUT/activation_memory.json', 'w'), indent=1, default=float)"
 
 printf '{"steps": [%s]}\n' "$(IFS=,; echo "${STEPS[*]}")" > "$OUT/summary.json"
 cat "$OUT/summary.json"

@@ -16,7 +16,7 @@ mkdir -p "$DIR"
     hydra-core==1.3.8 omegaconf==2.3.1 PyYAML==6.0.4 tokenizers==0.23.3 safetensors==0.8.0 tqdm==4.70.1 \
     packaging==26.4 hjson==3.1.0 ninja==1.13.2 psutil==7.2.2 py-cpuinfo==9.0.0 pydantic==2.14.4 \
     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-    msgpack==1.2.4 nvidia-ml-py einops==0.8.2 matplotlib==3.11.2 contourpy==1.3.3 cycler==0.12.1 \
-    fonttools==4.69.1 kiwisolver==1.5.1 pyparsing==3.3.3 python-dateutil==4.0.0 six pillow==13.0.0 \
+    msgpack==1.2.4 nvidia-ml-py==13.615.71 einops==0.8.2 matplotlib==3.11.2 contourpy==1.3.3 cycler==0.12.1 \
+    fonttools==4.69.1 kiwisolver==1.5.1 pyparsing==3.3.3 python-dateutil==4.0.0 six==1.17.0 pillow==13.0.0 \
     pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
 du -sh "$DIR"

@@ -10,21 +10,45 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before model.fp8.triton_quant defines its kernels
-
-import pytest  # noqa: E402
-
-from model.fp8 import scaled_mm as nat  # noqa: E402
-from model.fp8 import triton_quant  # noqa: E402
-from model.fp8.factory import apply_fp8  # noqa: E402
-from model.fp8.scaled_mm import NativeFP8Unavailable, ScaledMMFP8Backend, make_operand, make_operand_t  # noqa: E402
-from model.gemm import GroupedLinear, Linear  # noqa: E402
-from tests.fp8.test_fp8_native import needs_cpu_op, reference_blockwise_kernel  # noqa: E402
+from model.fp8 import scaled_mm as nat
+from model.fp8.factory import apply_fp8
+from model.fp8.scaled_mm import NativeFP8Unavailable, ScaledMMFP8Backend, make_operand, make_operand_t
+from model.gemm import GroupedLinear, Linear
+from tests.fp8.test_fp8_native import CPU_REASON, reference_blockwise_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+
+
+def _import_kernels():
+    """model.fp8.triton_quant with its kernels interpreted on CPU: TRITON_INTERPRET must be set when the kernels
+    are defined; it is set for this module's tests only (the fixture below), not for the whole session."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from model.fp8 import triton_quant
+    finally:
+        if INTERPRET and before is None:
+            del os.environ["TRITON_INTERPRET"]
+        elif INTERPRET:
+            os.environ["TRITON_INTERPRET"] = before
+    return triton_quant
+
+
+triton_quant = _import_kernels()
+# the backend tests run the blockwise path through the reference kernel on CPU, which needs CPU _scaled_mm
+needs_scaled_mm = pytest.mark.skipif(DEVICE == "cpu" and CPU_REASON is not None,
+                                     reason=f"torch._scaled_mm on CPU: {CPU_REASON}")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 E4M3 = torch.float8_e4m3fn
 
 
@@ -77,6 +101,23 @@ def test_e4m3_rounding_ties_and_subnormals():
     assert torch.equal(_bits(v[: x.shape[0], : x.shape[1]]), _bits(x.to(E4M3)))
 
 
+def test_nan_and_inf_quantize_as_the_eager_path():
+    """A NaN in a tile gives it scale 1 and keeps the NaN (the rest saturate at 448 as torch's cast does); an
+    infinity gives scale inf, so its neighbours become 0 and itself NaN: the eager quantizers' results, bit for
+    bit, so a diverging run shows NaN in its FP8 GEMMs as it would eagerly."""
+    x = _awkward(260, 300, torch.float32)
+    x[5, 7] = float("nan")
+    x[140, 3] = float("inf")
+    x[200, 260] = -float("inf")
+    x[7, 140] = 1e6  # a large finite value next to nothing special
+    v, s, v_t, s_t = triton_quant.activation_operands(x, 128)
+    _same_operand(v, s, make_operand(x, "1x128", 128))
+    _same_operand(v_t, s_t.t(), make_operand_t(x, "1x128", 128))
+    w = x[:200, :256].clone()
+    vw, sw = triton_quant.weight_operand(w, 128)
+    _same_operand(vw, sw, make_operand(w, "128x128", 128))
+
+
 @pytest.mark.parametrize("shape", [(165, 300), (256, 128), (3, 40, 260)])
 def test_weight_kernel_writes_128x128_blocks_bit_for_bit(shape):
     g = torch.Generator().manual_seed(3)
@@ -112,20 +153,40 @@ def _step(dense: Linear, experts: GroupedLinear) -> list[torch.Tensor]:
     return [y, ye, x.grad, xe.grad, dense.weight.grad, experts.weight.grad]
 
 
-@needs_cpu_op
-def test_fused_backend_computes_what_the_eager_one_does(blockwise_reference):
+@needs_scaled_mm
+def test_fused_backend_computes_what_the_eager_one_does(blockwise_reference, monkeypatch):
     """Forward, input- and weight-gradients of a linear layer and of ragged experts (one empty): the same bits
-    with the Triton quantizer (the wgrad operands come from the forward's and dgrad's passes) as with the
-    eager one."""
+    with the Triton quantizer as with the eager one. Each activation and output-gradient is quantized once:
+    its wgrad operand comes from the forward's or dgrad's pass."""
+    calls = []
+    real = triton_quant.activation_operands
+    monkeypatch.setattr(triton_quant, "activation_operands", lambda t, align: calls.append(t.shape) or real(t, align))
     fused, eager = _step(*_layers(True)), _step(*_layers(False))
     for a, b in zip(fused, eager, strict=True):
         assert torch.equal(a, b)
+    # x and dY of the linear layer, x and dY of each of the 3 non-empty experts: one pass each
+    assert len(calls) == 2 + 2 * 3, calls
 
 
-@needs_cpu_op
+class DataWritingSGD(torch.optim.Optimizer):
+    """Updates through `param.data`, as DeepSpeed's ZeRO copies its fp32 partitions back: no version bump."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+@needs_scaled_mm
 def test_weights_are_quantized_once_per_optimizer_step(blockwise_reference, monkeypatch):
-    """The step's microbatches share the weight blocks; an optimizer step, or `new_weights()` after a write
-    through `param.data` (which bumps no version), makes the next forward quantize afresh."""
+    """The step's microbatches (and their dgrads) share the weight blocks; after an optimizer step, even one
+    that writes through `param.data` and so bumps no version, the next forward quantizes afresh; so does
+    `new_weights()` after such a write outside an optimizer."""
     dense, experts = _layers(True)
     calls = []
     real = triton_quant.weight_operand
@@ -133,7 +194,9 @@ def test_weights_are_quantized_once_per_optimizer_step(blockwise_reference, monk
     _step(dense, experts)
     _step(dense, experts)  # a second microbatch of the same step
     assert len(calls) == 2, calls
-    torch.optim.SGD([*dense.parameters(), *experts.parameters()], lr=0.1).step()
+    versions = (dense.weight._version, experts.weight._version)
+    DataWritingSGD([*dense.parameters(), *experts.parameters()], lr=0.1).step()
+    assert (dense.weight._version, experts.weight._version) == versions  # only the hook can tell
     _step(dense, experts)
     assert len(calls) == 4, calls
     with torch.no_grad():
