@@ -15,6 +15,7 @@ logits and the cross-entropy's log-probabilities of the LM and MTP heads).
                       tokens) and SwiGLU inputs are kept in E4M3 1x128 tiles (precision.fp8.swiglu_inputs_fp8)
     fp8_no_recompute  FP8 caching alone, without the selective recompute (what FP8 saves by itself)
     fp8_bf16_swiglu   fp8 with SwiGLU inputs kept in BF16 (the gradient check of the lossy E4M3 SwiGLU cache)
+    fp8_chunked_head  fp8 + the heads' loss over token chunks without logits (model.chunked_head_loss)
 
 The emulated backend keeps the E4M3 values and scales the torch backend (real FP8 GEMMs) keeps, without its
 padding: the torch backend pads each operand to its GEMM's multiple (16; 128 for blockwise, per expert), up
@@ -39,22 +40,24 @@ from bench.common import result
 
 PRESET = Path(__file__).resolve().parent.parent / "conf" / "model" / "small.yaml"
 SEQ = 1024
-CONFIGS = {  # name -> (selective_recompute, fp8, SwiGLU inputs in E4M3)
-    "baseline_bf16": (False, False, False),
-    "bf16_selective": (True, False, False),
-    "fp8": (True, True, True),
-    "fp8_no_recompute": (False, True, True),
-    "fp8_bf16_swiglu": (True, True, False),
+CONFIGS = {  # name -> (selective_recompute, fp8, SwiGLU inputs in E4M3, chunked head loss)
+    "baseline_bf16": (False, False, False, False),
+    "bf16_selective": (True, False, False, False),
+    "fp8": (True, True, True, False),
+    "fp8_no_recompute": (False, True, True, False),
+    "fp8_bf16_swiglu": (True, True, False, False),
+    "fp8_chunked_head": (True, True, True, True),
 }
 
 
-def _build(selective: bool, fp8: bool, swiglu_fp8: bool) -> torch.nn.Module:
+def _build(selective: bool, fp8: bool, swiglu_fp8: bool, chunked_head: bool) -> torch.nn.Module:
     from model.config import ModelConfig
     from model.fp8.emulated import EmulatedFP8Backend
     from model.fp8.factory import apply_fp8
     from model.transformer import DeepseekV3
 
-    cfg = dataclasses.replace(ModelConfig.from_yaml(PRESET), selective_recompute=selective)
+    cfg = dataclasses.replace(ModelConfig.from_yaml(PRESET), selective_recompute=selective,
+                              chunked_head_loss=chunked_head)
     torch.manual_seed(0)  # the same weights in every configuration
     model = DeepseekV3(cfg).to(torch.bfloat16).train()
     model.restore_router_precision()
@@ -109,8 +112,8 @@ def run(repeats: int = 1) -> dict[str, Any]:
     tokens = torch.randint(0, cfg.vocab_size, (1, SEQ + 1 + cfg.num_nextn_predict_layers),
                            generator=torch.Generator().manual_seed(1))
     runs: dict[str, dict[str, Any]] = {}
-    for name, (selective, fp8, swiglu_fp8) in CONFIGS.items():
-        runs[name] = _measure(_build(selective, fp8, swiglu_fp8), tokens)
+    for name, flags in CONFIGS.items():
+        runs[name] = _measure(_build(*flags), tokens)
     base = runs["baseline_bf16"]
     out: dict[str, Any] = {}
     for name, r in runs.items():
@@ -139,6 +142,7 @@ def run(repeats: int = 1) -> dict[str, Any]:
         fp8_over_bf16_selective=runs["fp8"]["bytes_per_token"]["decoder_layers"]
         / runs["bf16_selective"]["bytes_per_token"]["decoder_layers"],
         fp8_no_recompute_over_baseline_bf16=ratio("fp8_no_recompute", "decoder_layers"),
+        fp8_chunked_head_over_baseline_bf16_whole_model=ratio("fp8_chunked_head", "total"),
         # what keeping SwiGLU inputs in E4M3 does to the gradients, next to what FP8 GEMMs do (vs BF16)
         swiglu_fp8_grad_rel_diff=float((runs["fp8"]["grads"] - runs["fp8_bf16_swiglu"]["grads"]).norm()
                                        / runs["fp8_bf16_swiglu"]["grads"].norm()),

@@ -61,9 +61,12 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
     activation_checkpointing: bool = False  # recompute each whole block in backward (keeps only its input)
-    # the report's selective recompute: the attention core's results are kept, the RMSNorm, MLA projections and
-    # RoPE before it run again in backward (model/attention.py); the rest of the block keeps its activations
+    # the report's selective recompute: the attention core's results are kept, the RMSNorms, MLA projections and
+    # RoPE run again in backward (model/attention.py, model/block.py); the rest of the block keeps its activations
     selective_recompute: bool = False
+    # the output heads' cross-entropy over chunks of tokens without keeping their logits (model/head_loss.py):
+    # no [tokens, vocab] activations, one more head GEMM in backward
+    chunked_head_loss: bool = False
     bos_token_id: int = 0
     eos_token_id: int = 1
     # free-form name of the preset, carried into reports

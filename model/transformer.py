@@ -27,6 +27,7 @@ from model.block import BlockAux, DecoderBlock
 from model.config import ModelConfig
 from model.documents import Documents, combine_masks
 from model.gemm import GroupedLinear, Linear
+from model.head_loss import head_token_losses
 from model.mtp import MTPModule
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
@@ -108,22 +109,28 @@ class ModelOutput:
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean token cross-entropy in fp32 over the tokens where mask is set."""
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    if mask is None:
+    return mean_token_loss(losses, mask, None)
+
+
+def mean_token_loss(losses: torch.Tensor, mask: torch.Tensor | None, shard: SequenceShard | None) -> torch.Tensor:
+    """The mean of per-token losses over the tokens where mask is set. Under context parallelism (`shard`) this
+    rank's share of the whole group's token mean, scaled by the group size, so the mean over the group (the
+    data-parallel average) is the global mean."""
+    losses = losses.flatten()
+    if mask is None:  # equal parts, all targets: the mean of the parts' means is the mean
         return losses.mean()
     mask = mask.flatten().to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    if shard is None:
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    count = shard.exchange.sum(mask.sum().detach())
+    return (losses * mask).sum() * shard.size / count.clamp(min=1.0)
 
 
 def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
                           shard: SequenceShard | None) -> torch.Tensor:
-    """`masked_cross_entropy` of this rank's part of the sequences: its share of the whole group's token mean,
-    scaled by the group size, so the mean over the group (the data-parallel average) is the global mean."""
-    if shard is None or mask is None:  # equal parts, all targets: the mean of the parts' means is the mean
-        return masked_cross_entropy(logits, targets, mask)
+    """`masked_cross_entropy` of this rank's part of the sequences (`mean_token_loss`)."""
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    mask = mask.flatten().to(losses.dtype)
-    count = shard.exchange.sum(mask.sum().detach())
-    return (losses * mask).sum() * shard.size / count.clamp(min=1.0)
+    return mean_token_loss(losses, mask, shard)
 
 
 class EmbeddingPiece(nn.Module):
@@ -184,29 +191,36 @@ class HeadPiece(nn.Module):
         shard = self.sequence_shard
         a, b = mb.span = span(shard, mb.seq_len)  # this rank's positions (all of them without a shard)
         h = self.norm(h)  # the MTP modules read the normed state, as transformers and vLLM feed them
-        logits = self.lm_head(h)
+        # chunked: the loss without the [tokens, vocab] logits (model/head_loss.py); not when they are asked for
+        chunked = self.cfg.chunked_head_loss and mb.compute_loss and not mb.keep_logits
+        logits = None if chunked else self.lm_head(h)
         if mb.keep_logits:
             mb.logits = logits
         if not mb.compute_loss:
             return None
 
-        def loss(logits: torch.Tensor, offset: int) -> torch.Tensor:  # targets `offset` tokens ahead
+        def loss(h_normed: torch.Tensor, logits: torch.Tensor | None, offset: int) -> torch.Tensor:
+            """The head's loss against the targets `offset` tokens ahead (from h_normed when chunked)."""
             mask = mb.target_mask(offset)
-            return sharded_cross_entropy(logits, mb.tokens[:, a + offset : b + offset],
-                                         None if mask is None else mask[:, a:b], shard)
+            mask = None if mask is None else mask[:, a:b]
+            targets = mb.tokens[:, a + offset : b + offset]
+            if logits is None:
+                return mean_token_loss(head_token_losses(h_normed, self.lm_head.weight, targets), mask, shard)
+            return sharded_cross_entropy(logits, targets, mask, shard)
 
         docs = mb.documents
-        mb.lm_loss = loss(logits, 1)
+        mb.lm_loss = loss(h, logits, 1)
         total = mb.lm_loss
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embedding.embed_tokens(mb.tokens[:, a + k : b + k])
             h_prev, aux = module(h_prev, emb, docs)
             mb.record(module.block.layer_idx, aux)
-            mtp_logits = self.lm_head(module.shared_head.norm(h_prev))
+            mtp_h = module.shared_head.norm(h_prev)
+            mtp_logits = None if chunked else self.lm_head(mtp_h)
             if mb.keep_logits:
                 mb.mtp_logits.append(mtp_logits)
-            mb.mtp_losses.append(loss(mtp_logits, k + 1))
+            mb.mtp_losses.append(loss(mtp_h, mtp_logits, k + 1))
         if mb.mtp_losses:
             total = total + (self.cfg.mtp_loss_weight / len(self.mtp)) * torch.stack(mb.mtp_losses).sum()
         return total
