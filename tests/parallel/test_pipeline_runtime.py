@@ -31,16 +31,18 @@ def check(reports, microbatches):
         ("dualpipev", 2, 4, True, "selective"),
         ("dualpipev", 3, 6, True, "full"),
         ("dualpipev", 4, 8, False, "none"),
-        ("dualpipe", 2, 4, True, "none"),
+        ("dualpipe", 2, 4, True, "chunked_head"),  # no recompute; the heads' loss without logits
         ("dualpipe", 2, 6, False, "full"),
         ("dualpipe", 4, 8, True, "full"),
     ],
 )
 def test_pipeline_equals_single_process(schedule, world, microbatches, defer_w, recompute):
     """The tiny model with MoE (grouped routing, shared expert) and MTP; one block per stage. `recompute`: none,
-    selective (model.selective_recompute) or full (whole blocks, model.activation_checkpointing)."""
+    selective (model.selective_recompute), full (whole blocks, model.activation_checkpointing) or chunked_head
+    (none, with model.chunked_head_loss: the head's weight-gradient then comes in B, not in a deferred W)."""
     stages = 2 * world if schedule == "dualpipev" else world
     overrides = {"num_hidden_layers": stages, "first_k_dense_replace": 1,
-                 "activation_checkpointing": recompute == "full", "selective_recompute": recompute == "selective"}
+                 "activation_checkpointing": recompute == "full", "selective_recompute": recompute == "selective",
+                 "chunked_head_loss": recompute == "chunked_head"}
     reports = run_ranks(world, run_pipeline, schedule, microbatches, overrides, defer_w)
     check(reports, microbatches)
