@@ -5,7 +5,7 @@ activation checkpointing on any side. One training forward of each configuration
 once per storage (model.activation_memory.SavedTensorLedger: a saved-tensor hook keyed on the storage;
 parameters left out, selective-checkpoint caches counted), by piece: the embedding, each decoder layer, the
 head (final norm, MTP module, the head's input), and apart from all of them the vocabulary-wide tensors (the
-logits and the cross-entropy's log-probabilities of the LM and MTP heads).
+cross-entropy's fp32 log-probabilities of the LM and MTP heads).
 
     baseline_bf16     BF16 as the trainer runs it by default: no recompute, no FP8
     bf16_selective    + the report's selective recompute (the RMSNorms and the MLA up-projections rerun in

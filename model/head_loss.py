@@ -6,6 +6,10 @@ Here the head's GEMM and the loss run over chunks of tokens: the forward keeps o
 log-sum-exp, and the backward recomputes a chunk's logits to form its gradient (softmax - one-hot), then
 both GEMMs of that chunk. One more head GEMM (4 instead of 3), no [tokens, vocab] tensor kept. The per-token
 losses are the unfused path's up to rounding (log-sum-exp minus the target's logit instead of log_softmax).
+Targets must be valid token ids (masking goes through the loss mask, not an ignore index). The head's
+weight-gradient comes out of this backward: under the zero-bubble split (model/gemm.py's deferred W) it runs
+in B, not in the W pass. Plain GEMMs only: HeadPiece uses it where the head has plain numerics (it always
+has: FP8 leaves the head in high precision).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): big GEMMs, bounded extra memory
+CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB at 32K vocabulary): big GEMMs, bounded extra memory
+MIN_CHUNK = 512  # tokens: every chunk reads the whole head weight, so fewer rows would make its GEMMs memory-bound
 
 
 def chunk_tokens(vocab: int) -> int:
-    return max(128, CHUNK_ELEMENTS // vocab)
+    return max(MIN_CHUNK, CHUNK_ELEMENTS // vocab)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -54,8 +59,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             d_logits = d_logits.to(h.dtype)
             if grad_h is not None:
                 torch.mm(d_logits, weight, out=grad_h[s:s + chunk])
-            if grad_w is not None:
-                grad_w.addmm_(d_logits.t().float(), hc.float())
+            if grad_w is None:
+                continue
+            if hc.dtype == torch.float32:
+                grad_w.addmm_(d_logits.t(), hc)
+            else:  # the chunk's product in the GEMM's fast dtype (one rounding, as the unfused path's), summed in fp32
+                grad_w.add_(torch.mm(d_logits.t(), hc))
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 

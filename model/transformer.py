@@ -26,7 +26,7 @@ from model.attention import LatentCache
 from model.block import BlockAux, DecoderBlock
 from model.config import ModelConfig
 from model.documents import Documents, combine_masks
-from model.gemm import GroupedLinear, Linear
+from model.gemm import GemmBackend, GroupedLinear, Linear
 from model.head_loss import head_token_losses
 from model.mtp import MTPModule
 from model.norm import RMSNorm
@@ -192,7 +192,8 @@ class HeadPiece(nn.Module):
         a, b = mb.span = span(shard, mb.seq_len)  # this rank's positions (all of them without a shard)
         h = self.norm(h)  # the MTP modules read the normed state, as transformers and vLLM feed them
         # chunked: the loss without the [tokens, vocab] logits (model/head_loss.py); not when they are asked for
-        chunked = self.cfg.chunked_head_loss and mb.compute_loss and not mb.keep_logits
+        chunked = (self.cfg.chunked_head_loss and mb.compute_loss and not mb.keep_logits
+                   and type(self.lm_head.backend).fprop is GemmBackend.fprop)  # plain numerics (see head_loss)
         logits = None if chunked else self.lm_head(h)
         if mb.keep_logits:
             mb.logits = logits

@@ -31,6 +31,7 @@ def check(reports, microbatches):
         ("dualpipev", 2, 4, True, "selective"),
         ("dualpipev", 3, 6, True, "full"),
         ("dualpipev", 4, 8, False, "none"),
+        ("dualpipe", 2, 4, True, "none"),
         ("dualpipe", 2, 4, True, "chunked_head"),  # no recompute; the heads' loss without logits
         ("dualpipe", 2, 6, False, "full"),
         ("dualpipe", 4, 8, True, "full"),
