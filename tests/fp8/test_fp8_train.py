@@ -32,11 +32,13 @@ def test_fp8_dualpipe_with_checkpointing_matches_one_process(tiny_data: Path, tm
 
 @pytest.mark.slow
 def test_blockwise_training_gap_vs_fp32(tiny_data: Path):
-    """The tiny model, 300 steps on python_stdlib data, same initial weights and batches: the final training
+    """The tiny model, 200 steps on python_stdlib data, same initial weights and batches: the final training
     loss (mean of the last 20 steps) with blockwise FP8 GEMMs is within 0.25% of fp32 (the report's bar vs
-    BF16). `python -m bench fp8_emulated` gives every recipe's gap (docs/fp8.md)."""
-    reference = train_losses(tiny_data, None)
-    blockwise = train_losses(tiny_data, "blockwise")
+    BF16). `python -m bench fp8_emulated` runs 300 steps and every recipe. The learning rate is constant after
+    warm-up, so these are that run's first 200 steps: gaps 0.0002 at 200 and 0.0006 at 300 steps (2026-12-06),
+    both far under the bar, for two thirds of the time."""
+    reference = train_losses(tiny_data, None, steps=200)
+    blockwise = train_losses(tiny_data, "blockwise", steps=200)
     assert final_loss(reference) < reference[0] - 1.5  # it learned
     gap = rel_gap(blockwise, reference)
     print(f"blockwise rel_gap {gap:.5f} (fp32 {final_loss(reference):.4f}, fp8 {final_loss(blockwise):.4f})")
