@@ -153,10 +153,10 @@ class EmulatedFP8Backend(GemmBackend):
     def pack_grouped_input(self, x: torch.Tensor, offsets: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], object]:
         s = recipe_scaling(self.recipe, "act_t")
         amaxes = None
-        if self.recipe == "delayed":
-            # an expert's history can exist yet be empty (first seen in a recompute): then its own amax, as in wgrad
-            amaxes = [self.histories[("x", e)].peek(x[:1]) if self.histories.get(("x", e)) is not None
-                      and self.histories[("x", e)].values else None for e in range(offsets.numel())]
+        if self.recipe == "delayed":  # each expert's history as wgrad's _qrows reads it (its own rows' amax if empty)
+            ends = offsets.tolist()
+            amaxes = [self._amax(x[s:e], ("x", i), record=False) if e > s else None
+                      for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends))]
         values, scales = quantize_groups(x, offsets, s.tile, s.power_of_two, amaxes)
         return (values, scales), s.tile
 

@@ -475,10 +475,9 @@ class ScaledMMFP8Backend(GemmBackend):
 
     # ---- caches: fprop -> dgrad (weight), dgrad -> wgrad (output-gradient, per-tensor scaling) -------------
     def _weight(self, w: torch.Tensor, kind: str, align: int) -> Operand:
-        if self.fused and kind == "128x128":
-            q = self._step_weight(w, kind, align)
-        else:
-            q = make_operand(w, kind, align, self.compile)
+        if self.fused and kind == "128x128":  # dgrad reads the step's blocks too (`_cached_weight`)
+            return self._step_weight(w, kind, align)
+        q = make_operand(w, kind, align, self.compile)
         self._w = (weakref.ref(w), w._version, w.data_ptr(), q)
         return q
 

@@ -16,27 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from model.activation_memory import SavedTensorLedger, kept_for_backward
-from model.fp8 import scaled_mm as nat
 from model.fp8.emulated import EmulatedFP8Backend
 from model.fp8.factory import apply_fp8
 from model.fp8.numerics import FP8Storage, quantize_dequantize
-from model.fp8.scaled_mm import NativeFP8Unavailable, ScaledMMFP8Backend
+from model.fp8.scaled_mm import ScaledMMFP8Backend
 from model.gemm import GroupedLinear, Linear
 from model.mlp import swiglu
 from model.router import _Fp32Logits
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
-
-
-def _cpu_scaled_mm() -> str | None:
-    try:
-        nat._device_ok("cpu")
-    except NativeFP8Unavailable as e:
-        return str(e)
-    return None
-
-
-needs_cpu_op = pytest.mark.skipif(_cpu_scaled_mm() is not None, reason="torch._scaled_mm does not run on this CPU")
+from tests.fp8.test_fp8_native import needs_cpu_op
 
 
 def _data(rows: int, cols: int, out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
