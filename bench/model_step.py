@@ -11,7 +11,9 @@ Threads: BENCH_THREADS, as in bench/moe_layer.py. See docs/benchmarks.md.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from bench.moe_layer import (
     gemm_flops,
     hf_config,
     hf_experts_implementations,
+    rel_norm_diff,
     time_peers,
     timed,
 )
@@ -40,6 +43,12 @@ MIN_ROUNDS = 4  # interleaved rounds at least (one round: ours, the dense GEMMs 
 # batched_mm materialises one weight copy per (token, choice): ~42 MB per token for the 7 MoE layers of this
 # preset with gradients, so it runs on one sequence of this length (its per-token cost is flat in the tokens)
 BATCHED_MM_SEQ = 32
+# ours vs torchtitan, both in bf16: the loss (measured ~5e-5 apart; bf16 moves it ~2e-4 from fp32)
+BF16_LOSS_TOL = 2e-3
+# ...and each gradient's distance from the fp32 reference: torchtitan's in bf16 at most this many times ours
+# plus the slack (its router also scores in bf16, so more tokens change experts); a wrong cast or mapping
+# gives uncorrelated gradients, ~1.4
+BF16_DRIFT_FACTOR, BF16_DRIFT_SLACK = 2.0, 0.1
 # gradients compared in the self-check: ours -> transformers names (a layer of every kind, both ends)
 GRAD_PAIRS = {
     "embed.embed_tokens.weight": "model.embed_tokens.weight",
@@ -153,6 +162,82 @@ def snapshot(model: nn.Module, names: list[str], step: Callable[[], torch.Tensor
     return {"loss": loss, **{f"grad:{n}": params[n].grad.clone() for n in names}}
 
 
+def torchtitan_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """torchtitan's training step: logits, then its loss (cross-entropy summed in fp32 over the targets, divided
+    by their count: the mean, as ours)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / targets.numel()
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def torchtitan_contestants(
+    cfg: ModelConfig, ours: DeepseekV3, tokens: torch.Tensor, reference: dict[str, torch.Tensor]
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """torchtitan's whole DeepSeek-V3 (causal SDPA as its inner attention) with fp32 parameters and in bf16,
+    and our model in bf16: their steps and what to report; none, with the reason, where torchtitan cannot be
+    installed or imported. The weight mapping is checked in fp32 with its experts held in fp32 (they cast to
+    bf16 otherwise); the bf16 models are casts of those two, checked by their loss."""
+    from bench.peers import (
+        copy_model_weights_to_torchtitan,
+        torchtitan_experts_in_fp32,
+        torchtitan_grad,
+        torchtitan_model,
+        torchtitan_moe_module,
+    )
+
+    try:
+        _, version = torchtitan_moe_module()
+    except RuntimeError as e:
+        return {}, {"available": False, "why": str(e)}
+
+    def snap(m: nn.Module, step: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss = step()
+        return {"loss": loss, **{f"grad:{n}": torchtitan_grad(m, n).clone() for n in GRAD_PAIRS}}
+
+    theirs = torchtitan_model(cfg).train()
+    with torch.no_grad():
+        copy_model_weights_to_torchtitan(ours, theirs)
+    with torchtitan_experts_in_fp32(theirs):
+        mapping = compare(reference, snap(theirs, torchtitan_step(theirs, tokens)), "model_step[torchtitan, fp32]")
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    ours_bf16.restore_router_precision()
+    theirs_bf16 = copy.deepcopy(theirs)
+    for p in theirs_bf16.parameters():  # as its mixed-precision training runs: the RoPE cache stays complex64
+        p.data = p.data.to(torch.bfloat16)
+    steps = {"torchtitan_fp32_params": torchtitan_step(theirs, tokens), "ours_bf16": ours_step(ours_bf16, tokens),
+             "torchtitan_bf16": torchtitan_step(theirs_bf16, tokens)}
+    # bf16 moves this model's gradients by 15-40% (norm) from fp32 on either side (small-signal gradients at
+    # this init, routing flips), so bf16 grads are not compared with each other: the pair's loss is, and each
+    # side's distance from the fp32 reference. The mapping itself is pinned in fp32 above.
+    bf16_ours, bf16_theirs = snapshot(ours_bf16, list(GRAD_PAIRS), steps["ours_bf16"]), snap(
+        theirs_bf16, steps["torchtitan_bf16"])
+    bf16_loss = compare({"loss": bf16_ours["loss"]}, {"loss": bf16_theirs["loss"]}, "model_step[torchtitan, bf16]",
+                        BF16_LOSS_TOL)
+    drift = {side: {k: rel_norm_diff(got[k].float(), reference[k]) for k in reference if k != "loss"}
+             for side, got in (("ours_bf16", bf16_ours), ("torchtitan_bf16", bf16_theirs))}
+    for k, ours_drift in drift["ours_bf16"].items():
+        if drift["torchtitan_bf16"][k] > BF16_DRIFT_FACTOR * ours_drift + BF16_DRIFT_SLACK:
+            raise AssertionError(f"model_step[torchtitan, bf16] self-check: {k} is {drift['torchtitan_bf16'][k]:.3g} "
+                                 f"from fp32 (ours in bf16: {ours_drift:.3g})")
+    return steps, {
+        "available": True, "version": version, "self_check_rel_diff": {"fp32_experts_in_fp32": mapping,
+                                                                       "bf16_loss_vs_ours_bf16": bf16_loss},
+        "bf16_grad_norm_diff_vs_ours_fp32": drift,
+        "attention": "torchtitan's ScaledDotProductAttention (causal SDPA) in place of its default flex "
+                     "attention, whose block-causal mask on these unpacked sequences is the same causal mask; "
+                     "flex attention has no CPU backward",
+        "loss": "F.cross_entropy(logits.float(), reduction='sum') / targets, as torchtitan's trainer",
+        "install": "pip --no-deps into build/peers/torchtitan (bench/peers.py), not a dependency",
+    }
+
+
 def run(repeats: int) -> dict[str, Any]:
     with bench_threads() as threads:
         return _run(repeats, threads)
@@ -160,8 +245,6 @@ def run(repeats: int) -> dict[str, Any]:
 
 def _run(repeats: int, threads: int) -> dict[str, Any]:
     from transformers import DeepseekV3ForCausalLM
-
-    from model.info import training_flops_per_token
 
     cfg, ours, tokens = build()
     n_tokens = BATCH * SEQ
@@ -191,16 +274,36 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
     interleaved = [i for i in impls if batch_of[i] is tokens and per_token_first[i] <= SLOW_FACTOR * best_first]
     fns: dict[str, Callable[[], Any]] = {"ours": ours_step(ours, tokens), "dense_mm": dense_reference(shapes)}
     fns.update({impl: hf_step(theirs[impl], tokens) for impl in interleaved})
-    fns["dense_mm"]()  # ours and the peers are warm from the self-check already
-    slow = {i: hf_step(theirs[i], batch_of[i]) for i in impls if i not in interleaved}
-    rounds = max(repeats, MIN_ROUNDS)
-    med, cpu, timing = time_peers(fns, slow, first_call, rounds, warmup=0)
+    with warnings.catch_warnings():
+        # torchtitan's router asks for an fp32 autocast, which CPU autocast does not offer (it then runs as is)
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        titan_steps, titan = torchtitan_contestants(cfg, ours, tokens, reference[tuple(tokens.shape)])
+        if titan_steps:
+            fns.update(titan_steps)
+            fns["dense_mm_bf16"] = dense_reference(shapes, torch.bfloat16)
+            fns["dense_mm_bf16"]()
+        fns["dense_mm"]()  # ours and the peers are warm from the self-check already
+        slow = {i: hf_step(theirs[i], batch_of[i]) for i in impls if i not in interleaved}
+        rounds = max(repeats, MIN_ROUNDS)
+        med, cpu, timing = time_peers(fns, slow, first_call, rounds, warmup=0)
+    if titan_steps:
+        titan.update(
+            tokens_per_s={k: n_tokens / med[k] for k in titan_steps},
+            ratio_bf16=med["torchtitan_bf16"] / med["ours_bf16"],
+            ratio_bf16_cpu=cpu["torchtitan_bf16"] / cpu["ours_bf16"],
+            ratio_fp32_params=med["torchtitan_fp32_params"] / med["ours"],
+            ours_bf16_flops_fraction=(model_flops_of(cfg, n_tokens) / med["ours_bf16"])
+            / (gemm_flops(shapes) / med["dense_mm_bf16"]),
+            note="ratio_bf16: ours vs torchtitan, both whole models in bf16 (equal precision); ratio_fp32_params: "
+                 "our fp32 model vs torchtitan with fp32 parameters, whose routed experts compute in bf16 (less "
+                 "precise work than ours, not equal work)",
+        )
 
     peer_tokens = {impl: batch_of[impl][:, 1:].numel() for impl in impls}
     ours_tps = n_tokens / med["ours"]
     peer_tps = {impl: peer_tokens[impl] / med[impl] for impl in impls}
     best = max(peer_tps, key=peer_tps.get)
-    model_flops = training_flops_per_token(cfg, SEQ) * n_tokens
+    model_flops = model_flops_of(cfg, n_tokens)
     dense_gflops = gemm_flops(shapes) / med["dense_mm"] / 1e9
     ours_gflops = model_flops / med["ours"] / 1e9
     return result(
@@ -208,7 +311,8 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
         ours=ours_tps,
         peer=peer_tps[best],
         unit="tokens/s (fwd+bwd)",
-        goal=">= 1.3x transformers DeepseekV3ForCausalLM (fastest experts implementation); report FLOP/s fraction",
+        goal=">= 1.1x the fastest transformers DeepseekV3ForCausalLM (fp32) and torchtitan's DeepSeek-V3 (bf16, "
+             "torchtitan.ratio_bf16); flops_fraction >= 0.85",
         repeats=rounds,
         peer_impl=best,
         peer_tokens_per_s=peer_tps,
@@ -232,7 +336,14 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
             "attention": "sdpa (both)",
         },
         threads=threads,
+        torchtitan=titan,
     )
+
+
+def model_flops_of(cfg: ModelConfig, n_tokens: int) -> float:
+    from model.info import training_flops_per_token
+
+    return training_flops_per_token(cfg, SEQ) * n_tokens
 
 
 if __name__ == "__main__":

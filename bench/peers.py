@@ -1,4 +1,5 @@
-"""Peers that are not dependencies: torchtitan's DeepSeek-V3 MoE, installed apart for the benchmarks.
+"""Peers that are not dependencies: torchtitan's DeepSeek-V3 (its MoE layer and its whole model), installed apart
+for the benchmarks.
 
 torchtitan 0.3.0 is pure Python, but its declared dependencies (torchdata, tensorboard, wandb, datasets, ...)
 pull a CUDA torch. `torchtitan_moe_module()` installs the pinned wheels below without their dependencies into
@@ -8,9 +9,11 @@ package needs only these at import. Nothing else in the project imports torchtit
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +100,127 @@ def _cat_experts(m: nn.Module) -> Any:
 
     experts = m.routed_experts.inner_experts
     return torch.cat([experts.w1_EFD.grad, experts.w3_EFD.grad], dim=1)
+
+
+def torchtitan_model(cfg: Any) -> nn.Module:
+    """torchtitan's DeepSeek-V3 model (its own layer builder: MLA, dense then MoE layers, sigmoid group-limited
+    routing, shared experts) for our ModelConfig without MTP, its inner attention swapped for its
+    `ScaledDotProductAttention` (causal SDPA: the math of its default flex attention's block-causal mask on one
+    unpacked document; flex attention has no CPU backward). RMSNorm eps and RoPE as in our config."""
+    cu, _ = torchtitan_moe_module()
+    attention = importlib.import_module("torchtitan.models.common.attention")
+    common = importlib.import_module("torchtitan.models.common")
+    dsv3 = importlib.import_module("torchtitan.models.deepseek_v3")
+    rope = importlib.import_module("torchtitan.models.common.rope")
+    if cfg.num_nextn_predict_layers or cfg.rope_scaling_type not in ("none", "yarn"):
+        raise ValueError("torchtitan_model: MTP off and rope none|yarn only")
+    layers = dsv3._build_dsv3_layers(
+        n_layers=cfg.num_hidden_layers, n_dense_layers=cfg.first_k_dense_replace, dim=cfg.hidden_size,
+        n_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        mscale=cfg.rope_mscale, dense_hidden_dim=cfg.intermediate_size, moe_hidden_dim=cfg.moe_intermediate_size,
+        num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,
+        router_top_k=cfg.num_experts_per_tok, router_score_func="sigmoid", router_num_expert_groups=cfg.n_group,
+        router_num_limited_groups=cfg.topk_group, router_route_scale=cfg.routed_scaling_factor,
+        router_route_norm=cfg.norm_topk_prob, attn_backend="flex", moe_comm_backend="standard",
+        non_blocking_capacity_factor=None,
+        rope=rope.ComplexRoPE.Config(
+            dim=cfg.qk_rope_head_dim, max_seq_len=cfg.max_position_embeddings, theta=cfg.rope_theta,
+            scaling=cfg.rope_scaling_type, rope_factor=cfg.rope_factor, beta_fast=cfg.rope_beta_fast,
+            beta_slow=cfg.rope_beta_slow, original_seq_len=cfg.rope_original_max_position_embeddings),
+    )
+    for layer in layers:
+        layer.attention.inner_attention = attention.ScaledDotProductAttention.Config()
+    h, v = cfg.hidden_size, cfg.vocab_size
+    model = dsv3.DeepSeekV3Model.Config(
+        vocab_size=v, dim=h, tok_embeddings=common.Embedding.Config(num_embeddings=v, embedding_dim=h),
+        norm=common.RMSNorm.Config(normalized_shape=h), lm_head=common.Linear.Config(in_features=h, out_features=v),
+        layers=layers, mtp_layers=[],
+    ).build()
+    for module in model.modules():
+        if isinstance(module, nn.RMSNorm):
+            module.eps = cfg.rms_norm_eps
+    return model
+
+
+# our decoder-block parameter (after `layers.<i>.block.`) -> torchtitan's (after `layers.<i>.`)
+TORCHTITAN_BLOCK_NAMES = {
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_a_proj.weight": "attention.wq_a.weight", "self_attn.q_a_layernorm.weight": "attention.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attention.wq_b.weight", "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attention.wkv_a.weight",
+    "self_attn.kv_a_layernorm.weight": "attention.kv_norm.weight",
+    "self_attn.kv_b_proj.weight": "attention.wkv_b.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight", "mlp.gate.weight": "moe.router.gate.weight",
+    "mlp.gate.e_score_correction_bias": "moe.expert_bias_E",
+    "mlp.experts.down_proj.weight": "moe.routed_experts.inner_experts.w2_EDF",
+    "mlp.shared_experts.gate_proj.weight": "moe.shared_experts.w1.weight",
+    "mlp.shared_experts.up_proj.weight": "moe.shared_experts.w3.weight",
+    "mlp.shared_experts.down_proj.weight": "moe.shared_experts.w2.weight",
+}
+TORCHTITAN_TOP_NAMES = {"embed.embed_tokens.weight": "tok_embeddings.weight", "head.norm.weight": "norm.weight",
+                        "head.lm_head.weight": "lm_head.weight"}
+GATE_UP = "mlp.experts.gate_up_proj.weight"  # torchtitan's w1 (gate) and w3 (up) stacked along dim 1
+
+
+def _their_tensors(theirs: nn.Module, ours_name: str) -> list[Any]:
+    """torchtitan's tensor(s) holding our parameter or router bias `ours_name` (two for the stacked gate_up)."""
+    if ours_name in TORCHTITAN_TOP_NAMES:
+        path = TORCHTITAN_TOP_NAMES[ours_name]
+    else:
+        parts = ours_name.split(".")  # layers.<i>.block.<rest>
+        rest = ".".join(parts[3:])
+        if parts[0] != "layers" or parts[2] != "block" or rest not in (*TORCHTITAN_BLOCK_NAMES, GATE_UP):
+            raise ValueError(f"torchtitan: no counterpart for our {ours_name}")
+        if rest == GATE_UP:
+            prefix = f"layers.{parts[1]}.moe.routed_experts.inner_experts."
+            return [theirs.get_parameter(prefix + "w1_EFD"), theirs.get_parameter(prefix + "w3_EFD")]
+        path = f"layers.{parts[1]}.{TORCHTITAN_BLOCK_NAMES[rest]}"
+    return [theirs.get_buffer(path) if path.endswith("expert_bias_E") else theirs.get_parameter(path)]
+
+
+def copy_model_weights_to_torchtitan(ours: nn.Module, theirs: nn.Module) -> None:
+    """Ours -> torchtitan's DeepSeekV3Model: every parameter and the routers' score-correction biases."""
+    named = [*ours.named_parameters(), *((n, b) for n, b in ours.named_buffers() if n.endswith("correction_bias"))]
+    for name, src in named:
+        dst = _their_tensors(theirs, name)
+        rows = [t.shape[1] for t in dst] if len(dst) > 1 else [src.shape[0]]
+        pieces = src.split(rows, dim=1) if len(dst) > 1 else [src]
+        for d, piece in zip(dst, pieces, strict=True):
+            if d.shape != piece.shape:
+                raise ValueError(f"torchtitan weight for {name}: {tuple(d.shape)} vs ours {tuple(piece.shape)}")
+            d.detach().copy_(piece)
+
+
+def torchtitan_grad(theirs: nn.Module, ours_name: str) -> Any:
+    """torchtitan's gradient of our parameter `ours_name`, in our layout."""
+    import torch
+
+    grads = [t.grad for t in _their_tensors(theirs, ours_name)]
+    return grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+
+
+@contextlib.contextmanager
+def torchtitan_experts_in_fp32(model: nn.Module) -> Iterator[None]:
+    """Within: torchtitan's grouped experts compute in their parameters' dtype. Its forward casts operands to
+    bf16 whatever that dtype is; for the fp32 check of the weight mapping only, never for timing."""
+    import torch
+    import torch.nn.functional as F
+
+    def forward_of(experts: nn.Module) -> Any:
+        def forward(x: Any, tokens_per_expert: Any) -> Any:
+            offs = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+            gate = torch._grouped_mm(x, experts.w1_EFD.transpose(-2, -1), offs=offs)
+            up = torch._grouped_mm(x, experts.w3_EFD.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(F.silu(gate) * up, experts.w2_EDF.transpose(-2, -1), offs=offs)
+        return forward
+
+    patched = [m for m in model.modules() if hasattr(m, "w1_EFD")]
+    for experts in patched:
+        experts.forward = forward_of(experts)
+    try:
+        yield
+    finally:
+        for experts in patched:
+            del experts.forward
