@@ -35,13 +35,23 @@ def _install(target: Path) -> None:
 
 
 def torchtitan_moe_module() -> tuple[Any, str]:
-    """(torchtitan.models.common.config_utils, version), installing torchtitan into build/peers if needed.
-    Raises RuntimeError (one line) where it cannot be installed or imported."""
+    """(torchtitan.models.common.config_utils, version): torchtitan from the environment where it is installed
+    there at the pinned version (a machine without network gets it from the GPU script's wheels), else from
+    build/peers, installed there if needed. Raises RuntimeError (one line) where it cannot be installed or
+    imported."""
+    from importlib import metadata
+
+    try:
+        installed = metadata.version("torchtitan")
+    except metadata.PackageNotFoundError:
+        installed = None
     target = PEERS_DIR / "torchtitan"
-    if not (target / "torchtitan").is_dir():
+    if installed == TORCHTITAN.split("==")[1]:
+        pass
+    elif not (target / "torchtitan").is_dir():
         target.mkdir(parents=True, exist_ok=True)
         _install(target)
-    if str(target) not in sys.path:
+    if installed != TORCHTITAN.split("==")[1] and str(target) not in sys.path:
         sys.path.insert(0, str(target))
     try:
         config_utils = importlib.import_module("torchtitan.models.common.config_utils")

@@ -12,7 +12,8 @@
 # stop the next: $OUT/summary.json says what ran, how long it took and how it ended.
 # Packages go into a venv that sees the system's (--system-site-packages: its CUDA torch and Triton), so a
 # system Python that refuses pip (PEP 668) is fine. Outputs: one log per step (install, pytest_gpu, fp8_te,
-# data_prep, train_bf16, train_fp8), fp8_te.json, runs/{bf16,fp8}/metrics.jsonl, env.txt, summary.json.
+# gpu_train, data_prep, train_bf16, train_fp8), fp8_te.json, gpu_train.json, runs/{bf16,fp8}/metrics.jsonl,
+# env.txt, summary.json.
 set -u
 OUT=$(mkdir -p "${OUT:-/tmp/gpu_check}" && cd "${OUT:-/tmp/gpu_check}" && pwd)
 WHEELS=${WHEELS:+$(cd "$WHEELS" && pwd)}
@@ -57,6 +58,9 @@ fi
 
 # the FP8 benchmark: bf16 vs TE / torch FP8 (eager, compiled, Triton quantizers), GEMM microbenchmarks
 step fp8_te 240 "$PY" bench/fp8_te.py --budget 200 --no-emulated --out "$OUT/fp8_te.json"
+
+# bf16 training step of a 1.8B MoE at sequence 4096: ours vs torchtitan's DeepSeek-V3 (its wheels: WHEELS)
+step gpu_train 180 "$PY" bench/gpu_train.py --out "$OUT/gpu_train.json"
 
 if has deepspeed && has hydra && has tokenizers && has matplotlib; then
     DATA=$OUT/data
