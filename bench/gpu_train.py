@@ -2,16 +2,18 @@
 
 The model (SHAPE: hidden 2048, 16 heads of 128 + 64 rope, kv_lora 512, no q_lora, 8 layers of which 1 dense of
 width 8192, 16 routed experts of width 2048 + 1 shared, top-4 in 4 groups keeping 2, vocab 32000; 1.79B
-parameters, 4.5 GFLOP of model FLOPs per trained token at sequence 4096) is built once as ours and copied into torchtitan's (bench/peers.py: its
-own layer builder, its SDPA inner attention instead of flex attention, the same causal math). Both are cast to
-bf16 (our routers keep their fp32 bias, as the trainer does; torchtitan's RoPE table stays complex64) and train
-with the same AdamW (lr 3e-4, betas 0.9 / 0.95, weight decay 0.1) on BATCH x SEQ tokens of the same random
-batches, MTP and the sequence-wise balance loss off on both sides (torchtitan's step: logits, then its trainer's
-loss, cross-entropy summed in fp32 / targets). A step = zero_grad, forward, loss, backward, optimizer step.
+parameters, 4.5 GFLOP of model FLOPs per trained token at sequence 4096) is built once as ours and copied into
+torchtitan's (bench/peers.py: its own layer builder, its SDPA inner attention instead of flex attention, the
+same causal math). Both are cast to bf16 (our routers keep their fp32 bias, as the trainer does; torchtitan's
+RoPE table stays complex64) and train with the same AdamW (lr 3e-4, betas 0.9 / 0.95, weight decay 0.1) on
+BATCH x SEQ tokens of the same random batches, MTP and the sequence-wise balance loss off on both sides
+(torchtitan's step: logits, then its trainer's loss, cross-entropy summed in fp32 / targets). A step = forward,
+loss, backward, optimizer step, zero_grad.
 
 Before timing, one step each on the same batch: the two losses must agree to BF16_LOSS_TOL (the mapping itself is
 checked bit for bit in fp32 by `python -m bench model_step`). Then WARMUP steps each, then STEPS steps alternating
-ours / theirs, each timed with CUDA events; medians quoted. Peak allocated memory per side. MFU = model FLOPs
+ours / theirs, each timed with CUDA events; medians quoted. Peak memory per side: its weights and AdamW state
+plus the most its step allocates on top of what is resident (both sides share the device). MFU = model FLOPs
 (model.info.training_flops_per_token: 6 x activated matmul parameters + causal attention, per token) x tokens /
 step time / the GPU's dense bf16 peak (trainer/report/metrics.py; none for an unknown GPU). `ratio` = ours
 tokens/s / torchtitan's (goal >= 1.0).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -85,13 +88,23 @@ def train_step(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.T
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
         loss = loss_of(tokens)
         loss.backward()
         opt.step()
+        # freed here, not at the next step's start: between steps each side holds only its weights and AdamW
+        # state, so the other side's step peak does not include this side's gradients
+        opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.optimizer = opt
     return step
+
+
+def resident_gib(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+    """Bytes of the weights and the optimizer state of one side, GiB."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
 def steps_of(ours: torch.nn.Module, theirs: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -136,19 +149,26 @@ def bench(shape: dict[str, Any], device: torch.device, batch: int, seq: int, ste
     # the self-check: the first step of each on the same batch (before either optimizer moved anything)
     first = {name: float(fn(batches[0])) for name, fn in steps_fn.items()}
     gap = abs(first["ours"] - first["torchtitan"]) / abs(first["torchtitan"])
-    if gap > BF16_LOSS_TOL:
+    if not math.isfinite(gap) or gap > BF16_LOSS_TOL:
         raise AssertionError(f"gpu_train self-check: losses {first} differ by {gap:.3g} (relative) > {BF16_LOSS_TOL}")
     for i in range(warmup):
         for fn in steps_fn.values():
             fn(batches[i % len(batches)])
     seconds: dict[str, list[float]] = {name: [] for name in steps_fn}
-    peak: dict[str, float | None] = {}
-    for name, fn in steps_fn.items():  # peak memory of one step each, apart
+    # peak memory of each side: its weights and AdamW state, plus what its step allocates on top of everything
+    # resident (activations, gradients, temporaries); both models share the device, so the raw peak would count
+    # the other side's state too
+    models = {"ours": ours, "torchtitan": theirs}
+    resident = {name: resident_gib(models[name], fn.optimizer) for name, fn in steps_fn.items()}
+    step_peak: dict[str, float | None] = {}
+    for name, fn in steps_fn.items():
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         seconds[name].append(timed(fn, batches[0], device))
-        peak[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        step_peak[name] = (torch.cuda.max_memory_allocated() - before) / 2**30 if device.type == "cuda" else None
+    peak = {k: (resident[k] + v if v is not None else None) for k, v in step_peak.items()}
     for i in range(1, steps):
         order = list(steps_fn.items()) if i % 2 else list(reversed(steps_fn.items()))
         for name, fn in order:
@@ -171,6 +191,7 @@ def bench(shape: dict[str, Any], device: torch.device, batch: int, seq: int, ste
         seconds_median=med,
         seconds_all=seconds,
         peak_memory_gib=peak,
+        memory_parts_gib={"weights_and_adamw": resident, "step_on_top": step_peak},
         model_flops_per_step=flops,
         mfu=mfu,
         peak_flops_bf16=peak_bf16,

@@ -21,6 +21,7 @@ step's time swings 5-10x between runs, so the default measures one thread, where
 from __future__ import annotations
 
 import copy
+import math
 import os
 import statistics
 import time
@@ -156,8 +157,8 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], what
             tol: float = REL_TOL, metric: Callable[[torch.Tensor, torch.Tensor], float] = rel_diff) -> dict[str, float]:
     """Relative differences per tensor (max by default; keys of `ours`, matched in order); raises past `tol`."""
     diffs = {k: metric(a.float(), b.float()) for (k, a), b in zip(ours.items(), theirs.values(), strict=True)}
-    worst = max(diffs, key=diffs.get)
-    if diffs[worst] > tol:
+    worst = max(diffs, key=lambda k: diffs[k] if math.isfinite(diffs[k]) else math.inf)  # a NaN fails too
+    if not diffs[worst] <= tol:
         raise AssertionError(f"{what} self-check: {worst} differs by {diffs[worst]:.3g} (relative) > {tol}")
     return diffs
 

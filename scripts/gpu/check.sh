@@ -60,7 +60,11 @@ fi
 step fp8_te 240 "$PY" bench/fp8_te.py --budget 200 --no-emulated --out "$OUT/fp8_te.json"
 
 # bf16 training step of a 1.8B MoE at sequence 4096: ours vs torchtitan's DeepSeek-V3 (its wheels: WHEELS)
-step gpu_train 180 "$PY" bench/gpu_train.py --out "$OUT/gpu_train.json"
+if has torchtitan; then
+    step gpu_train 180 "$PY" bench/gpu_train.py --out "$OUT/gpu_train.json"
+else
+    echo "torchtitan missing: gpu_train skipped (give WHEELS)" | tee "$OUT/gpu_train.log"
+fi
 
 if has deepspeed && has hydra && has tokenizers && has matplotlib; then
     DATA=$OUT/data

@@ -123,7 +123,7 @@ def test_sigterm_to_every_process_checkpoints_exits_75_and_resumes_exactly(rehea
 def test_sigusr1_on_one_rank_stops_all_ranks_at_the_same_step(rehearsal, tiny_data: Path, tmp_path: Path):
     # DeepSpeed's own runner (`deepspeed --num_gpus 2`); the signal reaches rank 1 only, in the middle of step 3
     run_dir = tmp_path / "run"
-    proc = launch(base_overrides(tiny_data, run_dir, *STEPS), nproc=2, check=False,
+    proc = launch(base_overrides(tiny_data, run_dir, *STEPS), nproc=2, check=False, launcher="deepspeed",
                   env={"DSV3_FAULT_INJECT": "signal:USR1:rank:1:step:3"})
     assert proc.returncode == EXIT_PREEMPTED, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "preempted (a signal to another rank): stopped after step 3" in proc.stdout  # rank 0 reports

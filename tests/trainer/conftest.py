@@ -61,83 +61,35 @@ def base_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*MODEL, *TRAIN, f"data.dirs=[{data}]", f"run_dir={run_dir}", "logging.wandb.mode=disabled", *extra]
 
 
+# a failed rank's peers get this long to end on their own (most stop at once: their collective fails) before the
+# launcher kills them; the launcher's default (300 s) waits for the watchdog's verdict, which no test here needs
+FAIL_GRACE_S = 10
+
+
 def launch(overrides: list[str], nproc: int, env: dict[str, str] | None = None, timeout: float = 240,
-           check: bool = True, launcher: str = "direct") -> subprocess.CompletedProcess:
-    """`python -m trainer.train` on 1 rank, or on nproc ranks: started here with the variables a launcher sets
-    (`direct`), or through the deepspeed launcher (`deepspeed`, as `make train` and the cluster scripts run).
-    Both end every rank as soon as one fails and return that rank's code. The deepspeed launcher starts two
-    Python processes (its runner, then its launch), each importing torch and deepspeed before any rank starts:
-    ~5 s a run, a fifth of the suite, for what the launcher's own tests (tests/cluster, test_train_dp) cover."""
+           check: bool = True, launcher: str = "trainer") -> subprocess.CompletedProcess:
+    """`python -m trainer.train` on 1 rank, or on nproc ranks through `python -m trainer.launch` (the launcher of
+    `make train` and the Slurm script; `launcher="trainer"`) or DeepSpeed's (`launcher="deepspeed"`, which starts
+    two more Python processes that import torch and deepspeed before any rank: ~5 s a run)."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(ROOT), **(env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)
-    if nproc == 1 or launcher == "direct":
+    if nproc == 1:
         cmd = [sys.executable, "-m", "trainer.train", *overrides]
+    elif launcher == "trainer":
+        cmd = [sys.executable, "-m", "trainer.launch", "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), "--fail-grace", str(FAIL_GRACE_S), *overrides]
     elif launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--num_gpus",
                str(nproc), "--master_port", str(free_port()), "--module", "trainer.train", *overrides]
     else:
-        raise ValueError(f"launcher: direct or deepspeed, not {launcher!r}")
-    if nproc > 1 and launcher == "direct":
-        proc = start_ranks(cmd, nproc, full_env, timeout)
-    else:
-        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        raise ValueError(f"launcher: trainer or deepspeed, not {launcher!r}")
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        raise AssertionError(f"{' '.join(cmd)} on {nproc} ranks failed ({proc.returncode}):\n{tail}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
     return proc
-
-
-def start_ranks(cmd: list[str], nproc: int, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """`cmd` as ranks 0..nproc-1 of one job on this machine, as the deepspeed launcher runs them: when a rank
-    exits non-zero, every other rank's process tree gets SIGTERM (SIGKILL 30 s later) and the job's code is that
-    rank's (a signal's as the launcher's exit status, 256 - signal). Output: the ranks' stdout and stderr, each
-    concatenated in rank order."""
-    import tempfile
-    import time
-
-    import psutil
-
-    port = str(free_port())
-    with tempfile.TemporaryDirectory() as logs:
-        procs, files = [], []
-        for rank in range(nproc):
-            out, err = (open(Path(logs) / f"{rank}.{kind}", "w+") for kind in ("out", "err"))  # noqa: SIM115
-            files.append((out, err))
-            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=out, stderr=err))
-        deadline, code = time.monotonic() + timeout, 0
-        try:
-            while code == 0 and any(p.poll() is None for p in procs):
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-                time.sleep(0.05)
-                code = next((p.returncode for p in procs if p.returncode), 0)
-            code = code or next((p.returncode for p in procs if p.returncode), 0)
-        finally:
-            tree = [t for p in procs if p.poll() is None for t in _tree(psutil, p.pid)]
-            for t in tree:
-                t.terminate()
-            for t in psutil.wait_procs(tree, timeout=30)[1]:
-                t.kill()
-            for p in procs:
-                p.wait()
-        texts = []
-        for out, err in files:
-            out.seek(0), err.seek(0)
-            texts.append((out.read(), err.read()))
-            out.close(), err.close()
-    return subprocess.CompletedProcess(cmd, code & 0xFF, "".join(o for o, _ in texts), "".join(e for _, e in texts))
-
-
-def _tree(psutil, pid: int) -> list:
-    try:
-        root = psutil.Process(pid)
-        return [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def rows(run_dir: Path, kind: str = "train") -> list[dict]:

@@ -1,4 +1,5 @@
-"""End-to-end data-parallel training through the deepspeed launcher on CPU (gloo), 2 ranks.
+"""End-to-end data-parallel training on CPU (gloo), 2 ranks: DeepSpeed's launcher for the main run and the killed
+save, trainer.launch for the rest.
 
 One 2-rank reference run (8 steps, checkpoints at 4 and 8) is shared by the tests of this module:
 loss falls and everything is logged; DP=1 with the same global batch follows the same trajectory; a run
@@ -26,7 +27,7 @@ STEPS = ["parallel=dp", "train.steps=8", "train.eval_interval=4", "checkpoint.in
 def dp2_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("dp2") / "run"
     launch(base_overrides(tiny_data, run_dir, *STEPS, "name=dp2-e2e-marker", "logging.wandb.mode=offline",
-                          "checkpoint.export_hf=true"), nproc=2, launcher="deepspeed")  # the launcher `make train` uses
+                          "checkpoint.export_hf=true"), nproc=2, launcher="deepspeed")  # DeepSpeed's launcher works too
     return run_dir
 
 
@@ -84,7 +85,7 @@ def test_dp1_matches_dp2_with_the_same_global_batch(dp2_run: Path, tiny_data: Pa
 def test_killed_during_save_then_resume_auto_is_exact(dp2_run: Path, tiny_data: Path, tmp_path: Path):
     run_dir = tmp_path / "crash"
     args = base_overrides(tiny_data, run_dir, *STEPS, "name=dp2-e2e-marker")
-    # through the deepspeed launcher: a rank's failure ends the job with a non-zero code there too
+    # through DeepSpeed's launcher: a rank's failure ends the job with a non-zero code there too
     crashed = launch(args, nproc=2, env={"DSV3_FAULT_INJECT": "checkpoint_save:8"}, check=False, launcher="deepspeed")
     assert crashed.returncode != 0
     ckpts = run_dir / "checkpoints"

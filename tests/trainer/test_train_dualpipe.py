@@ -1,4 +1,4 @@
-"""The default job's parallelism end to end: DualPipe over 2 ranks through the deepspeed launcher (CPU, gloo).
+"""The default job's parallelism end to end: DualPipe over 2 ranks through trainer.launch (CPU, gloo).
 
 One DualPipe run (8 steps, checkpoints at 4 and 8) is compared with the single-process model trained by the
 plain data-parallel schedule on 1 rank with the same global batch; then a DualPipe run killed inside its

@@ -1,4 +1,4 @@
-"""Expert parallelism in the trainer: DualPipe pp=2 x dp=2 with ep=2 (4 ranks through the deepspeed launcher)
+"""Expert parallelism in the trainer: DualPipe pp=2 x dp=2 with ep=2 (4 ranks through trainer.launch)
 trains like one process, writes layout-free checkpoints that export and resume exactly, and
 records the expert all-to-alls in its timeline."""
 
