@@ -62,7 +62,7 @@ SMOKE_SHAPE = dict(SHAPE, vocab_size=512, hidden_size=64, num_hidden_layers=3, i
 
 def build(shape: dict[str, Any], device: torch.device) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
     """(config, ours, torchtitan's) in bf16 on `device`, torchtitan's holding our initial weights."""
-    from bench.peers import copy_model_weights_to_torchtitan, torchtitan_model
+    from bench.peers import copy_weights_to_torchtitan, torchtitan_model
     from model.config import ModelConfig
     from model.transformer import DeepseekV3
 
@@ -76,7 +76,7 @@ def build(shape: dict[str, Any], device: torch.device) -> tuple[Any, torch.nn.Mo
                     p.normal_(0.0, 0.02)
         theirs = torchtitan_model(cfg).train()
     with torch.no_grad():
-        copy_model_weights_to_torchtitan(ours, theirs)
+        copy_weights_to_torchtitan(ours, theirs)
     ours.to(torch.bfloat16)
     ours.restore_router_precision()
     for p in theirs.parameters():  # its parameters only: its RoPE table stays complex64

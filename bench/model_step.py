@@ -33,6 +33,7 @@ from bench.moe_layer import (
     rel_norm_diff,
     time_peers,
     timed,
+    torchtitan_ratios,
 )
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
@@ -185,7 +186,7 @@ def torchtitan_contestants(
     installed or imported. The weight mapping is checked in fp32 with its experts held in fp32 (they cast to
     bf16 otherwise); the bf16 models are casts of those two, checked by their loss."""
     from bench.peers import (
-        copy_model_weights_to_torchtitan,
+        copy_weights_to_torchtitan,
         torchtitan_experts_in_fp32,
         torchtitan_grad,
         torchtitan_model,
@@ -203,7 +204,7 @@ def torchtitan_contestants(
 
     theirs = torchtitan_model(cfg).train()
     with torch.no_grad():
-        copy_model_weights_to_torchtitan(ours, theirs)
+        copy_weights_to_torchtitan(ours, theirs)
     with torchtitan_experts_in_fp32(theirs):
         mapping = compare(reference, snap(theirs, torchtitan_step(theirs, tokens)), "model_step[torchtitan, fp32]")
     ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
@@ -288,10 +289,7 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
         med, cpu, timing = time_peers(fns, slow, first_call, rounds, warmup=0)
     if titan_steps:
         titan.update(
-            tokens_per_s={k: n_tokens / med[k] for k in titan_steps},
-            ratio_bf16=med["torchtitan_bf16"] / med["ours_bf16"],
-            ratio_bf16_cpu=cpu["torchtitan_bf16"] / cpu["ours_bf16"],
-            ratio_fp32_params=med["torchtitan_fp32_params"] / med["ours"],
+            **torchtitan_ratios(med, cpu, titan_steps, n_tokens),
             ours_bf16_flops_fraction=(model_flops_of(cfg, n_tokens) / med["ours_bf16"])
             / (gemm_flops(shapes) / med["dense_mm_bf16"]),
             note="ratio_bf16: ours vs torchtitan, both whole models in bf16 (equal precision); ratio_fp32_params: "

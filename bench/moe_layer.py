@@ -261,7 +261,7 @@ def torchtitan_contestants(
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """torchtitan's MoE with fp32 parameters and in bf16, and our layer in bf16: their steps (self-checked) and
     what to report. No steps, and the reason, where torchtitan cannot be installed or imported."""
-    from bench.peers import TORCHTITAN_GRADS, copy_moe_weights_to_torchtitan, torchtitan_moe, torchtitan_moe_module
+    from bench.peers import copy_weights_to_torchtitan, torchtitan_grad, torchtitan_moe, torchtitan_moe_module
 
     try:
         _, version = torchtitan_moe_module()
@@ -270,11 +270,11 @@ def torchtitan_contestants(
 
     def snap(m: nn.Module, step: Step) -> dict[str, torch.Tensor]:
         y, gx = step()
-        return {"output": y, "input_grad": gx, **{n: get(m).clone() for n, get in TORCHTITAN_GRADS.items()}}
+        return {"output": y, "input_grad": gx, **{n: torchtitan_grad(m, n, layer=True).clone() for n in GRAD_PAIRS}}
 
     theirs = torchtitan_moe(cfg).train()
     with torch.no_grad():
-        copy_moe_weights_to_torchtitan(ours, theirs)
+        copy_weights_to_torchtitan(ours, theirs, layer=True)
     theirs_bf16 = copy.deepcopy(theirs).to(torch.bfloat16)
     theirs_bf16.expert_bias_E.data = theirs_bf16.expert_bias_E.data.float()
     ours_bf16 = in_bf16(ours)
@@ -295,6 +295,15 @@ def torchtitan_contestants(
     return steps, {"available": True, "version": version, "self_check_rel_diff": checks,
                    "bf16_same_expert_sets": agree,
                    "install": "pip --no-deps into build/peers/torchtitan (bench/peers.py), not a dependency"}
+
+
+def torchtitan_ratios(med: dict[str, float], cpu: dict[str, float], steps: dict[str, Any], tokens: int) -> dict:
+    """What every torchtitan race reports from its medians: tokens/s of its contestants, and ours vs torchtitan
+    in bf16 (wall and CPU) and against torchtitan with fp32 parameters."""
+    return {"tokens_per_s": {k: tokens / med[k] for k in steps},
+            "ratio_bf16": med["torchtitan_bf16"] / med["ours_bf16"],
+            "ratio_bf16_cpu": cpu["torchtitan_bf16"] / cpu["ours_bf16"],
+            "ratio_fp32_params": med["torchtitan_fp32_params"] / med["ours"]}
 
 
 def build(seed: int = 0) -> tuple[ModelConfig, MoE, torch.Tensor, torch.Tensor]:
@@ -362,10 +371,7 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
         med, cpu, timing = time_peers(fns, slow, first_call, rounds, warmup=1)
     if titan_steps:
         titan.update(
-            tokens_per_s={k: tokens / med[k] for k in titan_steps},
-            ratio_bf16=med["torchtitan_bf16"] / med["ours_bf16"],
-            ratio_bf16_cpu=cpu["torchtitan_bf16"] / cpu["ours_bf16"],
-            ratio_fp32_params=med["torchtitan_fp32_params"] / med["ours"],
+            **torchtitan_ratios(med, cpu, titan_steps, tokens),
             ours_bf16_flops_fraction=med["dense_mm_bf16"] / med["ours_bf16"],
             note="ratio_bf16: ours vs torchtitan, both in bf16 (equal precision); ratio_fp32_params: our fp32 "
                  "layer vs torchtitan with fp32 parameters, whose routed experts still compute in bf16 (less "

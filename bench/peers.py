@@ -45,19 +45,19 @@ def torchtitan_moe_module() -> tuple[Any, str]:
         installed = metadata.version("torchtitan")
     except metadata.PackageNotFoundError:
         installed = None
+    version = TORCHTITAN.split("==")[1]
     target = PEERS_DIR / "torchtitan"
-    if installed == TORCHTITAN.split("==")[1]:
-        pass
-    elif not (target / "torchtitan").is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        _install(target)
-    if installed != TORCHTITAN.split("==")[1] and str(target) not in sys.path:
-        sys.path.insert(0, str(target))
+    if installed != version:
+        if not (target / "torchtitan").is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            _install(target)
+        if str(target) not in sys.path:
+            sys.path.insert(0, str(target))
     try:
         config_utils = importlib.import_module("torchtitan.models.common.config_utils")
     except Exception as e:  # noqa: BLE001 - any import failure makes the peer unavailable, said in one line
         raise RuntimeError(f"torchtitan does not import: {type(e).__name__}: {e}") from None
-    return config_utils, TORCHTITAN.split("==")[1]
+    return config_utils, version
 
 
 def torchtitan_moe(cfg: Any) -> nn.Module:
@@ -80,44 +80,12 @@ def torchtitan_moe(cfg: Any) -> nn.Module:
     return config.build()
 
 
-def copy_moe_weights_to_torchtitan(ours: nn.Module, theirs: nn.Module) -> None:
-    """Ours -> torchtitan: our [E, 2I, H] gate_up splits into its w1 (gate) and w3 (up); down is its w2."""
-    i = ours.experts.intermediate
-    experts = theirs.routed_experts.inner_experts
-    theirs.router.gate.weight.copy_(ours.gate.weight)
-    theirs.expert_bias_E.copy_(ours.gate.e_score_correction_bias)
-    experts.w1_EFD.copy_(ours.experts.gate_up_proj.weight[:, :i])
-    experts.w3_EFD.copy_(ours.experts.gate_up_proj.weight[:, i:])
-    experts.w2_EDF.copy_(ours.experts.down_proj.weight)
-    theirs.shared_experts.w1.weight.copy_(ours.shared_experts.gate_proj.weight)
-    theirs.shared_experts.w3.weight.copy_(ours.shared_experts.up_proj.weight)
-    theirs.shared_experts.w2.weight.copy_(ours.shared_experts.down_proj.weight)
-
-
-# our gradient -> torchtitan's, each a function of its module (gate_up is their w1 and w3 stacked)
-TORCHTITAN_GRADS = {
-    "gate.weight": lambda m: m.router.gate.weight.grad,
-    "experts.gate_up_proj.weight": lambda m: _cat_experts(m),
-    "experts.down_proj.weight": lambda m: m.routed_experts.inner_experts.w2_EDF.grad,
-    "shared_experts.gate_proj.weight": lambda m: m.shared_experts.w1.weight.grad,
-    "shared_experts.up_proj.weight": lambda m: m.shared_experts.w3.weight.grad,
-    "shared_experts.down_proj.weight": lambda m: m.shared_experts.w2.weight.grad,
-}
-
-
-def _cat_experts(m: nn.Module) -> Any:
-    import torch
-
-    experts = m.routed_experts.inner_experts
-    return torch.cat([experts.w1_EFD.grad, experts.w3_EFD.grad], dim=1)
-
-
 def torchtitan_model(cfg: Any) -> nn.Module:
     """torchtitan's DeepSeek-V3 model (its own layer builder: MLA, dense then MoE layers, sigmoid group-limited
     routing, shared experts) for our ModelConfig without MTP, its inner attention swapped for its
     `ScaledDotProductAttention` (causal SDPA: the math of its default flex attention's block-causal mask on one
     unpacked document; flex attention has no CPU backward). RMSNorm eps and RoPE as in our config."""
-    cu, _ = torchtitan_moe_module()
+    torchtitan_moe_module()
     attention = importlib.import_module("torchtitan.models.common.attention")
     common = importlib.import_module("torchtitan.models.common")
     dsv3 = importlib.import_module("torchtitan.models.deepseek_v3")
@@ -174,40 +142,50 @@ TORCHTITAN_TOP_NAMES = {"embed.embed_tokens.weight": "tok_embeddings.weight", "h
 GATE_UP = "mlp.experts.gate_up_proj.weight"  # torchtitan's w1 (gate) and w3 (up) stacked along dim 1
 
 
-def _their_tensors(theirs: nn.Module, ours_name: str) -> list[Any]:
-    """torchtitan's tensor(s) holding our parameter or router bias `ours_name` (two for the stacked gate_up)."""
-    if ours_name in TORCHTITAN_TOP_NAMES:
-        path = TORCHTITAN_TOP_NAMES[ours_name]
+def _their_paths(ours_name: str, layer: bool) -> list[str]:
+    """torchtitan's path(s) of our parameter or router bias `ours_name` (two for the stacked gate_up): in its
+    DeepSeekV3Model, or with `layer` in its MoE module for a name of our MoE module."""
+    if layer:
+        rest, prefix = f"mlp.{ours_name}", ""
+    elif ours_name in TORCHTITAN_TOP_NAMES:
+        return [TORCHTITAN_TOP_NAMES[ours_name]]
     else:
         parts = ours_name.split(".")  # layers.<i>.block.<rest>
-        rest = ".".join(parts[3:])
-        if parts[0] != "layers" or parts[2] != "block" or rest not in (*TORCHTITAN_BLOCK_NAMES, GATE_UP):
+        if parts[0] != "layers" or parts[2:3] != ["block"]:
             raise ValueError(f"torchtitan: no counterpart for our {ours_name}")
-        if rest == GATE_UP:
-            prefix = f"layers.{parts[1]}.moe.routed_experts.inner_experts."
-            return [theirs.get_parameter(prefix + "w1_EFD"), theirs.get_parameter(prefix + "w3_EFD")]
-        path = f"layers.{parts[1]}.{TORCHTITAN_BLOCK_NAMES[rest]}"
-    return [theirs.get_buffer(path) if path.endswith("expert_bias_E") else theirs.get_parameter(path)]
+        rest, prefix = ".".join(parts[3:]), f"layers.{parts[1]}."
+    if rest == GATE_UP:
+        paths = ["moe.routed_experts.inner_experts.w1_EFD", "moe.routed_experts.inner_experts.w3_EFD"]
+    elif rest in TORCHTITAN_BLOCK_NAMES:
+        paths = [TORCHTITAN_BLOCK_NAMES[rest]]
+    else:
+        raise ValueError(f"torchtitan: no counterpart for our {ours_name}")
+    return [prefix + (p.removeprefix("moe.") if layer else p) for p in paths]
 
 
-def copy_model_weights_to_torchtitan(ours: nn.Module, theirs: nn.Module) -> None:
-    """Ours -> torchtitan's DeepSeekV3Model: every parameter and the routers' score-correction biases."""
+def _their_tensors(theirs: nn.Module, ours_name: str, layer: bool) -> list[Any]:
+    return [theirs.get_buffer(p) if p.endswith("expert_bias_E") else theirs.get_parameter(p)
+            for p in _their_paths(ours_name, layer)]
+
+
+def copy_weights_to_torchtitan(ours: nn.Module, theirs: nn.Module, layer: bool = False) -> None:
+    """Ours -> torchtitan: every parameter and the routers' score-correction biases, our DeepseekV3 into its
+    DeepSeekV3Model, or with `layer` our MoE into its MoE. Our [E, 2I, H] gate_up splits into its w1 and w3."""
     named = [*ours.named_parameters(), *((n, b) for n, b in ours.named_buffers() if n.endswith("correction_bias"))]
     for name, src in named:
-        dst = _their_tensors(theirs, name)
-        rows = [t.shape[1] for t in dst] if len(dst) > 1 else [src.shape[0]]
-        pieces = src.split(rows, dim=1) if len(dst) > 1 else [src]
+        dst = _their_tensors(theirs, name, layer)
+        pieces = src.split([t.shape[1] for t in dst], dim=1) if len(dst) > 1 else [src]
         for d, piece in zip(dst, pieces, strict=True):
             if d.shape != piece.shape:
                 raise ValueError(f"torchtitan weight for {name}: {tuple(d.shape)} vs ours {tuple(piece.shape)}")
             d.detach().copy_(piece)
 
 
-def torchtitan_grad(theirs: nn.Module, ours_name: str) -> Any:
-    """torchtitan's gradient of our parameter `ours_name`, in our layout."""
+def torchtitan_grad(theirs: nn.Module, ours_name: str, layer: bool = False) -> Any:
+    """torchtitan's gradient of our parameter `ours_name`, in our layout (`layer` as in copy_weights_...)."""
     import torch
 
-    grads = [t.grad for t in _their_tensors(theirs, ours_name)]
+    grads = [t.grad for t in _their_tensors(theirs, ours_name, layer)]
     return grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
 
 
