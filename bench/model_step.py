@@ -35,6 +35,7 @@ from bench.moe_layer import (
     timed,
     torchtitan_ratios,
 )
+from model.compiled import compile_problem
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
 
@@ -163,15 +164,21 @@ def snapshot(model: nn.Module, names: list[str], step: Callable[[], torch.Tensor
     return {"loss": loss, **{f"grad:{n}": params[n].grad.clone() for n in names}}
 
 
-def torchtitan_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """torchtitan's training step: logits, then its loss (cross-entropy summed in fp32 over the targets, divided
-    by their count: the mean, as ours)."""
+def torchtitan_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """torchtitan's trainer loss: cross-entropy summed in fp32 over the targets, divided by their count (the mean,
+    as ours)."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / targets.numel()
+
+
+def torchtitan_step(model: nn.Module, tokens: torch.Tensor, compile_loss: bool = False) -> Callable[[], torch.Tensor]:
+    """torchtitan's training step: logits, then its loss (through torch.compile with `compile_loss`, as its
+    `compile.components=[model, loss]`)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    loss_fn = torch.compile(torchtitan_loss) if compile_loss else torchtitan_loss
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / targets.numel()
+        loss = loss_fn(model(inputs), targets)
         loss.backward()
         return loss.detach()
 
@@ -186,6 +193,7 @@ def torchtitan_contestants(
     installed or imported. The weight mapping is checked in fp32 with its experts held in fp32 (they cast to
     bf16 otherwise); the bf16 models are casts of those two, checked by their loss."""
     from bench.peers import (
+        compile_torchtitan,
         copy_weights_to_torchtitan,
         torchtitan_experts_in_fp32,
         torchtitan_grad,
@@ -214,22 +222,40 @@ def torchtitan_contestants(
         p.data = p.data.to(torch.bfloat16)
     steps = {"torchtitan_fp32_params": torchtitan_step(theirs, tokens), "ours_bf16": ours_step(ours_bf16, tokens),
              "torchtitan_bf16": torchtitan_step(theirs_bf16, tokens)}
+    # each side's best configuration: torch.compile, ours of the elementwise regions (model.compile_regions),
+    # torchtitan's of its whole blocks and its loss, as its trainer's compile.enable does
+    compile_problem_here = compile_problem("cpu")
+    if compile_problem_here is None:
+        ours_compiled = DeepseekV3(dataclasses.replace(cfg, compile_regions=True)).train().to(torch.bfloat16)
+        ours_compiled.restore_router_precision()
+        ours_compiled.load_state_dict(ours_bf16.state_dict())
+        theirs_compiled = copy.deepcopy(theirs_bf16)
+        compile_torchtitan(theirs_compiled)
+        steps["ours_bf16_compiled"] = ours_step(ours_compiled, tokens)
+        steps["torchtitan_bf16_compiled"] = torchtitan_step(theirs_compiled, tokens, compile_loss=True)
     # bf16 moves this model's gradients by 15-45% (norm) from fp32 on either side (small-signal gradients at
-    # this init, routing flips), so bf16 grads are not compared with each other: the pair's loss is, and each
-    # side's distance from the fp32 reference. The mapping itself is pinned in fp32 above.
-    bf16_ours, bf16_theirs = snapshot(ours_bf16, list(GRAD_PAIRS), steps["ours_bf16"]), snap(
-        theirs_bf16, steps["torchtitan_bf16"])
-    bf16_loss = compare({"loss": bf16_ours["loss"]}, {"loss": bf16_theirs["loss"]}, "model_step[torchtitan, bf16]",
-                        BF16_LOSS_TOL)
+    # this init, routing flips), so bf16 grads are not compared with each other: each side's loss is compared with
+    # ours in bf16, and each side's distance from the fp32 reference with ours. The mapping is pinned in fp32 above.
+    models = {"ours_bf16": ours_bf16, "torchtitan_bf16": theirs_bf16}
+    if compile_problem_here is None:
+        models.update(ours_bf16_compiled=ours_compiled, torchtitan_bf16_compiled=theirs_compiled)
+    bf16 = {side: (snapshot(m, list(GRAD_PAIRS), steps[side]) if side.startswith("ours") else snap(m, steps[side]))
+            for side, m in models.items()}
+    bf16_loss = {side: compare({"loss": bf16["ours_bf16"]["loss"]}, {"loss": got["loss"]},
+                               f"model_step[{side}, bf16]", BF16_LOSS_TOL)
+                 for side, got in bf16.items() if side != "ours_bf16"}
     drift = {side: {k: rel_norm_diff(got[k].float(), reference[k]) for k in reference if k != "loss"}
-             for side, got in (("ours_bf16", bf16_ours), ("torchtitan_bf16", bf16_theirs))}
-    for k, ours_drift in drift["ours_bf16"].items():
-        if drift["torchtitan_bf16"][k] > BF16_DRIFT_FACTOR * ours_drift + BF16_DRIFT_SLACK:
-            raise AssertionError(f"model_step[torchtitan, bf16] self-check: {k} is {drift['torchtitan_bf16'][k]:.3g} "
-                                 f"from fp32 (ours in bf16: {ours_drift:.3g})")
+             for side, got in bf16.items()}
+    for side in drift:
+        for k, ours_drift in drift["ours_bf16"].items():
+            if drift[side][k] > BF16_DRIFT_FACTOR * ours_drift + BF16_DRIFT_SLACK:
+                raise AssertionError(f"model_step[{side}, bf16] self-check: {k} is {drift[side][k]:.3g} from fp32 "
+                                     f"(ours in bf16: {ours_drift:.3g})")
     return steps, {
         "available": True, "version": version, "self_check_rel_diff": {"fp32_experts_in_fp32": mapping,
                                                                        "bf16_loss_vs_ours_bf16": bf16_loss},
+        "compiled": compile_problem_here or "ours: model.compile_regions (RMSNorm, RoPE, cross-entropy); torchtitan: "
+                                            "each block compiled whole (fullgraph) and its loss, as compile.enable",
         "bf16_grad_norm_diff_vs_ours_fp32": drift,
         "attention": "torchtitan's ScaledDotProductAttention (causal SDPA) in place of its default flex "
                      "attention, whose block-causal mask on these unpacked sequences is the same causal mask; "
@@ -278,6 +304,8 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
     with warnings.catch_warnings():
         # torchtitan's router asks for an fp32 autocast, which CPU autocast does not offer (it then runs as is)
         warnings.filterwarnings("ignore", message="In CPU autocast")
+        # torchtitan's RoPE multiplies complex tensors, which inductor leaves to eager kernels (it says so, once)
+        warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
         titan_steps, titan = torchtitan_contestants(cfg, ours, tokens, reference[tuple(tokens.shape)])
         if titan_steps:
             fns.update(titan_steps)
@@ -290,11 +318,13 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
     if titan_steps:
         titan.update(
             **torchtitan_ratios(med, cpu, titan_steps, n_tokens),
+            **compiled_ratios(med, cfg, shapes, n_tokens),
             ours_bf16_flops_fraction=(model_flops_of(cfg, n_tokens) / med["ours_bf16"])
             / (gemm_flops(shapes) / med["dense_mm_bf16"]),
-            note="ratio_bf16: ours vs torchtitan, both whole models in bf16 (equal precision); ratio_fp32_params: "
-                 "our fp32 model vs torchtitan with fp32 parameters, whose routed experts compute in bf16 (less "
-                 "precise work than ours, not equal work)",
+            note="ratio_bf16: ours vs torchtitan, both whole models in bf16 (equal precision), eager; "
+                 "ratio_bf16_compiled: both through torch.compile (see `compiled`); ratio_bf16_best: each side's "
+                 "faster configuration; ratio_fp32_params: our fp32 model vs torchtitan with fp32 parameters, whose "
+                 "routed experts compute in bf16 (less precise work than ours, not equal work)",
         )
 
     peer_tokens = {impl: batch_of[impl][:, 1:].numel() for impl in impls}
@@ -310,7 +340,7 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
         peer=peer_tps[best],
         unit="tokens/s (fwd+bwd)",
         goal=">= 1.1x the fastest transformers DeepseekV3ForCausalLM (fp32) and torchtitan's DeepSeek-V3 (bf16, "
-             "torchtitan.ratio_bf16); flops_fraction >= 0.85",
+             "torchtitan.ratio_bf16_best); flops_fraction >= 0.85",
         repeats=rounds,
         peer_impl=best,
         peer_tokens_per_s=peer_tps,
@@ -336,6 +366,17 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
         threads=threads,
         torchtitan=titan,
     )
+
+
+def compiled_ratios(med: dict[str, float], cfg: ModelConfig, shapes: dict, n_tokens: int) -> dict[str, float]:
+    """Ours vs torchtitan in bf16 both compiled, and each side's faster configuration against the other's."""
+    if "ours_bf16_compiled" not in med:
+        return {}
+    ours, theirs = med["ours_bf16_compiled"], med["torchtitan_bf16_compiled"]
+    return {"ratio_bf16_compiled": theirs / ours,
+            "ratio_bf16_best": min(theirs, med["torchtitan_bf16"]) / min(ours, med["ours_bf16"]),
+            "ours_bf16_compiled_flops_fraction": (model_flops_of(cfg, n_tokens) / ours)
+            / (gemm_flops(shapes) / med["dense_mm_bf16"])}
 
 
 def model_flops_of(cfg: ModelConfig, n_tokens: int) -> float:

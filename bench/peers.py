@@ -121,6 +121,17 @@ def torchtitan_model(cfg: Any) -> nn.Module:
     return model
 
 
+def compile_torchtitan(model: nn.Module) -> None:
+    """torch.compile as torchtitan's trainer applies it (`compile.enable`, torchtitan/distributed/compile.py):
+    each transformer block compiled whole (fullgraph), with Dynamo capturing the data-dependent sizes of its
+    MoE dispatch. Its loss is compiled apart (`torchtitan_step(..., compile_loss=True)`)."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_scalar_outputs = True
+    for block in model.layers.children():
+        block.compile(fullgraph=True)
+
+
 # our decoder-block parameter (after `layers.<i>.block.`) -> torchtitan's (after `layers.<i>.`)
 TORCHTITAN_BLOCK_NAMES = {
     "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.activation_memory import note_kept_outside_autograd
+from model.compiled import compiled
 from model.config import ModelConfig
 from model.documents import Documents
 from model.gemm import Linear
@@ -82,10 +83,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(cfg.hidden_size, q_out)
         else:
             self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, cfg.compile_regions)
             self.q_b_proj = Linear(cfg.q_lora_rank, q_out)
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, cfg.compile_regions)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim))
         self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size)
         self.softmax_scale = cfg.softmax_scale
@@ -100,6 +101,10 @@ class MLA(nn.Module):
         cos, sin = self.rope.at(positions)
         return cos[:, start : start + s], sin[:, start : start + s]
 
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [B, S, heads, rope], through torch.compile under `model.compile_regions`."""
+        return (compiled(apply_rope, x.device) if self.cfg.compile_regions else apply_rope)(x, cos, sin)
+
     def _query(self, x: torch.Tensor, start: int,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> q_nope [B, S, H, nope], q_pe [B, S, H, rope] (rotated)."""
@@ -108,7 +113,7 @@ class MLA(nn.Module):
         q = q.view(b, s, self.n_heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         cos, sin = self._rope(start, s, x.device, positions)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, self._rotate(q_pe, cos, sin)
 
     def _latent(self, x: torch.Tensor, start: int,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +121,7 @@ class MLA(nn.Module):
         b, s, _ = x.shape
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora, self.rope_dim], dim=-1)
         cos, sin = self._rope(start, s, x.device, positions)
-        k_pe = apply_rope(k_pe.view(b, s, 1, self.rope_dim), cos, sin).view(b, s, self.rope_dim)
+        k_pe = self._rotate(k_pe.view(b, s, 1, self.rope_dim), cos, sin).view(b, s, self.rope_dim)
         return self.kv_a_layernorm(c_kv), k_pe
 
     def _qkv(self, x: torch.Tensor, norm: nn.Module | None, start: int,

@@ -37,9 +37,9 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile_regions)
         self.self_attn = MLA(cfg, rope)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile_regions)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp: nn.Module = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 

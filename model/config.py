@@ -67,6 +67,9 @@ class ModelConfig:
     # the output heads' cross-entropy over chunks of tokens without keeping their logits (model/head_loss.py):
     # no [tokens, vocab] activations, one more head GEMM in backward
     chunked_head_loss: bool = False
+    # regional torch.compile of the elementwise chains (RMSNorm, RoPE, the heads' cross-entropy; model/compiled.py):
+    # needs a C++ compiler on CPU, Triton on CUDA; the first step pays the compilation
+    compile_regions: bool = False
     bos_token_id: int = 0
     eos_token_id: int = 1
     # free-form name of the preset, carried into reports

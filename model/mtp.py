@@ -24,7 +24,7 @@ class SharedHeadNorm(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile_regions)
 
 
 class MTPModule(nn.Module):
@@ -32,8 +32,8 @@ class MTPModule(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rope: RotaryEmbedding) -> None:
         super().__init__()
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile_regions)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile_regions)
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.block = DecoderBlock(cfg, layer_idx, rope)
         self.shared_head = SharedHeadNorm(cfg)

@@ -5,20 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.compiled import compiled
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)), the statistics in fp32; x [..., dim]."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
 
 class RMSNorm(nn.Module):
-    """y = weight * (x / sqrt(mean(x^2) + eps)); x [..., dim] -> [..., dim]."""
+    """y = weight * (x / sqrt(mean(x^2) + eps)); x [..., dim] -> [..., dim]. `compile`: through torch.compile
+    (`model.compile_regions`, model/compiled.py)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, compile: bool = False) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.compile = eps, compile
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        fn = compiled(rms_norm, x.device) if self.compile else rms_norm
+        return fn(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", compiled" if self.compile else "")

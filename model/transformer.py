@@ -24,6 +24,7 @@ from torch import nn
 
 from model.attention import LatentCache
 from model.block import BlockAux, DecoderBlock
+from model.compiled import compiled
 from model.config import ModelConfig
 from model.documents import Documents, combine_masks
 from model.gemm import GemmBackend, GroupedLinear, Linear
@@ -106,10 +107,14 @@ class ModelOutput:
     counts: dict[int, torch.Tensor]
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32: logits [B, S, V], targets [B, S] -> [B x S]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean token cross-entropy in fp32 over the tokens where mask is set."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return mean_token_loss(losses, mask, None)
+    return mean_token_loss(token_cross_entropy(logits, targets), mask, None)
 
 
 def mean_token_loss(losses: torch.Tensor, mask: torch.Tensor | None, shard: SequenceShard | None) -> torch.Tensor:
@@ -127,9 +132,10 @@ def mean_token_loss(losses: torch.Tensor, mask: torch.Tensor | None, shard: Sequ
 
 
 def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
-                          shard: SequenceShard | None) -> torch.Tensor:
-    """`masked_cross_entropy` of this rank's part of the sequences (`mean_token_loss`)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+                          shard: SequenceShard | None, compile: bool = False) -> torch.Tensor:
+    """`masked_cross_entropy` of this rank's part of the sequences (`mean_token_loss`); `compile`: the fp32 cast
+    and log-softmax fused by torch.compile (`model.compile_regions`)."""
+    losses = (compiled(token_cross_entropy, logits.device) if compile else token_cross_entropy)(logits, targets)
     return mean_token_loss(losses, mask, shard)
 
 
@@ -172,7 +178,7 @@ class HeadPiece(nn.Module):
     def __init__(self, cfg: ModelConfig, embedding: EmbeddingPiece, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.cfg = cfg
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile_regions)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = nn.ModuleList(
             MTPModule(cfg, cfg.num_hidden_layers + k, rope) for k in range(cfg.num_nextn_predict_layers)
@@ -207,7 +213,7 @@ class HeadPiece(nn.Module):
             targets = mb.tokens[:, a + offset : b + offset]
             if logits is None:
                 return mean_token_loss(head_token_losses(h_normed, self.lm_head.weight, targets), mask, shard)
-            return sharded_cross_entropy(logits, targets, mask, shard)
+            return sharded_cross_entropy(logits, targets, mask, shard, self.cfg.compile_regions)
 
         docs = mb.documents
         mb.lm_loss = loss(h, logits, 1)

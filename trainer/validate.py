@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.compiled import compile_problem
 from model.fp8.factory import FP8_BACKENDS, FP8_QUANTIZERS, FP8_RECIPES
 from parallel.network_model import NetworkModel, NetworkModelError
 from parallel.step_schedule import DUALPIPES, PIPELINES, SCHEDULES
@@ -358,6 +359,10 @@ def validate(cfg: JobConfig, world_size: int, device: str, check_data: bool = Tr
     vocab = _check_data(cfg) if check_data else 0
     _check_pipeline(cfg, pp, accum)
     _check_precision(cfg, device, ep)
+    if cfg.model.compile_regions:
+        problem = compile_problem(device)
+        _need(problem is None, "model.compile_regions", str(problem),
+              "install a C++ compiler (CPU) or Triton (CUDA), or set model.compile_regions=false")
     _need(cfg.parallel.network.model == "none" or device == "cpu", "parallel.network.model",
           f"the modelled interconnect runs on CPU ranks (gloo), this job runs on {device}",
           "set parallel.network.model=none")

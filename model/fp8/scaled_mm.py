@@ -30,7 +30,7 @@ activation caching.
 `compile=True` runs the quantizers through `torch.compile` (one fused pass instead of about five elementwise
 kernels: on a GPU the unfused quantization costs about as much as the FP8 GEMM saves); if compiling fails
 the eager quantizers are used and `COMPILE_ERROR` says why. On CPU the compile is keyed on the vector ISA
-(`_compile_options`: inductor's FX graph cache would otherwise serve one ISA's kernels to another).
+(`model.compiled.inductor_options`: inductor's FX graph cache would otherwise serve one ISA's kernels to another).
 
 On CPU `torch._scaled_mm` runs (torch >= 2.13: tensor-wise and row-wise, a reference kernel); the trainer
 still asks for a GPU (validation), the tests use it to check the numerics.
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.compiled import inductor_options
 from model.fp8.numerics import E4M3_MAX, FP8Storage, Quantized
 from model.gemm import GemmBackend
 
@@ -161,20 +162,6 @@ COMPILE_ERROR: str | None = None  # why torch.compile of the quantizers failed (
 _compiled: dict[tuple[int, int, str], object] = {}
 
 
-def _compile_options(device: torch.device) -> dict:
-    """Inductor options for compiling on `device`. On CPU: `cpp.simdlen` = the width of the vector ISA inductor
-    picks here. Inductor's FX graph cache key (torch 2.13) omits that ISA, so a cached graph written under
-    AVX-512 (e.g. natively, or on another machine sharing TORCHINDUCTOR_CACHE_DIR) was rebuilt under AVX2 with
-    half of every vector unprocessed (wrong E4M3 bytes and scales, rows ending in zeros) and under
-    ATEN_CPU_CAPABILITY=default failed to compile; the config is part of the key, so the width keys each entry
-    to its ISA (repro: scripts/repro_inductor_isa_cache.py, avx512 -> avx2 in one cache dir)."""
-    if device.type != "cpu":
-        return {}
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    return {"cpp.simdlen": pick_vec_isa().bit_width()}  # the same ISA pick_vec_isa() returns (0: scalar code)
-
-
 def _quantize(x: torch.Tensor, rows: int, cols: int, compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
     global COMPILE_ERROR
     if compile and COMPILE_ERROR is None:
@@ -186,7 +173,7 @@ def _quantize(x: torch.Tensor, rows: int, cols: int, compile: bool) -> tuple[tor
                 def tiles(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     return quantize_tiles(t, rows, cols)
 
-                fn = _compiled[key] = torch.compile(tiles, dynamic=True, options=_compile_options(x.device))
+                fn = _compiled[key] = torch.compile(tiles, dynamic=True, options=inductor_options(x.device))
             return fn(x)
         except Exception as e:  # no triton / no C compiler / an inductor bug: the eager quantizers still work
             COMPILE_ERROR = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"

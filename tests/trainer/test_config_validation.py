@@ -184,3 +184,12 @@ def test_the_modelled_network_is_refused_on_gpus(tiny_data):
     with pytest.raises(UserError) as info:
         validate(job(tiny_data, "parallel.network.model=ib_nvlink"), world_size=2, device="cuda")
     assert user_error_line(info.value).startswith("parallel.network.model:")
+
+
+def test_compiled_regions_without_a_compiler_are_refused(tiny_data, monkeypatch):
+    from torch._inductor import config
+
+    assert validate(job(tiny_data, "model.compile_regions=true"), world_size=2, device="cpu").pp == 2
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))  # inductor's compiler search finds nothing
+    line = check(tiny_data, 2, "model.compile_regions=true")
+    assert line.startswith("model.compile_regions:") and "C++ compiler" in line and "=false" in line, line
