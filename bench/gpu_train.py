@@ -34,7 +34,6 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,13 +59,15 @@ SMOKE_SHAPE = dict(SHAPE, vocab_size=512, hidden_size=64, num_hidden_layers=3, i
                    n_routed_experts=8, moe_intermediate_size=32, max_position_embeddings=64, name="smoke")
 
 
-def build(shape: dict[str, Any], device: torch.device) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
-    """(config, ours, torchtitan's) in bf16 on `device`, torchtitan's holding our initial weights."""
-    from bench.peers import copy_weights_to_torchtitan, torchtitan_model
+def build(shape: dict[str, Any], device: torch.device,
+          compile: bool = False) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
+    """(config, ours, torchtitan's) in bf16 on `device`, torchtitan's holding our initial weights; `compile`:
+    each through torch.compile as its trainer does (ours `model.compile_regions`, torchtitan's whole blocks)."""
+    from bench.peers import compile_torchtitan, copy_weights_to_torchtitan, torchtitan_model
     from model.config import ModelConfig
     from model.transformer import DeepseekV3
 
-    cfg = ModelConfig(**shape)
+    cfg = ModelConfig(**shape, compile_regions=compile)
     torch.manual_seed(0)
     with torch.device(device):
         ours = DeepseekV3(cfg).train()
@@ -81,6 +82,8 @@ def build(shape: dict[str, Any], device: torch.device) -> tuple[Any, torch.nn.Mo
     ours.restore_router_precision()
     for p in theirs.parameters():  # its parameters only: its RoPE table stays complex64
         p.data = p.data.to(torch.bfloat16)
+    if compile:
+        compile_torchtitan(theirs)
     return cfg, ours, theirs
 
 
@@ -107,15 +110,17 @@ def resident_gib(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
-def steps_of(ours: torch.nn.Module, theirs: torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def steps_of(ours: torch.nn.Module, theirs: torch.nn.Module,
+             compile: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from bench.model_step import torchtitan_loss
+
+    their_loss = torch.compile(torchtitan_loss) if compile else torchtitan_loss  # its compile.components: loss
+
     def ours_loss(tokens: torch.Tensor) -> torch.Tensor:
         return ours(tokens).loss
 
     def theirs_loss(tokens: torch.Tensor) -> torch.Tensor:
-        targets = tokens[:, 1:].reshape(-1)
-        logits = theirs(tokens[:, :-1])
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / (
-            targets.numel())
+        return their_loss(theirs(tokens[:, :-1]), tokens[:, 1:].reshape(-1))
 
     return {"ours": train_step(ours, ours_loss), "torchtitan": train_step(theirs, theirs_loss)}
 
@@ -135,17 +140,17 @@ def timed(step: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, de
 
 
 def bench(shape: dict[str, Any], device: torch.device, batch: int, seq: int, steps: int, warmup: int,
-          path: Path | None = None) -> dict[str, Any]:
+          path: Path | None = None, compile: bool = False) -> dict[str, Any]:
     from bench.common import result
     from bench.peers import TORCHTITAN, torchtitan_moe_module
     from model.info import training_flops_per_token
     from trainer.report.metrics import peak_flops
 
     _, version = torchtitan_moe_module()
-    cfg, ours, theirs = build(shape, device)
+    cfg, ours, theirs = build(shape, device, compile)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen).to(device) for _ in range(4)]
-    steps_fn = steps_of(ours, theirs)
+    steps_fn = steps_of(ours, theirs, compile)
     # the self-check: the first step of each on the same batch (before either optimizer moved anything)
     first = {name: float(fn(batches[0])) for name, fn in steps_fn.items()}
     gap = abs(first["ours"] - first["torchtitan"]) / abs(first["torchtitan"])
@@ -181,7 +186,7 @@ def bench(shape: dict[str, Any], device: torch.device, batch: int, seq: int, ste
     mfu = {k: flops / v / peak_bf16 for k, v in med.items()} if peak_bf16 else None
     tps = {k: tokens / v for k, v in med.items()}
     return result(
-        "gpu_train",
+        "gpu_train_compiled" if compile else "gpu_train",
         ours=tps["ours"],
         peer=tps["torchtitan"],
         unit="tokens/s (bf16 training step incl. AdamW, one GPU)",
@@ -198,6 +203,8 @@ def bench(shape: dict[str, Any], device: torch.device, batch: int, seq: int, ste
         device=name or str(device),
         first_step_loss=first,
         self_check_loss_rel_diff=gap,
+        compiled="ours: model.compile_regions; torchtitan: blocks (fullgraph) and loss, as its compile.enable"
+        if compile else "no (eager on both sides)",
         params={"total": sum(p.numel() for p in ours.parameters()),
                 "activated_flops_per_token": training_flops_per_token(cfg, seq)},
         shapes={**{k: v for k, v in shape.items() if k != "name"}, "preset": shape["name"], "batch": batch,
@@ -213,8 +220,9 @@ def run(repeats: int = 1) -> dict[str, Any]:
     if not torch.cuda.is_available():
         print("gpu_train: needs a CUDA GPU; skipped")
         return {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="In CPU autocast")
+    from bench.peers import torchtitan_warnings_quiet
+
+    with torchtitan_warnings_quiet():
         return bench(SHAPE, torch.device("cuda"), BATCH, SEQ, STEPS, WARMUP)
 
 
@@ -223,19 +231,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 steps (seconds)")
     ap.add_argument("--out", help="result JSON path (default bench/results/gpu_train.json; smoke: required)")
     ap.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per side (default {STEPS})")
+    ap.add_argument("--compile", action="store_true",
+                    help="both sides through torch.compile as their trainers do (the self-check step compiles)")
     args = ap.parse_args(argv)
+    from bench.peers import torchtitan_warnings_quiet
+
     if args.smoke:
         if not args.out:
             print("error: --smoke needs --out (the smoke run does not overwrite bench/results)", file=sys.stderr)
             return 2
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="In CPU autocast")
-            res = bench(SMOKE_SHAPE, torch.device("cpu"), 2, 32, 2, 1, Path(args.out))
+        with torchtitan_warnings_quiet():
+            res = bench(SMOKE_SHAPE, torch.device("cpu"), 2, 32, 2, 1, Path(args.out), args.compile)
     elif not torch.cuda.is_available():
         print("error: gpu_train needs a CUDA GPU; run --smoke on CPU", file=sys.stderr)
         return 2
     else:
-        res = bench(SHAPE, torch.device("cuda"), BATCH, SEQ, args.steps, WARMUP, Path(args.out) if args.out else None)
+        with torchtitan_warnings_quiet():
+            res = bench(SHAPE, torch.device("cuda"), BATCH, SEQ, args.steps, WARMUP,
+                        Path(args.out) if args.out else None, args.compile)
     print(json.dumps({k: v for k, v in res.items() if k not in ("machine", "seconds_all")}, indent=2, default=float))
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from bench.moe_layer import (
     timed,
     torchtitan_ratios,
 )
+from bench.peers import torchtitan_warnings_quiet
 from model.compiled import compile_problem
 from model.config import ModelConfig
 from model.transformer import DeepseekV3
@@ -301,11 +301,7 @@ def _run(repeats: int, threads: int) -> dict[str, Any]:
     interleaved = [i for i in impls if batch_of[i] is tokens and per_token_first[i] <= SLOW_FACTOR * best_first]
     fns: dict[str, Callable[[], Any]] = {"ours": ours_step(ours, tokens), "dense_mm": dense_reference(shapes)}
     fns.update({impl: hf_step(theirs[impl], tokens) for impl in interleaved})
-    with warnings.catch_warnings():
-        # torchtitan's router asks for an fp32 autocast, which CPU autocast does not offer (it then runs as is)
-        warnings.filterwarnings("ignore", message="In CPU autocast")
-        # torchtitan's RoPE multiplies complex tensors, which inductor leaves to eager kernels (it says so, once)
-        warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+    with torchtitan_warnings_quiet():
         titan_steps, titan = torchtitan_contestants(cfg, ours, tokens, reference[tuple(tokens.shape)])
         if titan_steps:
             fns.update(titan_steps)

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,16 @@ def torchtitan_model(cfg: Any) -> nn.Module:
         if isinstance(module, nn.RMSNorm):
             module.eps = cfg.rms_norm_eps
     return model
+
+
+@contextlib.contextmanager
+def torchtitan_warnings_quiet() -> Iterator[None]:
+    """Hide the two warnings torchtitan's DeepSeek-V3 raises on every CPU run: its router asks for an fp32 autocast,
+    which CPU autocast does not offer (it then runs as is), and inductor leaves its complex RoPE to eager kernels."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
+        yield
 
 
 def compile_torchtitan(model: nn.Module) -> None:

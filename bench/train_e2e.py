@@ -85,6 +85,7 @@ def run(repeats: int = 5) -> dict:
         model_flops_per_token={"ours": flops["ours"], "peer": flops["peer"]},
         ranks=NPROC, steps_per_round=STEPS_PER_ROUND, tokens_per_step=tokens,
         rounds={k: measured[k] for k in contestants}, peer_impl=measured["peer_impl"],
+        profile=measured["profile"],
         config="conf/config.yaml defaults (model=tiny, seq_len 128, micro 4, global 16, ZeRO-1, fp32); ours "
                "and ours_no_mtp: DualPipe over the 2 ranks (the default job); ours_dp*: parallel=dp",
         clock="wall, 2 processes on 2 cores, one thread each",
@@ -214,8 +215,44 @@ def worker(rounds: int, out: str) -> None:
         if env.rank == 0:
             print("train_e2e: " + ", ".join(f"{k} {res[k][-1]:.0f}" for k in steps if k != "dense_mm") + " tokens/s",
                   flush=True)
+    # where one step's time goes, rank 0, on the two equal-work sides in the peer's layout (both ranks step)
+    res["profile"] = {name: profile_step(steps[name], env.rank == 0) for name in ("ours_dp_no_mtp", "peer")}
     if env.rank == 0:
         Path(out).write_text(json.dumps(res))
+
+
+# op name -> category of a step's profile (first match wins; self CPU time, so nested ops are not counted twice)
+PROFILE_CATEGORIES = (
+    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("communication", ("gloo", "c10d::", "all_reduce", "allreduce", "broadcast", "all_gather", "allgather",
+                       "reduce_scatter", "barrier")),
+    ("optimizer", ("adam", "_foreach_", "lerp")),
+)
+
+
+def profile_step(step, record: bool) -> dict:
+    """One step under torch.profiler: the step's wall seconds and its ops' self CPU seconds by category
+    (PROFILE_CATEGORIES; `other`: the rest, elementwise work and framework overhead), plus the 12 costliest ops."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    dist.barrier()
+    if not record:
+        return {}
+    by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    categories = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0.0)
+    for op, seconds in by_op.items():
+        low = op.lower()
+        name = next((c for c, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
+        categories[name] += seconds
+    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
+    return {"wall_s": wall, "self_cpu_s": sum(by_op.values()), "by_category_s": categories, "top_ops_s": top}
 
 
 if __name__ == "__main__":

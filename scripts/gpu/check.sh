@@ -12,8 +12,8 @@
 # stop the next: $OUT/summary.json says what ran, how long it took and how it ended.
 # Packages go into a venv that sees the system's (--system-site-packages: its CUDA torch and Triton), so a
 # system Python that refuses pip (PEP 668) is fine. Outputs: one log per step (install, pytest_gpu, fp8_te,
-# gpu_train, data_prep, train_bf16, train_fp8), fp8_te.json, gpu_train.json, runs/{bf16,fp8}/metrics.jsonl,
-# env.txt, summary.json.
+# gpu_train, data_prep, train_bf16, train_fp8, gpu_train_compiled), fp8_te.json, gpu_train.json,
+# gpu_train_compiled.json, runs/{bf16,fp8}/metrics.jsonl, env.txt, summary.json.
 set -u
 OUT=$(mkdir -p "${OUT:-/tmp/gpu_check}" && cd "${OUT:-/tmp/gpu_check}" && pwd)
 WHEELS=${WHEELS:+$(cd "$WHEELS" && pwd)}
@@ -79,6 +79,11 @@ if has deepspeed && has hydra && has tokenizers && has matplotlib; then
 else
     echo "deepspeed / hydra / tokenizers / matplotlib missing: trainer steps skipped (give WHEELS)" \
         | tee "$OUT/train_bf16.log"
+fi
+
+# last (lowest priority): the same race with both sides compiled as their trainers compile them
+if has torchtitan; then
+    step gpu_train_compiled 240 "$PY" bench/gpu_train.py --compile --out "$OUT/gpu_train_compiled.json"
 fi
 
 printf '{"steps": [%s]}\n' "$(IFS=,; echo "${STEPS[*]}")" > "$OUT/summary.json"
