@@ -498,21 +498,26 @@ def _lookup_costs(lookup, fallback):
     return _LookupCosts()
 
 
-def simulated(schedule: str, pp: int, m: int, costs, defer_w: bool = True, comm_latency: float = 0.0) -> dict:
-    """Bubble fraction and makespan of `schedule` under `costs` (instructions tagged with their rank);
+def simulated_timeline(schedule: str, pp: int, m: int, costs, defer_w: bool = True, comm_latency: float = 0.0):
+    """The simulator's Timeline of `schedule` under `costs` (instructions tagged with their rank);
     `comm_latency`: seconds from a send's post to its arrival."""
     from parallel.schedules import build_instructions
     from parallel.simulate import simulate
 
-    tl = simulate(_tag_ranks(build_instructions(schedule, pp, m, defer_w=defer_w)), Placement(schedule, pp), costs,
-                  comm_latency=comm_latency)
+    return simulate(_tag_ranks(build_instructions(schedule, pp, m, defer_w=defer_w)), Placement(schedule, pp), costs,
+                    comm_latency=comm_latency)
+
+
+def simulated(schedule: str, pp: int, m: int, costs, defer_w: bool = True, comm_latency: float = 0.0) -> dict:
+    """Bubble fraction and makespan of `simulated_timeline`."""
+    tl = simulated_timeline(schedule, pp, m, costs, defer_w, comm_latency)
     return {"bubble_fraction": tl.bubble / tl.makespan, "makespan": tl.makespan}
 
 
-def replayed(schedule: str, pp: int, m: int, durations: dict[tuple[int, str], float], comm_latency: float = 0.0,
-             defer_w: bool = True) -> dict:
-    """`simulated` with every op at its own measured duration: `durations[(pipe rank, label)]` in seconds, the
-    label as the runtime prints the instruction (an op missing from it costs the median of its kind)."""
+def replayed_timeline(schedule: str, pp: int, m: int, durations: dict[tuple[int, str], float],
+                      comm_latency: float = 0.0, defer_w: bool = True):
+    """`simulated_timeline` with every op at its own measured duration: `durations[(pipe rank, label)]` in seconds,
+    the label as the runtime prints the instruction (an op missing from it costs the median of its kind)."""
     from parallel.simulate import Costs
 
     by_kind: dict[str, list[float]] = defaultdict(list)
@@ -520,8 +525,8 @@ def replayed(schedule: str, pp: int, m: int, durations: dict[tuple[int, str], fl
         by_kind[re.match(r"[A-Z]+", label).group()].append(d)
     med = {k: statistics.median(v) for k, v in by_kind.items()}
     fallback = Costs(f=med.get("F", 0.0), b=med.get("B", 0.0), w=med.get("W", 0.0), fb=med.get("FB"))
-    return simulated(schedule, pp, m, _lookup_costs(lambda i: durations.get((i.rank, str(i))), fallback), defer_w,
-                     comm_latency)
+    return simulated_timeline(schedule, pp, m, _lookup_costs(lambda i: durations.get((i.rank, str(i))), fallback),
+                              defer_w, comm_latency)
 
 
 def predictions(name: str, timelines: list[list[Op]]) -> dict:

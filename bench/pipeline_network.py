@@ -92,19 +92,41 @@ def activation_bytes() -> int:
     return MICRO * SEQ * ModelConfig().hidden_size * 4
 
 
-def simulated_step(run_dir: Path, gbs: float, latency_us: float) -> dict[str, float]:
+def simulated_step(run_dir: Path, gbs: float, latency_us: float, shared_links: bool = True) -> dict[str, float]:
     """DualPipe's recorded step (timeline.json, virtual-clock seconds) replayed by `parallel.simulate`: every op of
     data replica 0 at its measured duration (its exposed all-to-all waits included), each pipeline send arriving
-    after the modelled latency + activation bytes / InfiniBand bandwidth."""
-    from bench.pipeline import replayed
+    after the modelled latency + activation bytes / InfiniBand bandwidth. Then the step's tail
+    (`parallel.simulate.step_makespan`): each gradient-reduction bucket posted at the simulated time of the point
+    in the op that posted it, carried by its rank's link at its modelled seconds, then the tail's compute as
+    measured (the tail event less its wait for the reduction)."""
+    from bench.pipeline import replayed_timeline
+    from parallel.simulate import step_makespan
 
     trace = json.loads((run_dir / "timeline.json").read_text())
-    ops = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 0 and e["pid"] % DP == 0]
+    ours = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] % DP == 0]
+    ops = [e for e in ours if e["tid"] == 0]
     durations = {(e["pid"] // DP, e["name"]): e["dur"] * 1e-6 for e in ops}
     latency = latency_us * 1e-6 + activation_bytes() / (gbs * 1e9)
-    sim = replayed("dualpipe", PP, MICROBATCHES, durations, comm_latency=latency)
+    sim = replayed_timeline("dualpipe", PP, MICROBATCHES, durations, comm_latency=latency)
     span = (max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)) * 1e-6
-    return {"simulated_makespan_s": sim["makespan"], "measured_pipeline_span_s": span, "p2p_s": latency}
+    simulated_at = {(rank, str(s.instr)): s for rank, spans in enumerate(sim.spans) for s in spans}
+    reductions: dict[int, list[tuple[float, float]]] = {}
+    tail: dict[int, float] = {}
+    for e in ours:
+        rank = e["pid"] // DP
+        if e["cat"] == "grad_reduce":
+            # the op running (or last run) when the bucket was posted, and how far into it
+            op = max((o for o in ops if o["pid"] == e["pid"] and o["ts"] <= e["ts"]), key=lambda o: o["ts"])
+            at = simulated_at[(rank, op["name"])]
+            into = (e["ts"] - op["ts"]) * 1e-6
+            post = at.start + min(into, at.end - at.start) + max(0.0, into - op["dur"] * 1e-6)
+            reductions.setdefault(rank, []).append((post, e["args"].get("modelled_us", 0.0) * 1e-6))
+        elif e["cat"] == "step_tail":
+            tail[rank] = (e["dur"] - e["args"].get("waited_us", 0.0)) * 1e-6
+    return {"simulated_makespan_s": sim.makespan, "measured_pipeline_span_s": span, "p2p_s": latency,
+            "simulated_step_s": step_makespan(sim, reductions, tail, shared_links),
+            "tail_compute_s": max(tail.values(), default=0.0),
+            "reduction_modelled_s": max((sum(t for _, t in r) for r in reductions.values()), default=0.0)}
 
 
 def _measure(tmp: Path, name: str, run_name: str, overrides: list[str], gbs: float) -> dict[str, float]:
@@ -116,7 +138,8 @@ def _measure(tmp: Path, name: str, run_name: str, overrides: list[str], gbs: flo
     out = {key: _median(rows, key) for key in keys}
     if name == "dualpipe":
         step = next(r for r in rows if r["step"] == TIMELINE_STEP)
-        out.update(simulated_step(tmp / run_name, gbs, 5.0), timeline_step_s=step["train/net_step_time_s"])
+        shared = "parallel.network.shared_links=false" not in overrides
+        out.update(simulated_step(tmp / run_name, gbs, 5.0, shared), timeline_step_s=step["train/net_step_time_s"])
     return out
 
 
@@ -150,7 +173,7 @@ def run(repeats: int) -> dict[str, Any]:
             "unshared_links": {  # one run each, parallel.network.shared_links=false
                 "ratio_vs_1f1b": unshared["1f1b"]["net_step_time_s"] / unshared["dualpipe"]["net_step_time_s"],
                 "bubble_vs_simulator": unshared["dualpipe"]["timeline_step_s"]
-                / unshared["dualpipe"]["simulated_makespan_s"],
+                / unshared["dualpipe"]["simulated_step_s"],
                 "step_ms": {name: 1e3 * m["net_step_time_s"] for name, m in unshared.items()},
                 # not comparable: without sharing, buckets in flight together cost only the longest of them
                 "reduce_exposed_over_summed_buckets": unshared["dualpipe"]["net_grad_reduce_exposed_s"]
@@ -162,11 +185,15 @@ def run(repeats: int) -> dict[str, Any]:
                 med["dualpipe"]["net_grad_reduce_s"], 1e-12),
             "grad_reduce_ms": 1e3 * med["dualpipe"]["net_grad_reduce_s"],
             # the recorded step's time on the model's clock over the makespan the simulator predicts from that step's
-            # own op durations and the modelled p2p; the span of the pipeline's compute alone beside it (the step
-            # adds the exposed gradient reduction, the optimizer step and the loss reduction)
-            "bubble_vs_simulator": dual["timeline_step_s"] / dual["simulated_makespan_s"],
+            # own op durations, the modelled p2p and the modelled gradient reduction, plus the tail's compute
+            # (parallel.simulate.step_makespan); the pipeline's span alone against the pipeline's simulated makespan
+            "bubble_vs_simulator": dual["timeline_step_s"] / dual["simulated_step_s"],
+            "step_vs_pipeline_only_simulator": dual["timeline_step_s"] / dual["simulated_makespan_s"],
             "pipeline_span_vs_simulator": dual["measured_pipeline_span_s"] / dual["simulated_makespan_s"],
+            "simulated_step_ms": 1e3 * dual["simulated_step_s"],
             "simulated_makespan_ms": 1e3 * dual["simulated_makespan_s"],
+            "tail_compute_ms": 1e3 * dual["tail_compute_s"],
+            "reduction_modelled_ms_per_rank": 1e3 * dual["reduction_modelled_s"],
             "timeline_step_ms": 1e3 * dual["timeline_step_s"],
             "p2p_ms_per_activation": 1e3 * dual["p2p_s"],
             "step_ms": {name: 1e3 * m["net_step_time_s"] for name, m in med.items()},

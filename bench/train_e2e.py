@@ -14,8 +14,8 @@ Each side in its best 2-rank layout: ours also runs data parallel (`parallel=dp`
 `ours_dp`, `ours_dp_no_mtp`), and data parallel with `model.compile_regions` (`ours_dp_no_mtp_compiled`; the
 peer's model does not compile in fp32: torch's `_grouped_mm` meta kernel takes bf16 only). The headline (`ours`,
 `ratio`) is equal work, the same loss terms on both sides: the fastest of our no-MTP contestants against the peer
-(`ours_layout` says which). `profile`: one step of each of the two data-parallel equal-work eager sides under
-torch.profiler, by category.
+(`ours_layout` says which). `profile`: three steps of each of the two data-parallel equal-work eager sides under
+torch.profiler, the medians by category.
 FLOP fraction, as in model_step: model FLOP/s (model.info.training_flops_per_token x tokens / step time) over
 the FLOP/s of the same model's GEMMs (no MTP; each rank's share of the batch) run as plain torch.mm on both ranks
 at once (`dense_mm`, a contestant of every round).
@@ -239,28 +239,41 @@ PROFILE_CATEGORIES = (
 )
 
 
+PROFILED_STEPS = 3  # one profiled step is at the mercy of the machine: the medians of three are reported
+
+
 def profile_step(step, record: bool) -> dict:
-    """One step under torch.profiler: the step's wall seconds and its ops' self CPU seconds by category
-    (PROFILE_CATEGORIES; `other`: the rest, elementwise work and framework overhead), plus the 12 costliest ops."""
+    """PROFILED_STEPS steps, each under torch.profiler: the medians of the step's wall seconds and of its ops' self
+    CPU seconds by category (PROFILE_CATEGORIES; `other`: the rest, elementwise work and framework overhead), plus
+    the 12 costliest ops of the median step."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        step()
-        wall = time.perf_counter() - start
-    dist.barrier()
+    steps = []
+    for _ in range(PROFILED_STEPS):
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            step()
+            wall = time.perf_counter() - start
+        dist.barrier()
+        by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        categories = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0.0)
+        for op, seconds in by_op.items():
+            low = op.lower()
+            name = next((c for c, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
+            categories[name] += seconds
+        steps.append({"wall_s": wall, "self_cpu_s": sum(by_op.values()), "by_category_s": categories,
+                      "top_ops_s": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])})
     if not record:
         return {}
-    by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
-    categories = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0.0)
-    for op, seconds in by_op.items():
-        low = op.lower()
-        name = next((c for c, keys in PROFILE_CATEGORIES if any(k in low for k in keys)), "other")
-        categories[name] += seconds
-    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
-    return {"wall_s": wall, "self_cpu_s": sum(by_op.values()), "by_category_s": categories, "top_ops_s": top}
+    steps.sort(key=lambda s: s["wall_s"])
+    middle = steps[len(steps) // 2]
+    return {"steps": PROFILED_STEPS, "wall_s": middle["wall_s"],
+            "self_cpu_s": statistics.median(s["self_cpu_s"] for s in steps),
+            "by_category_s": {c: statistics.median(s["by_category_s"][c] for s in steps)
+                              for c in middle["by_category_s"]},
+            "top_ops_s_of_median_step": middle["top_ops_s"]}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.activation_memory import note_kept_outside_autograd
-from model.compiled import compiled
+from model.compiled import regional
 from model.config import ModelConfig
 from model.documents import Documents
 from model.gemm import Linear
@@ -103,7 +103,7 @@ class MLA(nn.Module):
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on x [B, S, heads, rope], through torch.compile under `model.compile_regions`."""
-        return (compiled(apply_rope, x.device) if self.cfg.compile_regions else apply_rope)(x, cos, sin)
+        return regional(apply_rope, self.cfg.compile_regions, x.device)(x, cos, sin)
 
     def _query(self, x: torch.Tensor, start: int,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,11 @@ eager, so every schedule and backend runs the code it runs without this option.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -32,10 +36,15 @@ def inductor_options(device: torch.device) -> dict:
     return {"cpp.simdlen": pick_vec_isa().bit_width()}  # the same ISA pick_vec_isa() returns (0: scalar code)
 
 
-def compiled(fn: Callable, device: torch.device) -> Callable:
-    """`fn` through torch.compile for tensors on `device`, built once per (function, device type). Shapes are
-    specialised on the first call and made dynamic on the first recompile (torch.compile's default), so other
-    sequence lengths and widths cost one more compile, not one per shape."""
+def regional(fn: Callable, enabled: bool, device: torch.device) -> Callable:
+    """`fn` through torch.compile when `enabled` and autograd is recording, else `fn` itself. Training only:
+    evaluation and generation (one token at a time, other lengths) run eager, so their shapes never spend Dynamo's
+    recompile budget (8 variants per function, then eager without a word). The compiled form is built once per
+    (function, device type); its first graph is specialised to the first shapes (static kernels: in an fp32 step
+    of the `tiny` model, graphs dynamic from the start made the step 5-7 % slower than eager) and the first
+    recompile makes them dynamic (torch.compile's default), so other widths and lengths reuse that one."""
+    if not (enabled and torch.is_grad_enabled()):
+        return fn
     key = (fn, device.type)
     f = _compiled.get(key)
     if f is None:
@@ -44,16 +53,24 @@ def compiled(fn: Callable, device: torch.device) -> Callable:
 
 
 def compile_problem(device: str) -> str | None:
-    """Why regional compilation cannot run on `device` ("cpu" | "cuda"), or None: inductor writes C++ on CPU and
-    Triton on CUDA, and finds out only at the first step, in a long traceback."""
+    """Why regional compilation cannot run on `device` ("cpu" | "cuda"), or None. Inductor builds C++ against
+    Python's headers on CPU and Triton kernels (whose launcher a C compiler builds) on CUDA, and finds out only at
+    the first step, in a long traceback."""
     if device == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "torch.compile needs Triton on CUDA and it is not importable"
+        if not has_triton():
+            return "torch.compile needs Triton on CUDA and it is not importable"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")):
+            return "Triton needs a C compiler to build its kernel launcher ($CC, gcc or clang) and none is on PATH"
+        return None
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:
         get_cpp_compiler()  # $CXX, then g++ (inductor's search)
     except Exception as e:  # its own error type, raised when the search finds nothing
         return f"torch.compile needs a C++ compiler on CPU and found none ({type(e).__name__})"
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        return f"torch.compile builds against Python's headers and {header} is missing (python3-dev)"
     return None

@@ -39,7 +39,7 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 # ModelConfig fields with no Hugging Face counterpart: taken from `dsv3_trainer_config` or left at defaults
 TRAINER_ONLY_FIELDS = frozenset(
     {"bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "activation_checkpointing", "selective_recompute",
-     "chunked_head_loss", "name"}
+     "chunked_head_loss", "compile_regions", "name"}
 )
 # HF config keys copied one to one into ModelConfig
 _DIRECT_KEYS = (

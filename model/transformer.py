@@ -24,7 +24,7 @@ from torch import nn
 
 from model.attention import LatentCache
 from model.block import BlockAux, DecoderBlock
-from model.compiled import compiled
+from model.compiled import regional
 from model.config import ModelConfig
 from model.documents import Documents, combine_masks
 from model.gemm import GemmBackend, GroupedLinear, Linear
@@ -135,7 +135,7 @@ def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: tor
                           shard: SequenceShard | None, compile: bool = False) -> torch.Tensor:
     """`masked_cross_entropy` of this rank's part of the sequences (`mean_token_loss`); `compile`: the fp32 cast
     and log-softmax fused by torch.compile (`model.compile_regions`)."""
-    losses = (compiled(token_cross_entropy, logits.device) if compile else token_cross_entropy)(logits, targets)
+    losses = regional(token_cross_entropy, compile, logits.device)(logits, targets)
     return mean_token_loss(losses, mask, shard)
 
 

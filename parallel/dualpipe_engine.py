@@ -28,8 +28,9 @@ from parallel.dispatcher import AllToAllDispatcher
 from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe, is_expert_param
 from parallel.grad_reduce import GradientReducer, ReducePlan
 from parallel.instructions import Placement
+from parallel.network_model import timeline_now
 from parallel.p2p import P2P
-from parallel.runtime import PipelineRuntime, StepResult, TimelineEvent
+from parallel.runtime import STEP_TAIL, PipelineRuntime, StepResult, TimelineEvent
 from parallel.schedules import build_instructions
 from parallel.stages import Stage, stage_pieces
 from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSchedule
@@ -89,6 +90,7 @@ class DualPipeSchedule(StepSchedule):
         self.instructions = build_instructions(name, topo.pp, spec.microbatches, defer_w=spec.defer_w)[topo.pipe_rank]
         self.last_reduce: dict[str, float] = {}
         self._reduce_events: list[TimelineEvent] = []
+        self._tail_events: list[TimelineEvent] = []
         self.device = spec.device
         self._a2a_trace: list = []
 
@@ -102,16 +104,22 @@ class DualPipeSchedule(StepSchedule):
         if self.reducer is not None:
             self.reducer.begin_step()  # nothing left over from a step that raised
         result = self.runtime.run(self.instructions, data, loss_scale=1.0 / self.microbatches)
+        tail_start, exposed = timeline_now(), 0.0
         if self.reducer is not None:
             times = self.reducer.finish()
             self.last_reduce, self._reduce_events = times.metrics(), times.timeline(self.runtime.rank)
+            exposed = times.exposed_s
         if self.fused_reduction:
             hand_reduced_gradients(self.engine)
         else:
             hand_local_gradients(self.engine)
             self.engine.allreduce_gradients()
         self.engine.step()
-        return self._reduce_losses(result)
+        losses = self._reduce_losses(result)
+        if self.runtime.record_timeline:  # what follows the pipeline: waiting for the reduction, then compute
+            self._tail_events = [TimelineEvent(self.runtime.rank, tail_start, timeline_now(), "step tail", STEP_TAIL,
+                                               -1, waited=exposed)]
+        return losses
 
     # ---- gradient reduction in the step's tail (parallel/grad_reduce.py) ----------------------------------
     def _gradient_reducer(self, stages: dict[int, Stage], fused: bool) -> GradientReducer | None:
@@ -207,8 +215,8 @@ class DualPipeSchedule(StepSchedule):
         self.runtime.record_timeline = False
         if self.reducer is not None:
             self.reducer.record = False
-        events, self.runtime.timeline = [*self.runtime.timeline, *self._reduce_events], []
-        self._reduce_events = []
+        events, self.runtime.timeline = [*self.runtime.timeline, *self._reduce_events, *self._tail_events], []
+        self._reduce_events, self._tail_events = [], []
         for dispatcher in self._dispatchers():
             dispatcher.trace = None
         for c in self._a2a_trace:

@@ -64,7 +64,8 @@ class ReduceTimes:
     modelled_s: float = 0.0
     exposed_s: float = 0.0
     buckets: int = 0
-    events: list[tuple[float, float, str]] = field(default_factory=list)  # (posted, waited until, label)
+    # (posted, waited until, label, modelled seconds of the bucket's all-reduce alone on its link)
+    events: list[tuple[float, float, str, float]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """The schedule's `last_reduce` (logged as `train/net_grad_reduce_*`)."""
@@ -72,7 +73,8 @@ class ReduceTimes:
 
     def timeline(self, rank: int) -> list[TimelineEvent]:
         """The recorded buckets as timeline events on the `grad_reduce` track."""
-        return [TimelineEvent(rank, posted, end, label, "grad_reduce", -1) for posted, end, label in self.events]
+        return [TimelineEvent(rank, posted, end, label, "grad_reduce", -1, modelled=seconds)
+                for posted, end, label, seconds in self.events]
 
 
 def buckets_of(params: list[tuple[torch.nn.Parameter, object]], bucket_bytes: int) -> list[Bucket]:
@@ -170,13 +172,16 @@ class GradientReducer:
             self._post(bucket)
         times = ReduceTimes()
         for bucket in (b for bs in self._buckets.values() for b in bs):
+            seconds = 0.0
             if bucket.work is not None:
                 bucket.work.wait()
-                times.modelled_s += getattr(bucket.work, "seconds", 0.0)
+                seconds = getattr(bucket.work, "seconds", 0.0)
+                times.modelled_s += seconds
                 times.exposed_s += getattr(bucket.work, "blocked", 0.0)
             times.buckets += 1
             if self.record:
-                times.events.append((bucket.posted_at, self.clock(), f"grad reduce ({len(bucket.params)} params)"))
+                times.events.append((bucket.posted_at, self.clock(), f"grad reduce ({len(bucket.params)} params)",
+                                     seconds))
             offset = 0
             for p in bucket.params:
                 n = p.numel()

@@ -32,6 +32,12 @@ class TimelineEvent:
     kind: str
     chunk: int
     waited: float = 0.0  # seconds of this op spent blocked on incoming point-to-point data
+    modelled: float = 0.0  # a modelled transfer (network model): its seconds alone on its link
+
+
+# the timeline kind of what follows a pipeline step's last instruction on a rank: waiting for the gradient
+# reduction, handing the gradients to the optimizer, its step and the loss reduction (`waited`: the wait)
+STEP_TAIL = "step_tail"
 
 
 @dataclass

@@ -11,6 +11,9 @@ Model (ideal, one compute stream per rank):
   units of one chunk's activations for one microbatch; an FB pair counts its forward before its backward
   frees anything.
 
+`step_makespan` continues a timeline past the pipeline: each rank's gradient-reduction transfers (post time,
+modelled seconds) on its link, then its tail's compute (optimizer step and the like).
+
 CLI: python -m parallel.simulate schedule=dualpipe pp=8 microbatches=20 f=1 b=2 w=1 fb=3 [out=timeline.png]
 """
 
@@ -119,6 +122,24 @@ def simulate(
     if stuck:
         raise RuntimeError("schedule deadlocks: " + "; ".join(stuck))
     return Timeline(spans, max(clock), busy, peak)
+
+
+def step_makespan(timeline: Timeline, reductions: dict[int, list[tuple[float, float]]],
+                  tail: dict[int, float], shared_links: bool = True) -> float:
+    """The whole step's makespan: the pipeline's `timeline`, then on each rank its tail. `reductions[rank]`: the
+    gradient-reduction transfers it posts, (post time on the timeline's clock, modelled seconds alone on the
+    link); a shared link carries them one after another in post order (which ends the last one when sharing the
+    rate would too), an unshared one each from its post. `tail[rank]`: the compute after the pipeline and the
+    transfers (hand-off, optimizer step, loss reduction). A rank ends at max(its last op, its last transfer) +
+    its tail."""
+    end = 0.0
+    for rank, spans in enumerate(timeline.spans):
+        link = 0.0
+        for post, seconds in sorted(reductions.get(rank, [])):
+            link = max(link, post) + seconds if shared_links else max(link, post + seconds)
+        last_op = spans[-1].end if spans else 0.0
+        end = max(end, max(last_op, link) + tail.get(rank, 0.0))
+    return end
 
 
 def formula_bubble(schedule: str, pp: int, f: float, b: float, w: float, fb: float | None = None) -> float:

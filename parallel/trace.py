@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from parallel.runtime import TimelineEvent
+from parallel.runtime import STEP_TAIL, TimelineEvent
 from parallel.simulate import draw_timeline
 
 
@@ -56,6 +56,8 @@ def chrome_trace(events: list[TimelineEvent]) -> dict:
         args = {"chunk": e.chunk}
         if getattr(e, "waited", 0.0):  # compute: waited for its input; all-to-all: the exposed (blocked) part
             args["waited_us"] = round(e.waited * 1e6, 3)
+        if getattr(e, "modelled", 0.0):  # a modelled transfer's seconds alone on its link
+            args["modelled_us"] = round(e.modelled * 1e6, 3)
         out.append({
             "ph": "X", "pid": e.rank, "tid": COMM_TRACKS.get(e.kind, (0,))[0], "name": e.label, "cat": e.kind,
             "ts": round((e.start - t0) * 1e6, 3), "dur": round((e.end - e.start) * 1e6, 3), "args": args,
@@ -69,8 +71,9 @@ def write_chrome_trace(events: list[TimelineEvent], path: str | Path) -> None:
 
 COMM_KIND = "all_to_all"  # expert all-to-alls (post -> end of wait), drawn on their own track
 # communication kinds and their tracks (Chrome trace thread ids): expert all-to-alls; gradient-reduction buckets
-# (post -> the end of the step's wait for them, parallel/grad_reduce.py)
-COMM_TRACKS = {COMM_KIND: (1, "all-to-all"), "grad_reduce": (2, "gradient reduction")}
+# (post -> the end of the step's wait for them, parallel/grad_reduce.py); the step's tail after the pipeline
+# (its wait for the reduction, the optimizer step: off the compute track, which holds the pipeline's ops)
+COMM_TRACKS = {COMM_KIND: (1, "all-to-all"), "grad_reduce": (2, "gradient reduction"), STEP_TAIL: (3, "step tail")}
 
 
 def exposed_communication(events: list[TimelineEvent]) -> dict[int, dict[str, float]]:

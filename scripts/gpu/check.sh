@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One H100/H200 machine without network, about 8 minutes: install what is missing from a wheel directory, run
-# the GPU tests, the trainer on CUDA (bf16, then FP8 with the Triton quantizers) and the GPU benchmarks, and
-# write everything into an output directory. From the repository root:
+# One H100/H200 machine without network, about 8 minutes (10 with the last stage, the compiled gpu_train):
+# install what is missing from a wheel directory, run the GPU tests, the trainer on CUDA (bf16, then FP8 with the
+# Triton quantizers) and the GPU benchmarks, and write everything into an output directory (summary.json is
+# rewritten after every step, so a run cut short still says what ran). From the repository root:
 #
 #   OUT=/path/to/out WHEELS=build/wheels bash scripts/gpu/check.sh
 #
@@ -31,7 +32,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record rc and seconds
     rc=$?
     tail -n 15 "$OUT/$name.log"
     STEPS+=("{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}")
+    write_summary  # after every step: a run cut short still says what ran
 }
+
+write_summary() { printf '{"steps": [%s]}\n' "$(IFS=,; echo "${STEPS[*]}")" > "$OUT/summary.json"; }
 
 has() { "$PY" -c "import $1" > /dev/null 2>&1; }
 
@@ -84,8 +88,10 @@ fi
 # last (lowest priority): the same race with both sides compiled as their trainers compile them
 if has torchtitan; then
     step gpu_train_compiled 240 "$PY" bench/gpu_train.py --compile --out "$OUT/gpu_train_compiled.json"
+else
+    echo "torchtitan missing: gpu_train_compiled skipped (give WHEELS)" | tee "$OUT/gpu_train_compiled.log"
 fi
 
-printf '{"steps": [%s]}\n' "$(IFS=,; echo "${STEPS[*]}")" > "$OUT/summary.json"
+write_summary
 cat "$OUT/summary.json"
 ls -l "$OUT"

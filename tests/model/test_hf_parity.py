@@ -239,7 +239,8 @@ def test_transformers_resave_of_our_export_imports(tmp_path: Path) -> None:
 
 # ---- round trip and the bias shift ---------------------------------------------------------------
 def test_round_trip_is_exact(tmp_path: Path) -> None:
-    cfg = tiny_cfg(num_nextn_predict_layers=2, **yarn(0.707, 1.0), name="rt", seq_aux_alpha=3e-4)
+    cfg = tiny_cfg(num_nextn_predict_layers=2, **yarn(0.707, 1.0), name="rt", seq_aux_alpha=3e-4,
+                  compile_regions=True)  # a trainer-only field travels in dsv3_trainer_config
     model = random_model(cfg, bias_mean=-0.3)
     export_hf(model, tmp_path, max_shard_bytes=150_000)
     assert (tmp_path / INDEX_NAME).exists()

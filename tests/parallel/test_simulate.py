@@ -10,7 +10,7 @@ import pytest
 
 from parallel.instructions import Instr, Kind, Placement
 from parallel.schedules import build_instructions
-from parallel.simulate import Costs, draw_timeline, formula_bubble, main, simulate
+from parallel.simulate import Costs, draw_timeline, formula_bubble, main, simulate, step_makespan
 
 PAPER = Costs(f=1, b=2, w=1, fb=3)
 
@@ -83,6 +83,20 @@ def test_durations_and_latency() -> None:
     assert tl.makespan == 7 and tl.bubble == 4
     assert [(s.start, s.end, str(s.instr)) for s in tl.spans[0]] == [(0, 1, "F0.0"), (5, 7, "B0.0")]
     assert sim("dualpipe", 8, 20, latency=0.25).bubble > 6
+
+
+def test_step_makespan_adds_the_reduction_and_the_tail() -> None:
+    tl = sim("1f1b", 2, 1, Costs(1, 2, 1), latency=0.5)  # rank 0 ends at 7, rank 1 at 4.5 (F 1.5-2.5, B -4.5)
+    assert [spans[-1].end for spans in tl.spans] == [7, 4.5]
+    assert step_makespan(tl, {}, {}) == tl.makespan == 7
+    # rank 1: transfers posted at 2 and 2.5 (2 s each) share its link one after the other: done at 6; tail 1.5
+    assert step_makespan(tl, {1: [(2.5, 2.0), (2.0, 2.0)]}, {1: 1.5}) == 7.5
+    # a transfer done before the rank's last op costs nothing; the tail always follows
+    assert step_makespan(tl, {0: [(1.0, 3.0)]}, {0: 0.25}) == 7.25
+    # a transfer posted after the link went idle starts at its post
+    assert step_makespan(tl, {1: [(1.0, 0.5), (5.0, 1.0)]}, {}) == 7
+    # unshared links: each transfer from its own post (2.5 + 2 = 4.5, then the tail)
+    assert step_makespan(tl, {1: [(2.5, 2.0), (2.0, 2.0)]}, {1: 3.0}, shared_links=False) == 7.5
 
 
 def test_peak_activations_match_table_2() -> None:

@@ -46,6 +46,14 @@ def test_a_modelled_network_changes_timing_only(tiny_data: Path, tmp_path: Path,
     # a bucket is posted during the step's compute and waited for after it (same clock: no offset between them)
     end = max(e["ts"] + e["dur"] for e in ops)
     assert all(min(e["ts"] for e in ops) <= b["ts"] <= end for b in buckets)
+    # each bucket carries its modelled seconds (what parallel.simulate.step_makespan replays)
+    assert all(b["args"]["modelled_us"] > 0 for b in buckets)
+    if "parallel=dualpipe" in layout:  # DualPipe's step tail: one per rank, after its last op, its wait within it
+        tails = [e for e in trace if e["ph"] == "X" and e["cat"] == "step_tail"]
+        assert sorted(e["pid"] for e in tails) == [0, 1] and all(e["tid"] == 3 for e in tails)
+        for t in tails:
+            last = max(e["ts"] + e["dur"] for e in ops if e["pid"] == t["pid"])
+            assert t["ts"] >= last - 1.0 and 0 <= t["args"].get("waited_us", 0.0) <= t["dur"]
 
 
 def test_two_hop_dispatch_trains_like_one_hop_with_fewer_inter_node_bytes(tiny_data: Path, tmp_path: Path):
