@@ -1,7 +1,7 @@
 """`model.compile_regions` (model/compiled.py): RMSNorm, RoPE and the heads' cross-entropy through torch.compile
 give the eager model's loss and gradients to rounding, with MTP, packed documents (per-token RoPE positions) and
-selective recompute (the compiled regions first compiled and rerun inside checkpointed regions); graphs are really
-compiled in training, and evaluation runs eager."""
+selective recompute (the compiled regions first compiled and rerun inside checkpointed regions) and whole-block
+activation checkpointing; graphs are really compiled in training, and evaluation runs eager."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def test_compiled_regions_equal_the_eager_model():
     segments[1, 20:] = 1  # two packed documents in the second row, RoPE restarting at the second (per-token tables)
     positions = torch.stack([torch.arange(34), torch.cat([torch.arange(20), torch.arange(14)])])
     graphs = counters["stats"]["unique_graphs"]
-    for recompute in (True, False):  # compiled first inside selective recompute's checkpointed regions
-        cfg = tiny_config(selective_recompute=recompute)
+    # compiled first inside selective recompute's checkpointed regions, then whole-block checkpointing, then plain
+    for recompute in ({"selective_recompute": True}, {"activation_checkpointing": True}, {}):
+        cfg = tiny_config(**recompute)
         torch.manual_seed(0)
         eager = DeepseekV3(cfg).train()
         fused = DeepseekV3(dataclasses.replace(cfg, compile_regions=True)).train()
