@@ -9,17 +9,26 @@ import dataclasses
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from model.compiled import compile_problem, regional
 from model.norm import rms_norm
 from model.transformer import DeepseekV3
 from tests.conftest import tiny_config
 
-pytestmark = [
-    pytest.mark.slow,  # inductor writes and builds C++ on the first call: ~20 s here
-    pytest.mark.skipif(compile_problem("cpu") is not None, reason=str(compile_problem("cpu"))),
-]
+pytestmark = pytest.mark.slow  # inductor writes and builds C++ on the first call: ~20 s here
+
+
+@pytest.fixture(autouse=True)
+def _compiler_and_triton(monkeypatch):
+    """Skip without a compiler, asked at run time, not at collection: inductor imports Triton, and Triton fixes at
+    import whether its own library functions are interpreted. Imported during collection without TRITON_INTERPRET,
+    it would break the interpreted kernels of tests/fp8/test_fp8_triton.py for the whole session; for the same
+    reason, without a GPU, whatever inductor imports here imports in interpreter mode."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    problem = compile_problem("cpu")
+    if problem is not None:
+        pytest.skip(problem)
 
 
 def _loss_and_grads(model: DeepseekV3, tokens: torch.Tensor, segments: torch.Tensor,
@@ -31,6 +40,10 @@ def _loss_and_grads(model: DeepseekV3, tokens: torch.Tensor, segments: torch.Ten
 
 
 def test_compiled_regions_equal_the_eager_model():
+    # imported here, not at collection: torch._dynamo imports Triton, and Triton imported before
+    # tests/fp8/test_fp8_triton.py sets TRITON_INTERPRET would leave its interpreter half set up for the session
+    from torch._dynamo.utils import counters
+
     tokens = torch.randint(0, 256, (2, 34), generator=torch.Generator().manual_seed(1))
     segments = torch.zeros(2, 34, dtype=torch.long)
     segments[1, 20:] = 1  # two packed documents in the second row, RoPE restarting at the second (per-token tables)
