@@ -222,6 +222,7 @@ def torchtitan_contestants(
         p.data = p.data.to(torch.bfloat16)
     steps = {"torchtitan_fp32_params": torchtitan_step(theirs, tokens), "ours_bf16": ours_step(ours_bf16, tokens),
              "torchtitan_bf16": torchtitan_step(theirs_bf16, tokens)}
+    models = {"ours_bf16": ours_bf16, "torchtitan_bf16": theirs_bf16}  # the bf16 sides the self-check runs
     # each side's best configuration: torch.compile, ours of the elementwise regions (model.compile_regions),
     # torchtitan's of its whole blocks and its loss, as its trainer's compile.enable does
     compile_problem_here = compile_problem("cpu")
@@ -233,12 +234,10 @@ def torchtitan_contestants(
         compile_torchtitan(theirs_compiled)
         steps["ours_bf16_compiled"] = ours_step(ours_compiled, tokens)
         steps["torchtitan_bf16_compiled"] = torchtitan_step(theirs_compiled, tokens, compile_loss=True)
+        models.update(ours_bf16_compiled=ours_compiled, torchtitan_bf16_compiled=theirs_compiled)
     # bf16 moves this model's gradients by 15-45% (norm) from fp32 on either side (small-signal gradients at
     # this init, routing flips), so bf16 grads are not compared with each other: each side's loss is compared with
     # ours in bf16, and each side's distance from the fp32 reference with ours. The mapping is pinned in fp32 above.
-    models = {"ours_bf16": ours_bf16, "torchtitan_bf16": theirs_bf16}
-    if compile_problem_here is None:
-        models.update(ours_bf16_compiled=ours_compiled, torchtitan_bf16_compiled=theirs_compiled)
     bf16 = {side: (snapshot(m, list(GRAD_PAIRS), steps[side]) if side.startswith("ours") else snap(m, steps[side]))
             for side, m in models.items()}
     bf16_loss = {side: compare({"loss": bf16["ours_bf16"]["loss"]}, {"loss": got["loss"]},
