@@ -43,6 +43,9 @@ from bench.common import result
 
 HIDDEN, EXPERTS, WIDTH, TOP_K, SHARED, TOKENS = 512, 16, 256, 2, 2, 4096
 EP = 2
+# how the model orders a rank's transfers on its link (parallel/network_model.py SharedLink), for the JSON
+STREAMS = ("one process group's transfers run one at a time in post order (one NCCL stream per group); groups "
+           "share the link fairly; the count exchange has a group of its own")
 # the F&B pair: MoE blocks with MLA attention, microbatches of BATCH x SEQ tokens
 LAYERS, HEADS, SEQ, BATCH, MICROBATCHES, VOCAB = 2, 8, 256, 4, 4, 2048
 
@@ -89,7 +92,7 @@ def _model_config():
                        num_nextn_predict_layers=0, max_position_embeddings=SEQ, name="bench-ep-fb")
 
 
-def _fb_setup(group, ep_rank: int):
+def _fb_setup(group, layout_group, ep_rank: int):
     """The F&B-pair model sharded over the EP ranks, its dispatchers, the two stages (plain EP layers and EP
     blocks as sub-steps) and this rank's microbatches."""
     import torch.distributed as dist
@@ -101,7 +104,7 @@ def _fb_setup(group, ep_rank: int):
 
     cfg = _model_config()
     torch.manual_seed(0)
-    model = shard_experts(DeepseekV3(cfg).train(), ep_rank, EP, group)
+    model = shard_experts(DeepseekV3(cfg).train(), ep_rank, EP, group, layout_group=layout_group)
     dispatchers = [m.dispatcher for m in model.modules() if isinstance(getattr(m, "dispatcher", None),
                                                                          AllToAllDispatcher)]
     stages = {overlap: Stage(stage_pieces(model, 0, 1), 0, 1, overlap_ep=overlap) for overlap in (False, True)}
@@ -156,11 +159,11 @@ def _blocked(trace: list) -> tuple[float, float]:
             sum(c.wait_end - c.wait_start for c in trace if c.label.startswith("counts")))
 
 
-def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
+def _fb_pair_steps(group, layout_group, ep_rank: int, n: int) -> dict[str, float]:
     """Median seconds per step and a2a seconds (blocked) per step for the sequential and overlapped F&B pairs."""
     import torch.distributed as dist
 
-    model, dispatchers, stages, tokens = _fb_setup(group, ep_rank)
+    model, dispatchers, stages, tokens = _fb_setup(group, layout_group, ep_rank)
     samples: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
     for overlap in (False, True):
         _fb_step(model, dispatchers, stages[overlap], tokens, None, False)  # warm-up
@@ -176,7 +179,7 @@ def _fb_pair_steps(group, ep_rank: int, n: int) -> dict[str, float]:
             "fb_overlap_counts_s": med[True][2]}
 
 
-def _fb_pair_modelled(group, ep_rank: int, n: int) -> dict[str, float]:
+def _fb_pair_modelled(group, layout_group, ep_rank: int, n: int) -> dict[str, float]:
     """The F&B pair phase on a modelled interconnect: the 2 ranks on two nodes, InfiniBand's bandwidth set so
     that the pair phase's all-to-alls take as long as its compute (DeepSeek-V3's ratio), on the wall clock (each
     rank has a core of its own). Calibration: the sequential pair phase's compute (time minus a2a waits,
@@ -186,7 +189,7 @@ def _fb_pair_modelled(group, ep_rank: int, n: int) -> dict[str, float]:
     from parallel.modelled_comm import ModelledComm
     from parallel.network_model import NetworkModel, VirtualClock, WallClock
 
-    model, dispatchers, stages, tokens = _fb_setup(group, ep_rank)
+    model, dispatchers, stages, tokens = _fb_setup(group, layout_group, ep_rank)
     seq = stages[False]
     _fb_step(model, dispatchers, seq, tokens, None, True)  # warm-up
     compute = []
@@ -300,8 +303,9 @@ def _worker(rank: int, world: int, repeats: int) -> dict[str, Any]:
         return out + shared(xi), None
 
     ((peer_s, _),) = measure([peer_fn], n)
-    fb = _fb_pair_steps(groups.ep_group, groups.ep_rank, n)
-    fb.update(_fb_pair_modelled(groups.ep_group, groups.ep_rank, n))
+    layout_group = topo.groups["ep_layout"]
+    fb = _fb_pair_steps(groups.ep_group, layout_group, groups.ep_rank, n)
+    fb.update(_fb_pair_modelled(groups.ep_group, layout_group, groups.ep_rank, n))
     return {"sync_s": sync_s, "overlap_s": over_s, "sync_a2a_s": sync_a2a, "overlap_a2a_s": over_a2a,
             "peer_s": peer_s, **fb}
 
@@ -456,7 +460,8 @@ def run(repeats: int) -> dict[str, Any]:
             "pair_phase_ms_overlap": 1e3 * worst["m_unshared_over_s"],
         },
         "network": {"model": "ib_nvlink", "latency_us": 5.0, "intra_node_gbs": 160.0,
-                    "inter_node_gbs": worst["m_inter_node_gbs"], "ranks_per_node": 1, "shared_links": True},
+                    "inter_node_gbs": worst["m_inter_node_gbs"], "ranks_per_node": 1, "shared_links": True,
+                    "streams": STREAMS},
         "pair_phase_bytes_per_rank": worst["m_pair_bytes"], "pair_phase_compute_ms": 1e3 * worst["m_compute_s"],
         "clock": "wall (virtual_clock: the same runs on the virtual clock, the check of one against the other)",
         "processes": EP, "cores": os.cpu_count(),

@@ -117,16 +117,22 @@ def _status_kib(key: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _reset_peak() -> int:
-    """Give freed heap pages back (so re-used memory counts again), reset the RSS high-water mark; the current
-    RSS in KiB. Linux only; elsewhere the numbers are 0."""
+def _resident_kib() -> int:
+    """The RSS in KiB once freed heap pages are given back (what is still held). Linux only; elsewhere 0."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+    return _status_kib("VmRSS")
+
+
+def _reset_peak() -> int:
+    """Give freed heap pages back (so re-used memory counts again), reset the RSS high-water mark; the current
+    RSS in KiB. Linux only; elsewhere the numbers are 0."""
+    resident = _resident_kib()
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    return _status_kib("VmRSS")
+    return resident
 
 
 # ---------------------------------------------------------------------------------------------- runners
@@ -409,13 +415,19 @@ def _worker(rank: int, world: int, repeats: int) -> dict:
     gc.collect()
     runners: dict[str, Runner] = {}
     memory_kib: dict[str, int] = {}
+    # where it goes: held after the build (parameters, optimizer buffers made at build), held after the warm-up
+    # steps (+ optimizer states, gradients), and the peak (+ what a step holds while it runs: activations)
+    memory_parts_kib: dict[str, dict[str, int]] = {}
     first_losses: dict[str, list[float]] = {}
     for name in CONFIGS:
         base = _reset_peak()
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its partitioning on rank 0
             runners[name] = _build(name, cfg, rank)
+        built = _resident_kib() - base
         first_losses[name] = [runners[name].step(data[s]) for s in range(WARMUP_STEPS)]
         memory_kib[name] = _status_kib("VmHWM") - base
+        memory_parts_kib[name] = {"after_build": built, "after_steps": _resident_kib() - base,
+                                  "peak": memory_kib[name]}
     step_s: dict[str, list[float]] = defaultdict(list)
     timelines: dict[str, list] = defaultdict(list)
     # round-robin one step at a time, the order rotating every round: machine noise hits all alike
@@ -435,7 +447,8 @@ def _worker(rank: int, world: int, repeats: int) -> dict:
             dist.all_gather_object(waits, list(_WAITS))
             if rank == 0:
                 timelines[name].append(_ops(events, dict(enumerate(waits))))
-    return {"memory_kib": memory_kib, "first_losses": first_losses, "step_s": dict(step_s),
+    return {"memory_kib": memory_kib, "memory_parts_kib": memory_parts_kib, "first_losses": first_losses,
+            "step_s": dict(step_s),
             "timelines": dict(timelines)}
 
 
@@ -688,6 +701,9 @@ def run(repeats: int) -> dict:
             "step_s_min": min(rank0["step_s"][name]),
             "measured_bubble_fraction": statistics.median(bubble_fraction(t) for t in rank0["timelines"][name]),
             "peak_memory_mib_per_rank": [round(r["memory_kib"][name] / 1024, 1) for r in reports],
+            # RSS growth per rank held after the build, held after the warm-up steps, and at the peak
+            "memory_mib_per_rank": {part: [round(r["memory_parts_kib"][name][part] / 1024, 1) for r in reports]
+                                    for part in ("after_build", "after_steps", "peak")},
             "first_losses": rank0["first_losses"][name],
         }
     sims = {name: predictions(name, rank0["timelines"][name]) for name in (*OURS, "ds_1f1b", "ds_dualpipev")}

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import result
+from bench.ep_overlap import STREAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 PP, DP, EP, MICRO, SEQ, MICROBATCHES = 2, 2, 2, 2, 256, 16
@@ -203,7 +204,7 @@ def run(repeats: int) -> dict[str, Any]:
             "wall_step_ms": {name: 1e3 * m["step_time_s"] for name, m in med.items()},
             "a2a_bytes_per_rank_step": a2a_bytes_per_step(), "compute_ms_estimate": 1e3 * compute,
             "network": {"model": "ib_nvlink", "latency_us": 5.0, "inter_node_gbs": gbs, "ranks_per_node": 1,
-                        "shared_links": True},
+                        "shared_links": True, "streams": STREAMS},
             "clock": "virtual", "processes": PP * DP, "cores": os.cpu_count(),
             "runs_per_schedule": _runs(repeats), "steps_per_run": STEPS - 1,
         },

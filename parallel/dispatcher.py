@@ -134,8 +134,12 @@ class AllToAllDispatcher:
     a `CommInterval` per all-to-all (forward and backward), for the recorded timeline.
     """
 
-    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int, label: str = "moe") -> None:
+    def __init__(self, group, ep_size: int, ep_rank: int, n_experts: int, label: str = "moe",
+                 layout_group=None) -> None:
         self.group, self.ep_size, self.ep_rank, self.n_experts = group, ep_size, ep_rank, n_experts
+        # the count exchange's own communicator (same ranks): on one group it would queue behind the row
+        # transfers still in flight there (NCCL runs a group's collectives in order); default: `group`
+        self.layout_group = group if layout_group is None else layout_group
         self.first, self.last = expert_range(n_experts, ep_rank, ep_size)
         self.local_experts = self.last - self.first
         self.label = label
@@ -155,7 +159,7 @@ class AllToAllDispatcher:
         """The count-matrix exchange (small, synchronous: the row buffers' sizes depend on it). Row d of this
         rank's [ep, E/ep] counts goes to rank d; received row s = rows from rank s for each local expert."""
         counts = counts.to(torch.int64).view(self.ep_size, self.local_experts).contiguous()
-        recv_counts = post_all_to_all(counts, [1] * self.ep_size, [1] * self.ep_size, self.group,
+        recv_counts = post_all_to_all(counts, [1] * self.ep_size, [1] * self.ep_size, self.layout_group,
                                       f"counts {self.label}", self.trace).wait()
         perm, inverse = expert_major_permutation(recv_counts)
         return ExchangeLayout(counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts.sum(0), perm, inverse)

@@ -39,12 +39,13 @@ def _shard_routed(experts: RoutedExperts, lo: int, hi: int) -> RoutedExperts:
 
 
 def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, overlap: bool = False,
-                  two_hop_ranks_per_node: int | None = None) -> nn.Module:
+                  two_hop_ranks_per_node: int | None = None, layout_group=None) -> nn.Module:
     """In place: every MoE layer keeps experts [ep_rank*E/ep, (ep_rank+1)*E/ep) and gets an AllToAllDispatcher
     over `group` (None: the default group). Parameter names are unchanged; they now hold the local experts.
     `overlap`: the layer's forward becomes `overlapped_moe_forward` (shared experts hidden behind the dispatch
     all-to-all; bitwise the same result). `two_hop_ranks_per_node`: a TwoHopDispatcher over nodes of that many
-    EP ranks instead (parallel/two_hop.py; no shared-expert overlap)."""
+    EP ranks instead (parallel/two_hop.py; no shared-expert overlap). `layout_group`: the same ranks as `group`
+    on a communicator of their own, for the count exchange (default: `group`)."""
     from parallel.two_hop import TwoHopDispatcher
 
     for name, module in model.named_modules():
@@ -58,7 +59,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group=None, over
             if two_hop_ranks_per_node is not None:
                 module.dispatcher = TwoHopDispatcher(group, ep_size, ep_rank, n, two_hop_ranks_per_node, label=label)
                 continue
-            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=label)
+            module.dispatcher = AllToAllDispatcher(group, ep_size, ep_rank, n, label=label, layout_group=layout_group)
             if overlap:  # an instance attribute: nn.Module.__call__ looks up self.forward
                 module.forward = functools.partial(overlapped_moe_forward, module)
     return model

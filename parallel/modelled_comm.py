@@ -16,8 +16,9 @@ at the latest post time of its participants, each on its own clock, plus its dur
 sends this rank's post time (`_PostTimes`). On the wall clock, one machine's clock is every rank's, and a peer
 that posts late is seen through the real transfer's wait.
 
-Approximations (docs/expert_parallel.md): concurrent transfers of one rank do not share bandwidth except inside
-one all-to-all; barriers are not modelled.
+Shared links (`NetworkModel.shared_links`): a rank's transfers in flight on one link type share it, and those of
+one process group (one stream) run one at a time in post order (`_stream`). Approximations
+(docs/expert_parallel.md): flows of different ranks through a switch do not contend; barriers are not modelled.
 
 `stats` counts, per rank, the bytes this rank sent over each link type, the modelled seconds of its
 transfers, and the seconds its waits were held by the model (the exposed modelled communication).
@@ -125,6 +126,15 @@ class _PostTimes:
             return _after(work, lambda: max(posted, stamp.item()))
         work = self.real["all_reduce"](stamp, op=dist.ReduceOp.MAX, group=group, async_op=True)
         return _after(work, lambda: stamp.item())
+
+
+def _stream(name: str, args: dict[str, Any]) -> tuple:
+    """The stream a call's transfer runs on: its process group's (ProcessGroupNCCL queues a group's collectives
+    on one CUDA stream, so they run in order), and for point-to-point the group's stream to that peer."""
+    group = args.get("group") or dist.group.WORLD
+    if name in P2P:
+        return (group, "p2p", args.get("dst", args.get("group_dst")))
+    return (group,)
 
 
 def _after(work: Any, value: Callable[[], float]) -> Callable[[], float]:
@@ -236,16 +246,16 @@ class ModelledComm:
         return LINKS[1] if any(not self.net.same_node(me, r) for r in ranks) else LINKS[0]
 
     def _modelled(self, work: Any, seconds: float, posted: float | Callable[[], float], own_post: float,
-                  link: str | None) -> ModelledWork:
+                  link: str | None, stream: object = None) -> ModelledWork:
         """Transfers this rank has in flight on one link type share it (`SharedLink`, from its own post times):
         without that, a reduction cut into many buckets would take no longer than its largest bucket, and a
-        reduction would not slow the all-to-alls beside it."""
+        reduction would not slow the all-to-alls beside it. Those of one `stream` go one at a time."""
         self.stats.modelled_s += seconds
         self.stats.transfers += 1
         not_before = None
         if link is not None and seconds > 0 and self.net.shared_links:
             shared = self._links.setdefault(link, SharedLink())
-            flow = shared.post(own_post, seconds)
+            flow = shared.post(own_post, seconds, stream)
             not_before = functools.partial(shared.done_at, flow)
         return ModelledWork(work, seconds, self.clock, posted=posted, on_block=self._blocked, not_before=not_before)
 
@@ -271,13 +281,14 @@ class ModelledComm:
                     works = list(out or [None] * (len(ops) + len(extra)))
                     return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)),
                                            extra[i][1](works[len(ops) + i]) if extra else posted, posted,
-                                           self._occupies(op.op.__name__, {"dst": self._op_peer(op)}))
+                                           self._occupies(op.op.__name__, {"dst": self._op_peer(op)}),
+                                           _stream(op.op.__name__, {"dst": self._op_peer(op), "group": op.group}))
                             for i, (op, work) in enumerate(zip(ops, works[:len(ops)], strict=True))]
                 seconds = self.seconds(name, bound, out)
                 when = stamps.share(name, bound, posted, out) if stamps is not None else posted
             finally:
                 self._inside.depth = 0
-            work = self._modelled(out, seconds, when, posted, self._occupies(name, bound))
+            work = self._modelled(out, seconds, when, posted, self._occupies(name, bound), _stream(name, bound))
             if name in ASYNC_P2P or bound.get("async_op"):
                 return work
             work.work = None  # synchronous: the real transfer is done; hold the caller for the rest

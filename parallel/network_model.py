@@ -45,8 +45,9 @@ class NetworkModel:
     intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU
     inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s)
     ranks_per_node: int = 8
-    # a rank's transfers in flight on one link type share its bandwidth (`SharedLink`); False: each transfer
-    # gets the whole link, as if it were alone (the model's first form: flatters overlapping transfers)
+    # a rank's transfers in flight on one link type share its bandwidth, one process group's transfers one at a time
+    # (`SharedLink`); False: each transfer gets the whole link, as if it were alone (the model's first form:
+    # flatters overlapping transfers)
     shared_links: bool = True
 
     def __post_init__(self) -> None:
@@ -150,64 +151,76 @@ class VirtualClock:
 
 class Flow:
     """One transfer on a `SharedLink`: its post time, the seconds it takes alone, what is left of them at the
-    link's current time, and when it ended (None: still in flight)."""
+    link's current time, and when it ended (None: still in flight or queued)."""
 
     __slots__ = ("post", "seconds", "left", "done")
 
     def __init__(self, post: float, seconds: float) -> None:
         self.post, self.seconds, self.left, self.done = post, seconds, seconds, None
 
+    def copy(self) -> Flow:
+        twin = Flow(self.post, self.seconds)
+        twin.left = self.left
+        return twin
+
+    @property
+    def finished(self) -> bool:
+        return self.left <= 1e-12 * max(1.0, self.seconds)
+
 
 class SharedLink:
-    """A rank's sending side of one link type, shared fairly by the transfers in flight on it: with k in flight
-    each moves at 1/k of the link's rate (processor sharing, the fluid model of flows on one NIC). A transfer's end
-    is known once nothing more can be posted before it: a rank posts nothing while it waits, so at its wait."""
+    """A rank's sending side of one link type. Transfers of one stream (a process group: ProcessGroupNCCL runs a
+    group's collectives in order on one CUDA stream) go one at a time in post order; the streams with a transfer
+    in flight share the link fairly, each at 1/k of its rate with k of them (processor sharing, the fluid model of
+    flows on one NIC). A transfer's end is known once nothing more can be posted before it: a rank posts nothing
+    while it waits, so at its wait."""
 
     def __init__(self) -> None:
-        self.t: float | None = None  # the time `active` is described at
-        self.active: list[Flow] = []
+        self.t: float | None = None  # the time `queues` are described at
+        self.queues: dict[object, list[Flow]] = {}  # stream -> its transfers not done, the first one moving
 
-    def post(self, at: float, seconds: float) -> Flow:
-        self._advance(at)
+    def post(self, at: float, seconds: float, stream: object = None) -> Flow:
+        """A transfer posted at `at` (posts come in time order); `stream` None: a stream of its own."""
+        if self.t is None or at > self.t:
+            self.t = at if self.t is None else _drain(self.queues, self.t, until=at)
         flow = Flow(at, seconds)
-        self.active.append(flow)
+        self.queues.setdefault(flow if stream is None else stream, []).append(flow)
         return flow
-
-    def _advance(self, until: float) -> None:
-        """Move the link's state to `until` (posts come in time order), ending the transfers done by then."""
-        if self.t is None or until <= self.t:
-            self.t = until if self.t is None else self.t
-            return
-        while self.active:
-            share = len(self.active)
-            step = min(f.left for f in self.active)
-            end = self.t + step * share
-            if end > until:
-                break
-            self.t = end
-            for f in self.active:
-                f.left -= step
-                if f.left <= 1e-12 * max(1.0, f.seconds):
-                    f.done = end
-            self.active = [f for f in self.active if f.done is None]
-        if self.active:
-            for f in self.active:
-                f.left -= (until - self.t) / len(self.active)
-        self.t = until
 
     def done_at(self, flow: Flow) -> float:
         """When `flow` ends, if nothing more is posted before then."""
         if flow.done is not None:
             return flow.done
-        t, left = self.t, {id(f): f.left for f in self.active}
-        while True:
-            share = len(left)
-            step = min(left.values())
-            t += step * share
-            left = {k: v - step for k, v in left.items()}
-            if left[id(flow)] <= 1e-12 * max(1.0, flow.seconds):
-                return t
-            left = {k: v for k, v in left.items() if v > 1e-12 * max(1.0, flow.seconds)}
+        twins = {s: [f.copy() for f in q] for s, q in self.queues.items()}
+        target = next(twin for s, q in self.queues.items() for f, twin in zip(q, twins[s]) if f is flow)
+        return _drain(twins, self.t, stop=target)
+
+
+def _drain(queues: dict[object, list[Flow]], t: float, until: float | None = None, stop: Flow | None = None) -> float:
+    """Processor sharing among the queues' first transfers from time `t`, to `until` or until `stop` has ended;
+    the transfers that end get their `done` time and leave their queues (empty queues are dropped). Returns the
+    time reached."""
+    while True:
+        heads = [q[0] for q in queues.values() if q]
+        if not heads:
+            return t if until is None else max(t, until)
+        step = min(f.left for f in heads)
+        end = t + step * len(heads)
+        if until is not None and end > until:
+            for f in heads:
+                f.left -= (until - t) / len(heads)
+            return until
+        t = end
+        for f in heads:
+            f.left -= step
+            if f.finished:
+                f.done = t
+        for key in list(queues):
+            queues[key] = [f for f in queues[key] if f.done is None]
+            if not queues[key]:
+                del queues[key]
+        if stop is not None and stop.done is not None:
+            return t
 
 
 class ModelledWork:

@@ -87,7 +87,7 @@ def shard_experts_over(model: nn.Module, topo: PipelineTopology, two_hop_ranks_p
     ep = register_expert_groups(topo.ep, topo.ep_rank, (topo.groups["ep"], topo.group_ranks["ep"]),
                                 (topo.groups["expert_data"], topo.group_ranks["expert_data"]))
     shard_experts(model, ep.ep_rank, ep.ep_size, ep.ep_group, overlap=True,
-                  two_hop_ranks_per_node=two_hop_ranks_per_node)
+                  two_hop_ranks_per_node=two_hop_ranks_per_node, layout_group=topo.groups["ep_layout"])
     mark_expert_params(model, ep.name)
 
 

@@ -86,11 +86,12 @@ class GradientHooks(Protocol):
     """What the runtime tells a gradient reduction (parallel/grad_reduce.py) about a chunk's gradients."""
 
     def final_pass_begins(self, chunk: int, pending: list[torch.Tensor]) -> None:
-        """The chunk's last gradient instruction is a W about to run: every parameter of the chunk but `pending`
-        (the weights that W writes) has its final gradient now."""
+        """The chunk's last gradient instruction is about to run: a W, or a B computing its weight-gradients
+        inline. Every parameter of the chunk but `pending` (the weights it writes) has its final gradient now."""
 
     def weight_final(self, weight: torch.Tensor) -> None:
-        """During that W: `weight`'s last weight-gradient GEMM of the step has run."""
+        """During that instruction: `weight`'s last gradient contribution of the step has been added (its last
+        weight-gradient GEMM in a W; its piece's backward in a B)."""
 
     def chunk_done(self, chunk: int) -> None:
         """No later instruction of the step adds to the chunk's gradients."""
@@ -140,9 +141,12 @@ class PipelineRuntime:
             if ins.kind == Kind.F:
                 self._timed(ins, lambda ins=ins: run_to_end(self._forward(ins.chunk, ins.mb)))
             elif ins.kind == Kind.B:
-                self._timed(ins, lambda ins=ins: run_to_end(self._backward(ins.chunk, ins.mb, ins.defer_w)))
+                ends_chunk = ins.chunk in last_grads.get(index, ())
+                self._timed(ins, lambda ins=ins, ends_chunk=ends_chunk: run_to_end(
+                    self._backward(ins.chunk, ins.mb, ins.defer_w, ends_chunk)))
             elif ins.kind == Kind.FB:
-                self._timed(ins, lambda ins=ins: self._forward_backward(ins))
+                ends_chunk = ins.b_chunk in last_grads.get(index, ())
+                self._timed(ins, lambda ins=ins, ends_chunk=ends_chunk: self._forward_backward(ins, ends_chunk))
             elif ins.kind == Kind.W:
                 ends_chunk = ins.chunk in last_grads.get(index, ())
                 self._timed(ins, lambda ins=ins, ends_chunk=ends_chunk: self._weight(ins, ends_chunk))
@@ -297,10 +301,23 @@ class PipelineRuntime:
         else:
             self.outputs[(chunk, mb)] = out
 
-    def _backward(self, chunk: int, mb: int, defer_w: bool):
-        """Generator: backward of (chunk, mb) piece by piece; input-gradient kept for a send or hand-off."""
+    def _backward(self, chunk: int, mb: int, defer_w: bool, ends_chunk: bool = False):
+        """Generator: backward of (chunk, mb) piece by piece; input-gradient kept for a send or hand-off.
+        `ends_chunk`: the chunk's last gradient work; with its weight-gradients inline (not deferred), each
+        piece's parameters are reported final as soon as its backward is done."""
         grad = self._output_grad(chunk, mb)
-        steps = self.stages[chunk].backward_steps(grad, mb, self.loss_scale)
+        hooks = self.gradient_hooks if ends_chunk and not defer_w else None
+        piece_done = None
+        if hooks is not None:
+            stage = self.stages[chunk]
+            final_after = stage.final_after_piece()
+            hooks.final_pass_begins(chunk, [p for ps in final_after.values() for p in ps])
+
+            def piece_done(index: int) -> None:
+                for p in final_after.get(index, ()):
+                    hooks.weight_final(p)
+
+        steps = self.stages[chunk].backward_steps(grad, mb, self.loss_scale, piece_done)
         # capture weight-gradients only while this backward's own steps run, not while the paired forward runs
         # between them (that forward must see the store as it would alone)
         group = self.store.open_group((chunk, mb)) if defer_w else None
@@ -317,11 +334,11 @@ class PipelineRuntime:
         if in_grad is not None:
             self.in_grads[(chunk, mb)] = in_grad
 
-    def _forward_backward(self, ins: Instr) -> None:
+    def _forward_backward(self, ins: Instr, ends_chunk: bool = False) -> None:
         """The overlapped pair: the forward pieces of one microbatch alternate with the backward pieces of
         another (backward first), so communication posted by one (expert all-to-all) can hide behind the
         other's compute."""
-        run_pair(self._backward(ins.b_chunk, ins.b_mb, ins.defer_w), self._forward(ins.chunk, ins.mb))
+        run_pair(self._backward(ins.b_chunk, ins.b_mb, ins.defer_w, ends_chunk), self._forward(ins.chunk, ins.mb))
 
     def _weight(self, ins: Instr, ends_chunk: bool = False) -> None:
         """Run the oldest W group; `ends_chunk`: the chunk's last gradient work, reported weight by weight."""

@@ -117,16 +117,21 @@ class Stage(nn.Module):
         return run_to_end(self.forward_steps(x, mb, key))
 
     # ---- backward, piece by piece --------------------------------------------------------------------
-    def backward_steps(self, grad_out: torch.Tensor | None, key: int, loss_scale: float):
+    def backward_steps(self, grad_out: torch.Tensor | None, key: int, loss_scale: float,
+                       piece_done: Callable[[int], None] | None = None):
         """A generator running the backward of microbatch `key` piece by piece, last first. For the last
         stage `grad_out` is None and the output (the loss) is seeded with `loss_scale`; every piece adds its
-        blocks' balance losses, also scaled. Returns the gradient w.r.t. the stage input (None on stage 0)."""
+        blocks' balance losses, also scaled. `piece_done(index)` hears of each piece whose backward has run.
+        Returns the gradient w.r.t. the stage input (None on stage 0)."""
         records = self._records.pop(key)
         grad = grad_out
-        for rec in reversed(records):
+        for index in reversed(range(len(records))):
+            rec = records[index]
             if rec.backward is not None:
                 yield from rec.backward(grad, loss_scale)
                 grad = rec.inp.grad
+                if piece_done is not None:
+                    piece_done(index)
                 yield
                 continue
             outputs, grads = [], []
@@ -139,8 +144,24 @@ class Stage(nn.Module):
             if outputs:
                 torch.autograd.backward(outputs, grads)
             grad = None if rec.inp is None else rec.inp.grad
+            if piece_done is not None:
+                piece_done(index)
             yield
         return grad
+
+    def final_after_piece(self) -> dict[int, list[nn.Parameter]]:
+        """{piece index: the trainable parameters no piece run after it in backward reads}: in a backward that
+        computes its weight-gradients inline, their gradients are complete once that piece is done (a parameter
+        several pieces hold, as a tied embedding, counts at the last of them, the one nearest the input)."""
+        last: dict[int, tuple[int, nn.Parameter]] = {}
+        for index in reversed(range(len(self.pieces))):
+            for p in self.pieces[index].parameters():
+                if p.requires_grad:
+                    last[id(p)] = (index, p)
+        out: dict[int, list[nn.Parameter]] = {}
+        for index, p in last.values():
+            out.setdefault(index, []).append(p)
+        return out
 
     def backward(self, grad_out: torch.Tensor | None, key: int, loss_scale: float) -> torch.Tensor | None:
         return run_to_end(self.backward_steps(grad_out, key, loss_scale))

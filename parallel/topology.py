@@ -112,6 +112,10 @@ class PipelineTopology:
         if self.ep > 1:
             make("ep", [[self.global_rank(p, d) for d in range(k, k + self.ep)]
                         for p in range(self.pp) for k in range(0, self.dp, self.ep)])
+            # the same ranks for the all-to-alls' small count exchange: a communicator (NCCL: a stream) of its
+            # own, so it does not queue behind the row transfers in flight on "ep"
+            make("ep_layout", [[self.global_rank(p, d) for d in range(k, k + self.ep)]
+                               for p in range(self.pp) for k in range(0, self.dp, self.ep)], own=True)
             make("expert_data", [[self.global_rank(p, d) for d in range(j, self.dp, self.ep)]
                                  for p in range(self.pp) for j in range(self.ep)])
 

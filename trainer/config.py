@@ -40,7 +40,8 @@ class NetworkConfig:
     intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU
     inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s)
     ranks_per_node: int = 8  # consecutive global ranks share a node
-    # a rank's transfers in flight on one link type share its bandwidth (false: each gets the whole link)
+    # a rank's transfers in flight on one link type share its bandwidth, those of one process group one at a time
+    # in post order (false: each gets the whole link, as if alone)
     shared_links: bool = True
     # wall: real time (valid while every rank has a core of its own) | virtual: each rank's thread CPU time plus
     # its modelled waits, for more processes than cores (torch then runs one thread per rank); the step's time

@@ -96,6 +96,12 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     sched = schedule(0)
     grads = capture_grads(sched.engine, sched.module.named_parameters())
     n_marked = sum(is_expert_param(p) for p in sched.module.parameters())
+    # the count exchanges on the EP ranks' second communicator, the rows on the first
+    layouts = [(m.dispatcher.group, m.dispatcher.layout_group) for m in sched.module.modules()
+               if hasattr(getattr(m, "dispatcher", None), "layout_group")]
+    layout_groups = (len(layouts), all(g is topo.groups["ep"] and lg is topo.groups["ep_layout"] and lg is not g
+                                       for g, lg in layouts),
+                     dist.get_process_group_ranks(topo.groups["ep_layout"]) == topo.group_ranks["ep"])
     all_batches = make_batches(cfg, steps * microbatches * world)
     per_step = [all_batches[s * microbatches * world:(s + 1) * microbatches * world] for s in range(steps)]
     routers = moe_routers(sched.module)
@@ -146,7 +152,7 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     legacy_masters_equal = all(torch.equal(a, b) for a, b in masters)
     return {
         **report, "n": len(full), "n_ref": len(ref.state),
-        "n_marked": n_marked, "bias_diff": max(float((b - ref.state[f"{name}.e_score_correction_bias"]).abs().max())
+        "n_marked": n_marked, "layout_groups": layout_groups, "bias_diff": max(float((b - ref.state[f"{name}.e_score_correction_bias"]).abs().max())
                                                 for name, b in _bias_names(sched.module, biases[-1]).items()),
         "biases": {i: b.tolist() for i, b in biases[-1].items()}, "empty_last_step": empty,
         "logits": logits.tolist(), "probe": probe.tolist(), "resume_diff": resume_diff,  # no tensors: queue

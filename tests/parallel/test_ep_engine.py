@@ -36,6 +36,7 @@ def test_ep2_engine_steps_equal_single_process(ep2):
     reports, _ = ep2
     for rep in reports:
         assert rep["n_marked"] == 2 * 3  # gate_up + down of the 3 MoE layers (MTP included)
+        assert rep["layout_groups"] == (3, True, True)
         assert rep["n"] == rep["n_ref"]
         assert_matches(rep)  # the norm counts each expert once
         assert rep["ref_norm"] > CLIP  # the clip is active, so the parameters also check the clip coefficient

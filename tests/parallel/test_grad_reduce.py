@@ -45,7 +45,8 @@ class Recorder:
 
 def test_gradients_reported_final_do_not_change():
     """DualPipeV on one rank (two chunks, deferred W): every parameter's gradient when its chunk's last W begins
-    (the ones it does not write) or when its last GEMM there ran equals the gradient at the step's end."""
+    (the ones it does not write) or when its last GEMM there ran, or, in a last B computing its weight-gradients
+    inline, when its piece's backward is done, equals the gradient at the step's end."""
     cfg = tiny_config(num_hidden_layers=2, first_k_dense_replace=1)
     torch.manual_seed(0)
     model = DeepseekV3(cfg).train()
@@ -58,16 +59,22 @@ def test_gradients_reported_final_do_not_change():
                               dtype=torch.float32, device=torch.device("cpu"), seq_len=SEQ, gradient_hooks=hooks)
     instrs = build_instructions("dualpipev", 1, 4, defer_w=True)[0]
     last = last_gradient_instructions(instrs)
-    ends_in_w = sorted(c for i, chunks in last.items() for c in chunks if instrs[i].kind == Kind.W)
-    assert ends_in_w == [0]  # chunk 0 ends with a W (reported weight by weight), chunk 1 with its last B
+    ends_in = {c: instrs[i] for i, chunks in last.items() for c in chunks}
+    # chunk 0 ends with a W (reported weight by weight), chunk 1 with a B computing its W inline (piece by piece)
+    assert ends_in[0].kind == Kind.W and ends_in[1].kind == Kind.B and not ends_in[1].defer_w
     runtime.run(instrs, make_batches(cfg, 4), loss_scale=0.25)
 
-    assert [c for kind, c, _ in hooks.calls if kind == "begin"] == ends_in_w
-    assert sorted(c for kind, c, _ in hooks.calls if kind == "done") == [0, 1]
-    begin = next(i for i, call in enumerate(hooks.calls) if call[0] == "begin")
-    assert hooks.calls[begin][2] > 0  # that W writes weights
-    assert hooks.calls.index(("done", 0, 0)) > begin + hooks.calls[begin][2]  # after each of them was reported
-    assert {id(p) for p in stages[0].parameters()} <= set(hooks.snapshots)
+    assert [c for kind, c, _ in hooks.calls if kind == "begin"] == [1, 0]
+    assert [c for kind, c, _ in hooks.calls if kind == "done"] == [1, 0]
+    for chunk in (1, 0):
+        begin = hooks.calls.index(next(call for call in hooks.calls if call[:2] == ("begin", chunk)))
+        pending = hooks.calls[begin][2]
+        assert pending > 0  # that instruction writes weights, each reported before the chunk is done
+        assert hooks.calls[begin + 1 : begin + 1 + pending] == [("weight", None, 0)] * pending
+        assert hooks.calls[begin + 1 + pending] == ("done", chunk, 0)
+    # the B's parameters all pending at its start: every trainable one of the chunk
+    assert hooks.calls[0][2] == sum(p.requires_grad for p in stages[1].parameters())
+    assert {id(p) for c in (0, 1) for p in stages[c].parameters()} <= set(hooks.snapshots)
     changed = [p.shape for p, g in hooks.snapshots.values() if g is not None and not torch.equal(g, p.grad)]
     assert not changed, changed
     assert any(p.grad is not None for p, _ in hooks.snapshots.values())

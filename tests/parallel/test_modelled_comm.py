@@ -34,6 +34,7 @@ def _worker(rank: int, world: int) -> dict:
     import deepspeed
     import deepspeed.comm as ds_dist
 
+    from parallel.dispatcher import AllToAllDispatcher
     from parallel.modelled_comm import ModelledComm, active
     from parallel.p2p import P2P
 
@@ -44,6 +45,7 @@ def _worker(rank: int, world: int) -> dict:
     originals = {name: getattr(dist, name) for name in ("all_reduce", "isend", "all_to_all_single")}
     ds_gather = ds_comm.cdb.all_gather_function
     out: dict = {}
+    other = dist.new_group([0, 1])  # a second communicator over the same ranks: a stream of its own
     clock = FakeClock()
     comm = ModelledComm(NET, clock)
     with comm:
@@ -79,15 +81,27 @@ def _worker(rank: int, world: int) -> dict:
         p2p.wait_sends()
         out["p2p"] = {"got": got[0].item(), "clock": clock.t - t0,
                       "sent": comm.stats.sent_bytes["inter_node"] - sent_before}
-        # two reductions posted together share the rank's link: the smaller ends after twice its time alone, the
-        # larger after both durations
-        t0 = clock.t
-        a, b = torch.ones(256), torch.ones(512)
-        works = [dist.all_reduce(a, async_op=True), dist.all_reduce(b, async_op=True)]
-        works[0].wait()
-        first = clock.t - t0
-        works[1].wait()
-        out["queued"] = {"first": first, "clock": clock.t - t0}
+        # two reductions posted together on two groups share the rank's link: the smaller ends after twice its
+        # time alone, the larger after both durations; on one group (one stream) they run one after the other
+        for key, groups in (("shared", (None, other)), ("queued", (None, None))):
+            t0 = clock.t
+            a, b = torch.ones(256), torch.ones(512)
+            works = [dist.all_reduce(a, group=groups[0], async_op=True),
+                     dist.all_reduce(b, group=groups[1], async_op=True)]
+            works[0].wait()
+            first = clock.t - t0
+            works[1].wait()
+            out[key] = {"first": first, "clock": clock.t - t0}
+        # the dispatcher's count exchange on a group of its own shares the link with its rows in flight; on the
+        # rows' group it waits for them
+        for key, layout_group in (("layout_own_group", other), ("layout_rows_group", None)):
+            dispatcher = AllToAllDispatcher(None, 2, rank, 4, layout_group=layout_group)
+            t0 = clock.t
+            rows = dispatcher.post(torch.ones(64, 256), [32, 32], [32, 32], "dispatch")
+            dispatcher.exchange_layout(torch.ones(4))
+            counts = clock.t - t0
+            rows.wait()
+            out[key] = {"counts": counts, "clock": clock.t - t0}
         # DeepSpeed's own collectives go through the same seam, its cached all-gather included
         transfers = comm.stats.transfers
         d = torch.ones(8) * (rank + 1)
@@ -139,11 +153,25 @@ def test_synchronous_collectives_and_batched_p2p_are_modelled(ranks):
 
 
 @pytest.mark.multiprocess
-def test_transfers_posted_together_share_the_link(ranks):
+def test_transfers_posted_together_share_the_link_or_queue_on_one_group(ranks):
     small, large = NET.ring_seconds("all_reduce", 1024, [0, 1]), NET.ring_seconds("all_reduce", 2048, [0, 1])
     for r in ranks:
-        assert r["queued"]["first"] == pytest.approx(2 * small)
+        assert r["shared"]["first"] == pytest.approx(2 * small)
+        assert r["shared"]["clock"] == pytest.approx(small + large)
+        assert r["queued"]["first"] == pytest.approx(small)
         assert r["queued"]["clock"] == pytest.approx(small + large)
+
+
+@pytest.mark.multiprocess
+def test_the_count_exchange_on_its_own_group_does_not_queue_behind_the_rows(ranks):
+    rows = NET.all_to_all_seconds(0, [0, 1], [32 * 256 * 4] * 2, [32 * 256 * 4] * 2)
+    counts = NET.all_to_all_seconds(0, [0, 1], [2 * 8] * 2, [2 * 8] * 2)  # a row of 2 int64 counts per peer
+    for r in ranks:
+        # sharing the link with the rows, both at half rate until the counts are done
+        assert r["layout_own_group"]["counts"] == pytest.approx(2 * counts)
+        assert r["layout_rows_group"]["counts"] == pytest.approx(rows + counts)
+        assert r["layout_own_group"]["clock"] == pytest.approx(rows + counts)
+        assert r["layout_rows_group"]["clock"] == pytest.approx(rows + counts)
 
 
 @pytest.mark.multiprocess
@@ -232,3 +260,20 @@ def test_a_shared_link_splits_its_rate_among_the_transfers_in_flight():
     assert a.done == pytest.approx(3.0)
     assert link.done_at(b) == pytest.approx(4.5)
     assert link.done_at(c) == pytest.approx(5.0)
+
+
+def test_a_stream_runs_its_transfers_one_at_a_time_and_shares_the_link_with_other_streams():
+    from parallel.network_model import SharedLink
+
+    link = SharedLink()
+    a = link.post(0.0, 2.0, stream="ep")
+    b = link.post(1.0, 2.0, stream="ep")  # queued behind a: starts at 2, alone
+    assert link.done_at(a) == pytest.approx(2.0) and link.done_at(b) == pytest.approx(4.0)
+    c = link.post(1.5, 1.0, stream="reduce")  # shares with a (0.5 s left) from 1.5, then with b
+    # 1.5-2.5: a and c at half rate, a ends at 2.5 with c at 0.5 left; 2.5-3.5: b and c halve, c ends at 3.5
+    # with b at 1.5 left, which it runs alone to 5.0
+    assert link.done_at(a) == pytest.approx(2.5)
+    assert link.done_at(c) == pytest.approx(3.5)
+    assert link.done_at(b) == pytest.approx(5.0)
+    link.post(6.0, 1.0, stream="ep")  # everything before has ended by then
+    assert (a.done, b.done, c.done) == (pytest.approx(2.5), pytest.approx(5.0), pytest.approx(3.5))
