@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 PP, MICROBATCHES, MICRO, SEQ = 2, 8, 2, 64
 STEPS_PER_REPEAT = 10  # timed steps of each configuration per repeat
 WARMUP_STEPS = 2  # untimed, right after building (peak memory is taken over build + warmup)
+TRACKED_STEP = WARMUP_STEPS  # one more untimed step, its tensors tracked (LiveTensorPeak)
 LR, WD = 1e-3, 0.1
 CONFIGS = ("ours_dualpipe", "ours_dualpipev", "ds_1f1b", "ds_dualpipev", "torch_dualpipev")
 OURS = ("ours_dualpipe", "ours_dualpipev")
@@ -78,11 +79,14 @@ def bench_config() -> ModelConfig:
 
 
 def ds_config() -> dict:
+    from trainer.ds_config import REDUCE_BUCKET_ELEMENTS  # the staging bucket the trainer configures
+
     return {
         "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WD,
                                                    "torch_adam": True}},
-        "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1,
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS}, "gradient_clipping": 0.0,
+        "steps_per_print": 2**31 - 1,
     }
 
 
@@ -123,6 +127,64 @@ def _resident_kib() -> int:
     if libc is not None:
         libc.malloc_trim(0)
     return _status_kib("VmRSS")
+
+
+class LiveTensorPeak:
+    """The peak bytes of CPU tensors created inside the context and alive at once: what a step adds on top of the
+    state it starts with, counted by tensor storage as a GPU's caching allocator counts allocated bytes (the RSS
+    high-water mark adds the heap's fragmentation and freed pages malloc keeps). Storages of tensors that exist
+    when it starts (parameters, optimizer states) are not counted when an op returns a view of them."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.live = self.peak = 0
+        self._seen = {t.untyped_storage().data_ptr() for t in gc.get_objects() if _strided(t)}
+        self._mode = None
+
+    def _track(self, t: object) -> None:
+        import weakref
+
+        if not _strided(t) or t.device.type != "cpu":
+            return
+        storage = t.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key in self._seen or nbytes == 0:
+            return
+        self._seen.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, nbytes)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __enter__(self) -> LiveTensorPeak:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, tuple | list) else (out,):
+                    tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
+def _strided(t: object) -> bool:
+    try:
+        return isinstance(t, torch.Tensor) and t.layout == torch.strided
+    except Exception:  # objects gc finds half-built
+        return False
 
 
 def _reset_peak() -> int:
@@ -407,7 +469,7 @@ def _worker(rank: int, world: int, repeats: int) -> dict:
     _quiet_deepspeed()
     _record_runtime_waits()
     cfg = bench_config()
-    data = make_batches(cfg, WARMUP_STEPS + repeats * STEPS_PER_REPEAT)
+    data = make_batches(cfg, TRACKED_STEP + 1 + repeats * STEPS_PER_REPEAT)
     with contextlib.redirect_stdout(io.StringIO()):
         # a throwaway configuration first: one-time costs (lazy imports, thread pools, gloo pair buffers) would
         # otherwise land on the memory figure of whichever configuration is built first
@@ -428,11 +490,15 @@ def _worker(rank: int, world: int, repeats: int) -> dict:
         memory_kib[name] = _status_kib("VmHWM") - base
         memory_parts_kib[name] = {"after_build": built, "after_steps": _resident_kib() - base,
                                   "peak": memory_kib[name]}
+    for name in CONFIGS:  # after every RSS figure: the tracking itself allocates
+        with LiveTensorPeak() as tracked, contextlib.redirect_stdout(io.StringIO()):
+            runners[name].step(data[TRACKED_STEP])
+        memory_parts_kib[name]["step_tensors"] = tracked.peak // 1024
     step_s: dict[str, list[float]] = defaultdict(list)
     timelines: dict[str, list] = defaultdict(list)
     # round-robin one step at a time, the order rotating every round: machine noise hits all alike
     for i in range(repeats * STEPS_PER_REPEAT):
-        batches = data[WARMUP_STEPS + i]
+        batches = data[TRACKED_STEP + 1 + i]
         for name in CONFIGS[i % len(CONFIGS):] + CONFIGS[: i % len(CONFIGS)]:
             runner = runners[name]
             runner.record()
@@ -701,9 +767,10 @@ def run(repeats: int) -> dict:
             "step_s_min": min(rank0["step_s"][name]),
             "measured_bubble_fraction": statistics.median(bubble_fraction(t) for t in rank0["timelines"][name]),
             "peak_memory_mib_per_rank": [round(r["memory_kib"][name] / 1024, 1) for r in reports],
-            # RSS growth per rank held after the build, held after the warm-up steps, and at the peak
+            # RSS growth per rank held after the build, held after the warm-up steps, and at the peak; then the
+            # peak of the tensors one later step creates (LiveTensorPeak)
             "memory_mib_per_rank": {part: [round(r["memory_parts_kib"][name][part] / 1024, 1) for r in reports]
-                                    for part in ("after_build", "after_steps", "peak")},
+                                    for part in ("after_build", "after_steps", "peak", "step_tensors")},
             "first_losses": rank0["first_losses"][name],
         }
     sims = {name: predictions(name, rank0["timelines"][name]) for name in (*OURS, "ds_1f1b", "ds_dualpipev")}

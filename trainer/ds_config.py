@@ -17,6 +17,11 @@ from trainer.config import JobConfig
 from trainer.validate import Layout
 
 NEVER = 2**31 - 1  # steps_per_print: the trainer logs, not DeepSpeed
+# ZeRO-1/2's gradient staging bucket, in elements. DeepSpeed's default (5e8) allocates a 2 GB fp32 buffer per
+# parameter group every step, even where nothing is staged in it (our pipeline schedules hand ZeRO-1 gradients
+# already reduced); 5e7 is Megatron's order of magnitude (~40M-element buckets) and stays large enough for few
+# collectives
+REDUCE_BUCKET_ELEMENTS = 50_000_000
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +40,7 @@ def build_ds_config(cfg: JobConfig, layout: Layout) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": float(o.grad_clip),
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS},
         "optimizer": {
             "type": "AdamW",
             "params": {

@@ -152,8 +152,9 @@ def run_ep_engine(rank: int, world: int, ep: int, microbatches: int, steps: int,
     legacy_masters_equal = all(torch.equal(a, b) for a, b in masters)
     return {
         **report, "n": len(full), "n_ref": len(ref.state),
-        "n_marked": n_marked, "layout_groups": layout_groups, "bias_diff": max(float((b - ref.state[f"{name}.e_score_correction_bias"]).abs().max())
-                                                for name, b in _bias_names(sched.module, biases[-1]).items()),
+        "n_marked": n_marked, "layout_groups": layout_groups,
+        "bias_diff": max(float((b - ref.state[f"{name}.e_score_correction_bias"]).abs().max())
+                         for name, b in _bias_names(sched.module, biases[-1]).items()),
         "biases": {i: b.tolist() for i, b in biases[-1].items()}, "empty_last_step": empty,
         "logits": logits.tolist(), "probe": probe.tolist(), "resume_diff": resume_diff,  # no tensors: queue
         "legacy_diff": legacy_diff, "legacy_masters_equal": legacy_masters_equal, "legacy": str(legacy),

@@ -66,7 +66,8 @@ def test_ds_config_generated_from_the_job_config():
     ds = build_ds_config(cfg, _layout())
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         12, 2, 3)
-    assert ds["zero_optimization"] == {"stage": 1} and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 50_000_000}
+    assert ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
     assert ds["optimizer"]["params"]["weight_decay"] == 0.1 and ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["bf16"] == {"enabled": False} and "data_types" not in ds
