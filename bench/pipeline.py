@@ -137,10 +137,17 @@ class LiveTensorPeak:
 
     def __init__(self) -> None:
         import gc
+        import weakref
 
         self.live = self.peak = 0
-        self._seen = {t.untyped_storage().data_ptr() for t in gc.get_objects() if _strided(t)}
+        self._seen: set[int] = set()
         self._mode = None
+        for t in gc.get_objects():
+            if _strided(t):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self._seen:  # forgotten when freed: malloc may reuse the address
+                    self._seen.add(storage.data_ptr())
+                    weakref.finalize(storage, self._seen.discard, storage.data_ptr())
 
     def _track(self, t: object) -> None:
         import weakref

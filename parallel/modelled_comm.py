@@ -128,13 +128,11 @@ class _PostTimes:
         return _after(work, lambda: stamp.item())
 
 
-def _stream(name: str, args: dict[str, Any]) -> tuple:
+def _stream(group: Any, peer: int | None = None) -> tuple:
     """The stream a call's transfer runs on: its process group's (ProcessGroupNCCL queues a group's collectives
-    on one CUDA stream, so they run in order), and for point-to-point the group's stream to that peer."""
-    group = args.get("group") or dist.group.WORLD
-    if name in P2P:
-        return (group, "p2p", args.get("dst", args.get("group_dst")))
-    return (group,)
+    on one CUDA stream, so they run in order), and for point-to-point the group's stream to that peer (global
+    rank)."""
+    return (group or dist.group.WORLD,) if peer is None else (group or dist.group.WORLD, "p2p", peer)
 
 
 def _after(work: Any, value: Callable[[], float]) -> Callable[[], float]:
@@ -282,13 +280,15 @@ class ModelledComm:
                     return [self._modelled(work, self._p2p(op.op.__name__, op.tensor, self._op_peer(op)),
                                            extra[i][1](works[len(ops) + i]) if extra else posted, posted,
                                            self._occupies(op.op.__name__, {"dst": self._op_peer(op)}),
-                                           _stream(op.op.__name__, {"dst": self._op_peer(op), "group": op.group}))
+                                           _stream(op.group, self._op_peer(op)))
                             for i, (op, work) in enumerate(zip(ops, works[:len(ops)], strict=True))]
                 seconds = self.seconds(name, bound, out)
                 when = stamps.share(name, bound, posted, out) if stamps is not None else posted
             finally:
                 self._inside.depth = 0
-            work = self._modelled(out, seconds, when, posted, self._occupies(name, bound), _stream(name, bound))
+            peer = self._peer(bound, "dst" if name in ("isend", "send") else "src") if name in P2P else None
+            work = self._modelled(out, seconds, when, posted, self._occupies(name, bound),
+                                  _stream(bound.get("group"), peer))
             if name in ASYNC_P2P or bound.get("async_op"):
                 return work
             work.work = None  # synchronous: the real transfer is done; hold the caller for the rest

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import BlockPiece, DeepseekV3, MicroBatch
+from model.transformer import BlockPiece, DeepseekV3, HeadPiece, MicroBatch
 from parallel.ep_overlap import block_substeps, overlappable
 
 
@@ -152,10 +152,15 @@ class Stage(nn.Module):
     def final_after_piece(self) -> dict[int, list[nn.Parameter]]:
         """{piece index: the trainable parameters no piece run after it in backward reads}: in a backward that
         computes its weight-gradients inline, their gradients are complete once that piece is done (a parameter
-        several pieces hold, as a tied embedding, counts at the last of them, the one nearest the input)."""
+        several pieces read, as the embedding the head's MTP reads, counts at the last of them, the one nearest
+        the input). The embedding the head reads on another stage is listed under the head: this stage is done
+        with it there, and the reduction waits for every chunk writing it (parallel/grad_reduce.py)."""
         last: dict[int, tuple[int, nn.Parameter]] = {}
         for index in reversed(range(len(self.pieces))):
-            for p in self.pieces[index].parameters():
+            piece = self.pieces[index]
+            # the head's MTP modules read the embedding table through an unregistered reference
+            read = [*piece.embedding.parameters()] if isinstance(piece, HeadPiece) else []
+            for p in [*piece.parameters(), *read]:
                 if p.requires_grad:
                     last[id(p)] = (index, p)
         out: dict[int, list[nn.Parameter]] = {}

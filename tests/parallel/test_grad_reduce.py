@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.gemm import WeightGradWork, defer_weight_grads
-from model.transformer import DeepseekV3
+from model.transformer import DeepseekV3, HeadPiece
 from parallel.grad_reduce import GradientReducer, ReducePlan, buckets_of
 from parallel.instructions import Kind, Placement
 from parallel.runtime import PipelineRuntime, last_gradient_instructions
@@ -18,26 +18,42 @@ from tests.conftest import tiny_config
 from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
 
 
+def _written(stage) -> list:
+    """The parameters a stage's backward writes: its own, and the embedding its head's MTP reads."""
+    read = [p for m in stage.modules() if isinstance(m, HeadPiece) for p in m.embedding.parameters()]
+    return [*stage.parameters(), *read]
+
+
 class Recorder:
-    """GradientHooks that snapshot every gradient at the moment it is reported final."""
+    """GradientHooks that snapshot every gradient at the moment the last chunk writing it reports it final."""
 
     def __init__(self, stages) -> None:
         self.stages, self.calls, self.snapshots = stages, [], {}
+        self.writers: dict[int, set[int]] = {}
+        for chunk, stage in stages.items():
+            for p in _written(stage):
+                self.writers.setdefault(id(p), set()).add(chunk)
+        self.reported: dict[int, set[int]] = {}
+        self.chunk = None
 
-    def _snap(self, p) -> None:
-        assert id(p) not in self.snapshots, "reported final twice"
-        self.snapshots[id(p)] = (p, None if p.grad is None else p.grad.clone())
+    def _report(self, p, chunk) -> None:
+        done = self.reported.setdefault(id(p), set())
+        assert chunk not in done, "reported final twice"
+        done.add(chunk)
+        if done == self.writers[id(p)]:
+            self.snapshots[id(p)] = (p, None if p.grad is None else p.grad.clone())
 
     def final_pass_begins(self, chunk, pending):
         self.calls.append(("begin", chunk, len(pending)))
+        self.chunk = chunk
         waiting = {id(w) for w in pending}
-        for p in self.stages[chunk].parameters():
+        for p in {id(p): p for p in _written(self.stages[chunk])}.values():
             if id(p) not in waiting:
-                self._snap(p)
+                self._report(p, chunk)
 
     def weight_final(self, weight):
         self.calls.append(("weight", None, 0))
-        self._snap(weight)
+        self._report(weight, self.chunk)
 
     def chunk_done(self, chunk):
         self.calls.append(("done", chunk, 0))
@@ -46,7 +62,8 @@ class Recorder:
 def test_gradients_reported_final_do_not_change():
     """DualPipeV on one rank (two chunks, deferred W): every parameter's gradient when its chunk's last W begins
     (the ones it does not write) or when its last GEMM there ran, or, in a last B computing its weight-gradients
-    inline, when its piece's backward is done, equals the gradient at the step's end."""
+    inline, when its piece's backward is done, equals the gradient at the step's end; the embedding, which both
+    chunks write, once both have reported it."""
     cfg = tiny_config(num_hidden_layers=2, first_k_dense_replace=1)
     torch.manual_seed(0)
     model = DeepseekV3(cfg).train()
@@ -72,8 +89,10 @@ def test_gradients_reported_final_do_not_change():
         assert pending > 0  # that instruction writes weights, each reported before the chunk is done
         assert hooks.calls[begin + 1 : begin + 1 + pending] == [("weight", None, 0)] * pending
         assert hooks.calls[begin + 1 + pending] == ("done", chunk, 0)
-    # the B's parameters all pending at its start: every trainable one of the chunk
-    assert hooks.calls[0][2] == sum(p.requires_grad for p in stages[1].parameters())
+    # the B's parameters all pending at its start: every trainable one of the chunk, and the embedding its MTP
+    # reads (reported final once both chunks writing it are)
+    written = {id(p) for p in _written(stages[1]) if p.requires_grad}
+    assert hooks.calls[0][2] == len(written) > sum(p.requires_grad for p in stages[1].parameters())
     assert {id(p) for c in (0, 1) for p in stages[c].parameters()} <= set(hooks.snapshots)
     changed = [p.shape for p, g in hooks.snapshots.values() if g is not None and not torch.equal(g, p.grad)]
     assert not changed, changed
