@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from model.gemm import defer_weight_grads
-from model.transformer import DeepseekV3, HeadPiece
+from model.transformer import DeepseekV3
 from parallel.dispatcher import AllToAllDispatcher
 from parallel.expert_groups import deepspeed_moe_support, finish_deepspeed_moe, is_expert_param
 from parallel.grad_reduce import GradientReducer, ReducePlan
@@ -32,7 +32,7 @@ from parallel.network_model import timeline_now
 from parallel.p2p import P2P
 from parallel.runtime import STEP_TAIL, PipelineRuntime, StepResult, TimelineEvent
 from parallel.schedules import build_instructions
-from parallel.stages import Stage, stage_pieces
+from parallel.stages import Stage, stage_pieces, written_parameters
 from parallel.step_schedule import OnLastStage, PipelineSpec, StepLosses, StepSchedule
 from parallel.topology import PipelineMpu
 from parallel.two_hop import TwoHopDispatcher
@@ -153,10 +153,7 @@ class DualPipeSchedule(StepSchedule):
         write (a tied embedding), with those chunks, in name order."""
         holders: dict[int, set[int]] = {}
         for chunk, stage in stages.items():
-            # the head's MTP modules read the embedding table through an unregistered reference: the head's chunk
-            # writes its gradient too
-            shared = [p for m in stage.modules() if isinstance(m, HeadPiece) for p in m.embedding.parameters()]
-            for p in [*stage.parameters(), *shared]:
+            for p in written_parameters(stage):  # the head's chunk writes the embedding's gradient too (MTP)
                 holders.setdefault(id(p), set()).add(chunk)
         by_chunk = {c: [p for p in reversed(list(stage.parameters())) if p.requires_grad and holders[id(p)] == {c}]
                     for c, stage in stages.items()}

@@ -150,16 +150,16 @@ class VirtualClock:
 
 
 class Flow:
-    """One transfer on a `SharedLink`: its post time, the seconds it takes alone, what is left of them at the
-    link's current time, and when it ended (None: still in flight or queued)."""
+    """One transfer on a `SharedLink`: the seconds it takes alone, what is left of them at the link's current
+    time, and when it ended (None: still in flight or queued)."""
 
-    __slots__ = ("post", "seconds", "left", "done")
+    __slots__ = ("seconds", "left", "done")
 
-    def __init__(self, post: float, seconds: float) -> None:
-        self.post, self.seconds, self.left, self.done = post, seconds, seconds, None
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.left, self.done = seconds, seconds, None
 
     def copy(self) -> Flow:
-        twin = Flow(self.post, self.seconds)
+        twin = Flow(self.seconds)
         twin.left = self.left
         return twin
 
@@ -183,7 +183,7 @@ class SharedLink:
         """A transfer posted at `at` (posts come in time order); `stream` None: a stream of its own."""
         if self.t is None or at > self.t:
             self.t = at if self.t is None else _drain(self.queues, self.t, until=at)
-        flow = Flow(at, seconds)
+        flow = Flow(seconds)
         self.queues.setdefault(flow if stream is None else stream, []).append(flow)
         return flow
 
@@ -211,14 +211,14 @@ def _drain(queues: dict[object, list[Flow]], t: float, until: float | None = Non
                 f.left -= (until - t) / len(heads)
             return until
         t = end
-        for f in heads:
-            f.left -= step
-            if f.finished:
-                f.done = t
-        for key in list(queues):
-            queues[key] = [f for f in queues[key] if f.done is None]
-            if not queues[key]:
-                del queues[key]
+        for key, queue in list(queues.items()):  # only a queue's first transfer moves, so only it can end
+            head = queue[0]
+            head.left -= step
+            if head.finished:
+                head.done = t
+                queue.pop(0)
+                if not queue:
+                    del queues[key]
         if stop is not None and stop.done is not None:
             return t
 

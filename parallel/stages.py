@@ -157,10 +157,7 @@ class Stage(nn.Module):
         with it there, and the reduction waits for every chunk writing it (parallel/grad_reduce.py)."""
         last: dict[int, tuple[int, nn.Parameter]] = {}
         for index in reversed(range(len(self.pieces))):
-            piece = self.pieces[index]
-            # the head's MTP modules read the embedding table through an unregistered reference
-            read = [*piece.embedding.parameters()] if isinstance(piece, HeadPiece) else []
-            for p in [*piece.parameters(), *read]:
+            for p in written_parameters(self.pieces[index]):
                 if p.requires_grad:
                     last[id(p)] = (index, p)
         out: dict[int, list[nn.Parameter]] = {}
@@ -174,6 +171,13 @@ class Stage(nn.Module):
     def drop(self, key: int) -> None:
         """Forget a microbatch's records (forward-only evaluation)."""
         self._records.pop(key, None)
+
+
+def written_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters `module`'s backward writes: its own, and the embedding table a head in it reads for MTP
+    through an unregistered reference (`HeadPiece.embedding`). May list the embedding twice."""
+    read = [p for m in module.modules() if isinstance(m, HeadPiece) for p in m.embedding.parameters()]
+    return [*module.parameters(), *read]
 
 
 def build_stage(model: DeepseekV3, stage: int, num_stages: int) -> Stage:

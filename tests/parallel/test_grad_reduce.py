@@ -7,21 +7,15 @@ import pytest
 import torch
 
 from model.gemm import WeightGradWork, defer_weight_grads
-from model.transformer import DeepseekV3, HeadPiece
+from model.transformer import DeepseekV3
 from parallel.grad_reduce import GradientReducer, ReducePlan, buckets_of
 from parallel.instructions import Kind, Placement
 from parallel.runtime import PipelineRuntime, last_gradient_instructions
 from parallel.schedules import build_instructions
-from parallel.stages import build_stage
+from parallel.stages import build_stage, written_parameters
 from parallel.weight_grad import WeightGradStore
 from tests.conftest import tiny_config
 from tests.parallel.pipeline_workers import MICRO, SEQ, make_batches
-
-
-def _written(stage) -> list:
-    """The parameters a stage's backward writes: its own, and the embedding its head's MTP reads."""
-    read = [p for m in stage.modules() if isinstance(m, HeadPiece) for p in m.embedding.parameters()]
-    return [*stage.parameters(), *read]
 
 
 class Recorder:
@@ -31,7 +25,7 @@ class Recorder:
         self.stages, self.calls, self.snapshots = stages, [], {}
         self.writers: dict[int, set[int]] = {}
         for chunk, stage in stages.items():
-            for p in _written(stage):
+            for p in written_parameters(stage):
                 self.writers.setdefault(id(p), set()).add(chunk)
         self.reported: dict[int, set[int]] = {}
         self.chunk = None
@@ -47,7 +41,7 @@ class Recorder:
         self.calls.append(("begin", chunk, len(pending)))
         self.chunk = chunk
         waiting = {id(w) for w in pending}
-        for p in {id(p): p for p in _written(self.stages[chunk])}.values():
+        for p in {id(p): p for p in written_parameters(self.stages[chunk])}.values():
             if id(p) not in waiting:
                 self._report(p, chunk)
 
@@ -91,7 +85,7 @@ def test_gradients_reported_final_do_not_change():
         assert hooks.calls[begin + 1 + pending] == ("done", chunk, 0)
     # the B's parameters all pending at its start: every trainable one of the chunk, and the embedding its MTP
     # reads (reported final once both chunks writing it are)
-    written = {id(p) for p in _written(stages[1]) if p.requires_grad}
+    written = {id(p) for p in written_parameters(stages[1]) if p.requires_grad}
     assert hooks.calls[0][2] == len(written) > sum(p.requires_grad for p in stages[1].parameters())
     assert {id(p) for c in (0, 1) for p in stages[c].parameters()} <= set(hooks.snapshots)
     changed = [p.shape for p, g in hooks.snapshots.values() if g is not None and not torch.equal(g, p.grad)]
